@@ -1,0 +1,33 @@
+# Everything installs from nothing: a fresh python3.11 and the package registries.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test demo bench bench-quick clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# A torch range with no torch present pulls a multi-GB CUDA build: take the CPU
+	# build 2.13.0 first when none is installed; the project's own range then accepts it.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest tests -n 2 --durations=15
+
+demo: install
+	$(BIN)/python examples/demo.py
+
+bench-quick: install
+	$(BIN)/python benchmarks/run.py --device cpu --quick --json benchmarks/results/cpu-quick.json
+
+bench: install
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

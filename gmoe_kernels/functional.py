@@ -1,0 +1,102 @@
+"""The public ops: one signature each, whichever backend runs them.
+
+Shapes use DESIGN.md's letters: T tokens, H hidden, F intermediate, E experts, K top-k,
+R LoRA rank, G router width, L router layers. `backend` is "auto" | "reference" | "triton"
+(see gmoe_kernels.backend; the env var GMOE_BACKEND overrides it).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from .backend import resolve_backend
+from .routing_plan import RoutingPlan
+
+
+def _triton():
+    from . import triton as triton_ops  # imported lazily: Triton is optional at import time
+    return triton_ops
+
+
+def expert_mix(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_b_up,
+               lora_a_down, indices, weights, scaling: float, activation: str,
+               backend: str | None = None):
+    """Everything between the frozen GEMMs of a GMoE FFN, fused.
+
+    x:           (T, H)     input of the LoRA shrinks (after LoRA dropout, if any)
+    gate_base:   (T, F)     W_g x (+ bias), the frozen gate projection
+    up_base:     (T, F)     W_u x (+ bias)
+    lora_a_gate: (E, R, H)  lora_b_gate: (E, F, R)
+    lora_a_up:   (E, R, H)  lora_b_up:   (E, F, R)
+    lora_a_down: (E, R, F)
+    indices:     (T, K) int64 chosen experts;  weights: (T, K) mixing weights
+    Returns h_c (T, F) = sum_k w_k h_k and z (T, E·R) with w_k A_d^{e_k} h_k in block e_k.
+    """
+    impl = reference if resolve_backend(backend, x.device) == "reference" else _triton()
+    return impl.expert_mix(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up,
+                           lora_b_up, lora_a_down, indices, weights, scaling, activation)
+
+
+def expert_ffn(x, gate_weight, up_weight, down_weight, lora_a_gate, lora_b_gate, lora_a_up,
+               lora_b_up, lora_a_down, lora_b_down, indices, weights, scaling: float,
+               activation: str, gate_bias=None, up_bias=None, down_bias=None,
+               lora_input=None, backend: str | None = None):
+    """y = sum_k w_k E_{e_k}(x): the GMoE expert FFN, frozen GEMMs applied once per token.
+
+    gate_weight, up_weight: (F, H) frozen; down_weight: (H, F) frozen; biases optional.
+    lora_b_down: (E, H, R). lora_input: (T, H) input of the LoRA shrinks when it differs
+    from x (LoRA dropout); defaults to x. Other shapes as in `expert_mix`. Returns (T, H).
+      y = W_d h_c + s · [z_1 … z_E] [B_d^1 … B_d^E]^T
+    """
+    gate_base = F.linear(x, gate_weight, gate_bias)
+    up_base = F.linear(x, up_weight, up_bias)
+    h_c, z = expert_mix(x if lora_input is None else lora_input, gate_base, up_base,
+                        lora_a_gate, lora_b_gate, lora_a_up, lora_b_up, lora_a_down,
+                        indices, weights, scaling, activation, backend)
+    num_experts, hidden, rank = lora_b_down.shape
+    stacked_b_down = lora_b_down.permute(1, 0, 2).reshape(hidden, num_experts * rank)
+    return F.linear(h_c, down_weight, down_bias) + scaling * (z @ stacked_b_down.t())
+
+
+def graph_router(x, token_weight, expert_weight, expert_features, adjacency, gcn_weight,
+                 score_weight, top_k: int, activation: str, backend: str | None = None):
+    """The GMoE graph router for every token.
+
+    x:               (T, H)
+    token_weight:    (G, H)  W_tok;  expert_weight: (G, H) W_exp
+    expert_features: (E, H)  X, the frozen expert features
+    adjacency:       (E+1, E+1) fp32 normalised Â (see `normalized_adjacency`), token node last
+    gcn_weight:      (L, G, G) W_1 … W_L;  score_weight: (G,) w_p
+    Returns logits (T, E) fp32, probs (T, E) fp32, indices (T, K) int64, weights (T, K) fp32.
+    """
+    impl = reference if resolve_backend(backend, x.device) == "reference" else _triton()
+    return impl.graph_router(x, token_weight, expert_weight, expert_features, adjacency,
+                             gcn_weight, score_weight, top_k, activation)
+
+
+def topk_route(probs, top_k: int, backend: str | None = None):
+    """(T, E) probabilities -> indices (T, K) int64 and renormalised weights (T, K) fp32."""
+    impl = reference if resolve_backend(backend, probs.device) == "reference" else _triton()
+    return impl.topk_route(probs, top_k)
+
+
+def make_routing_plan(indices, num_experts: int, backend: str | None = None) -> RoutingPlan:
+    """Group (token, slot) pairs by expert: see `RoutingPlan`."""
+    impl = reference if resolve_backend(backend, indices.device) == "reference" else _triton()
+    return impl.make_routing_plan(indices, num_experts)
+
+
+def dispatch(x, plan: RoutingPlan, backend: str | None = None):
+    """(T, H) -> (T·K, H) rows grouped by expert."""
+    impl = reference if resolve_backend(backend, x.device) == "reference" else _triton()
+    return impl.dispatch(x, plan)
+
+
+def combine(rows, weights, plan: RoutingPlan, backend: str | None = None):
+    """(T·K, H) grouped rows -> (T, H) weighted sums over each token's K slots."""
+    impl = reference if resolve_backend(backend, rows.device) == "reference" else _triton()
+    return impl.combine(rows, weights, plan)
+
+
+normalized_adjacency = reference.normalized_adjacency
