@@ -3,7 +3,8 @@
   "reference"  pure PyTorch (gmoe_kernels.reference): runs everywhere, the specification.
   "triton"     Triton kernels (gmoe_kernels.triton): CUDA tensors, or any device under
                TRITON_INTERPRET=1 (the CPU interpreter, used by the tests).
-  "auto"       triton when the tensors are on a CUDA device and Triton imports, else reference.
+  "auto"       triton when the tensors are on a CUDA device and Triton imports, else reference
+               (never the interpreter: only an explicit "triton" runs it).
 The environment variable GMOE_BACKEND, when set, overrides the caller's choice.
 """
 from __future__ import annotations
@@ -37,9 +38,10 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
         raise ValueError(f"{source}={requested!r} is not a backend; choose one of {BACKENDS}")
     if requested == "reference":
         return "reference"
-    usable = triton_available() and (device.type == "cuda" or interpreting())
-    if requested == "auto":
-        return "triton" if usable else "reference"
+    on_gpu = triton_available() and device.type == "cuda"
+    if requested == "auto":  # never the interpreter: it is for tests, and slow
+        return "triton" if on_gpu else "reference"
+    usable = on_gpu or (triton_available() and interpreting())
     if not usable:
         raise RuntimeError(
             f"backend='triton' needs Triton and CUDA tensors (got device {device}, Triton "
