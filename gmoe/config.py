@@ -1,0 +1,134 @@
+"""GMoEConfig: every knob of a GMoE adapter, validated at construction, saved as JSON."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from gmoe_kernels.backend import BACKENDS
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_TYPE = "GMOE"
+FORMAT_VERSION = 1
+ROUTERS = ("graph", "linear")
+EXPERT_MODULES = ("gate_proj", "up_proj", "down_proj")
+
+
+def _fail(name, value, allowed):
+    raise ValueError(f"GMoEConfig.{name}={value!r} is invalid: {allowed}")
+
+
+@dataclass
+class GMoEConfig:
+    """Configuration of a GMoE adapter (see README, "Config fields").
+
+    Defaults follow the paper's best setting (E 8, K 2, r 2, GCN 2 x 256).
+    """
+
+    num_experts: int = 8
+    top_k: int = 2
+    r: int = 2
+    lora_alpha: float = 4.0
+    lora_dropout: float = 0.0
+    router: str = "graph"
+    gcn_layers: int = 2
+    gcn_dim: int = 256
+    edge_density: float = 0.1
+    poisson_loss_coef: float = 0.005
+    normal_loss_coef: float = 8.0
+    aux_loss_coef: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    expert_modules: list[str] = field(default_factory=lambda: list(EXPERT_MODULES))
+    token_init_gain: float = 100.0
+    backend: str = "auto"
+    base_model_name_or_path: str | None = None
+
+    def __post_init__(self) -> None:
+        def integer(name, low, high=None):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                _fail(name, value, f"must be an int >= {low}")
+            if value < low or (high is not None and value > high):
+                _fail(name, value, f"must be in [{low}, {high}]" if high is not None else f"must be >= {low}")
+
+        def number(name, low, high=None, low_open=False):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                _fail(name, value, "must be a finite number")
+            if value < low or (low_open and value == low) or (high is not None and value > high):
+                bound = "(" if low_open else "["
+                _fail(name, value, f"must be in {bound}{low}, {high if high is not None else 'inf'}]")
+
+        integer("num_experts", 1, 256)
+        integer("top_k", 1)
+        if self.top_k > self.num_experts:
+            _fail("top_k", self.top_k, f"must be <= num_experts ({self.num_experts})")
+        integer("r", 1)
+        number("lora_alpha", 0, low_open=True)
+        number("lora_dropout", 0.0, 1.0)
+        if self.lora_dropout >= 1.0:
+            _fail("lora_dropout", self.lora_dropout, "must be in [0, 1)")
+        if self.router not in ROUTERS:
+            _fail("router", self.router, f"choose one of {ROUTERS}")
+        integer("gcn_layers", 1, 8)
+        integer("gcn_dim", 1)
+        number("edge_density", 0.0, 1.0)
+        for name in ("poisson_loss_coef", "normal_loss_coef", "aux_loss_coef"):
+            number(name, 0.0)
+        number("token_init_gain", 0.0, low_open=True)
+        if self.backend not in BACKENDS:
+            _fail("backend", self.backend, f"choose one of {BACKENDS}")
+        for name in ("target_modules", "expert_modules"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                _fail(name, value, "must be a list of module names")
+            setattr(self, name, list(value))
+        unknown = [m for m in self.expert_modules if m not in EXPERT_MODULES]
+        if unknown or not self.expert_modules:
+            _fail("expert_modules", self.expert_modules,
+                  f"must be a non-empty subset of {list(EXPERT_MODULES)}")
+        clash = [m for m in self.target_modules if m in EXPERT_MODULES]
+        if clash:
+            _fail("target_modules", self.target_modules,
+                  f"{clash} belong to the MLP experts; list them in expert_modules instead")
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.r
+
+    def to_dict(self) -> dict:
+        return {"peft_type": PEFT_TYPE, "format_version": FORMAT_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GMoEConfig":
+        data = dict(data)
+        peft_type = data.pop("peft_type", None)
+        if peft_type != PEFT_TYPE:
+            raise ValueError(
+                f"adapter_config.json has peft_type={peft_type!r}, not {PEFT_TYPE!r}: this is not a "
+                "GMoE adapter (for MixLoRA or published-GMoE adapters use gmoe.convert)"
+            )
+        version = data.pop("format_version", None)
+        if version != FORMAT_VERSION:
+            raise ValueError(f"adapter format_version={version!r} is not supported (this release reads {FORMAT_VERSION})")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"adapter_config.json has unknown fields {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    def save(self, directory: str | Path) -> None:
+        Path(directory, CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "GMoEConfig":
+        path = Path(directory, CONFIG_NAME)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: is {directory} a folder written by save_pretrained?")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); the adapter folder is corrupt") from err
+        return cls.from_dict(data)

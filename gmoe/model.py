@@ -1,0 +1,261 @@
+"""GMoEModel: inject GMoE into a Hugging Face causal LM, run it, save and load adapters.
+
+Injection is explicit and reversible: every decoder MLP is replaced by a GMoEMLP holding a
+reference to it, every `target_modules` linear by a LoRALinear; `unload()` puts the
+original modules back. Unknown attributes go to the wrapped model, as with PeftModel.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from gmoe_kernels.activations import ACTIVATIONS, act, canonical_activation
+
+from . import losses
+from .config import WEIGHTS_NAME, GMoEConfig
+from .layers import GMoEMLP, LoRALinear
+from .topology import warn_if_twins
+
+SUPPORTED = "Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2 (any decoder whose MLP has gate_proj, up_proj, down_proj and act_fn)"
+
+
+def _is_gated_mlp(module: nn.Module) -> bool:
+    return all(isinstance(getattr(module, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")) \
+        and callable(getattr(module, "act_fn", None))
+
+
+def _detect_activation(model: nn.Module, mlp: nn.Module) -> str:
+    """The canonical name of the MLP's activation, checked numerically against act_fn."""
+    config = getattr(model, "config", None)
+    names = [getattr(config, key, None) for key in ("hidden_activation", "hidden_act")]
+    candidates = [canonical_activation(n) for n in names if isinstance(n, str) and _known(n)]
+    probe = torch.linspace(-6, 6, 97, dtype=torch.float64)
+    with torch.no_grad():
+        expected = mlp.act_fn(probe)
+        for name in candidates + [a for a in ACTIVATIONS if a not in candidates]:
+            if torch.allclose(act(name, probe), expected, atol=1e-6):
+                return name
+    raise ValueError(f"{type(mlp).__name__}.act_fn ({type(mlp.act_fn).__name__}) matches none of the "
+                     f"supported activations {ACTIVATIONS}")
+
+
+def _known(name: str) -> bool:
+    try:
+        canonical_activation(name)
+        return True
+    except ValueError:
+        return False
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+class GMoEModel(nn.Module):
+    """A Hugging Face causal LM with GMoE adapters. Build with `get_gmoe_model` or `from_pretrained`."""
+
+    def __init__(self, model: nn.Module, config: GMoEConfig, _build_graph: bool = True):
+        super().__init__()
+        self.base_model = model
+        self.gmoe_config = config
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        mlps = [(n, m) for n, m in model.named_modules() if _is_gated_mlp(m)]
+        if not mlps:
+            raise ValueError(f"{type(model).__name__} has no decoder MLP with gate_proj, up_proj, down_proj and "
+                             f"act_fn, so GMoE cannot be injected. Supported: {SUPPORTED}")
+        for param in model.parameters():
+            param.requires_grad_(False)
+        activation = _detect_activation(model, mlps[0][1])
+        targets = [(n, m) for n, m in model.named_modules()
+                   if isinstance(m, nn.Linear) and n.rpartition(".")[2] in config.target_modules]
+        missing = sorted(set(config.target_modules) - {n.rpartition(".")[2] for n, _ in targets})
+        if missing:
+            raise ValueError(f"target_modules {missing} match no nn.Linear in {type(model).__name__}; "
+                             "check the names (e.g. q_proj, k_proj, v_proj, o_proj) or remove them")
+        self._injected: list[tuple[str, nn.Module]] = []
+        for name, mlp in mlps:
+            layer = GMoEMLP(mlp, config, activation, build_graph=_build_graph)
+            _set_module(model, name, layer)
+            self._injected.append((name, mlp))
+        for name, linear in targets:
+            _set_module(model, name, LoRALinear(linear, config.r, config.lora_alpha, config.lora_dropout))
+            self._injected.append((name, linear))
+        self._unloaded = False
+        self.train(model.training)  # new modules start in the base model's mode
+
+    # ----- attribute forwarding, as PeftModel does -----
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def gmoe_layers(self) -> list[GMoEMLP]:
+        return [m for m in self.base_model.modules() if isinstance(m, GMoEMLP)]
+
+    # ----- forward with router losses -----
+    def forward(self, input_ids=None, attention_mask=None, labels=None, inputs_embeds=None,
+                position_ids=None, past_key_values=None, use_cache=None, **kwargs):
+        self._check_inputs(input_ids, inputs_embeds)
+        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                              inputs_embeds=inputs_embeds, position_ids=position_ids,
+                              past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+        if labels is not None or self.training:
+            router_loss = self.router_loss(attention_mask)
+            out["router_loss"] = router_loss
+            if out.get("loss") is not None:
+                out["loss"] = out["loss"] + router_loss.to(out["loss"].dtype)
+        for layer in self.gmoe_layers():
+            layer.last_routing = None
+        return out
+
+    def _check_inputs(self, input_ids, inputs_embeds):
+        if input_ids is not None:
+            if input_ids.dtype not in (torch.int64, torch.int32):
+                raise TypeError(f"input_ids must be an integer tensor (int64), got {input_ids.dtype}; "
+                                "pass token ids from the tokenizer, not embeddings")
+            device = self.base_model.get_input_embeddings().weight.device
+            if input_ids.device != device:
+                raise ValueError(f"input_ids are on {input_ids.device} but the model is on {device}; "
+                                 f"call input_ids.to('{device}')")
+
+    def router_loss(self, attention_mask=None) -> torch.Tensor:
+        """Router loss of the last forward, summed over its terms and averaged over layers.
+
+        In training mode this also advances every layer's running expert load (once per forward).
+        """
+        cfg = self.gmoe_config
+        layers = [m for m in self.gmoe_layers() if m.last_routing is not None]
+        if not layers:
+            raise RuntimeError("router_loss() needs a forward pass first")
+        terms = []
+        for layer in layers:
+            probs, indices, weights = layer.last_routing
+            mask = None
+            if attention_mask is not None and attention_mask.numel() == probs.shape[0]:
+                mask = attention_mask.reshape(-1).to(probs.device).bool()
+            loss = probs.new_zeros((), dtype=torch.float32)
+            router = layer.router
+            if cfg.router == "graph" and cfg.poisson_loss_coef > 0:
+                loss = loss + cfg.poisson_loss_coef * losses.poisson_distinction_loss(probs, router.poisson_rate, mask)
+            if (cfg.router == "graph" and cfg.normal_loss_coef > 0) or layer.training:
+                p_topk = probs.gather(1, indices)
+                load_now = layer.expert_load.detach() + cfg.top_k * losses.global_load(
+                    losses.batch_load(p_topk, indices, cfg.num_experts, mask))
+                if cfg.router == "graph" and cfg.normal_loss_coef > 0:
+                    loss = loss + cfg.normal_loss_coef * losses.normal_balance_loss(load_now, router.normal_std)
+                if layer.training:
+                    layer.expert_load.copy_(load_now.detach())
+            if cfg.aux_loss_coef > 0:
+                loss = loss + cfg.aux_loss_coef * losses.switch_loss(probs, indices, mask)
+            terms.append(loss)
+        return torch.stack(terms).mean()
+
+    def expert_load(self) -> torch.Tensor:
+        """(num_layers, num_experts) fp32: each layer's running expert load."""
+        return torch.stack([m.expert_load.detach().clone() for m in self.gmoe_layers()])
+
+    # ----- housekeeping -----
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        """Enable checkpointing on the base model; non-reentrant by default, since the frozen
+        embeddings give the first checkpointed block inputs that need no gradient."""
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.trainable_parameters()
+        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+
+    def unload(self) -> nn.Module:
+        """Remove every injected module and return the untouched base model."""
+        for name, original in self._injected:
+            _set_module(self.base_model, name, original)
+        self._injected = []
+        self._unloaded = True
+        return self.base_model
+
+    # ----- save / load -----
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trainable adapter tensors plus the GMoE buffers (expert features, graph, load)."""
+        state = {}
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, GMoEMLP):
+                for key, value in module.state_dict().items():
+                    if not key.startswith("base_layer."):
+                        state[f"{name}.{key}"] = value
+            elif isinstance(module, LoRALinear):
+                state[f"{name}.lora_A.weight"] = module.lora_A.weight
+                state[f"{name}.lora_B.weight"] = module.lora_B.weight
+        return {k: v.detach().contiguous() for k, v in state.items()}
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write adapter_config.json and adapter_model.safetensors atomically to `path`."""
+        from .io import atomic_save_dir
+        state = {k: v.cpu() for k, v in self.adapter_state_dict().items()}
+        with atomic_save_dir(path) as tmp:
+            self.gmoe_config.save(tmp)
+            save_file(state, str(Path(tmp, WEIGHTS_NAME)), metadata={"format": "pt", "peft_type": "GMOE"})
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, path: str | os.PathLike, is_trainable: bool = False,
+                        backend: str | None = None) -> "GMoEModel":
+        """Load an adapter written by save_pretrained onto `model` (the same base model)."""
+        config = GMoEConfig.load(path)
+        if backend is not None:
+            config.backend = backend
+        weights = Path(path, WEIGHTS_NAME)
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} not found: the adapter folder is incomplete; save it again")
+        try:
+            state = load_file(str(weights))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(f"{weights} is corrupt or not a safetensors file ({err}); save the adapter again") from err
+        wrapped = cls(model, config, _build_graph=False)
+        wrapped.load_adapter_state_dict(state, source=str(weights))
+        for layer in wrapped.gmoe_layers():
+            if config.router == "graph":
+                warn_if_twins(layer.router.expert_adjacency, f"adapter {path}")
+        if not is_trainable:
+            for p in wrapped.parameters():
+                p.requires_grad_(False)
+        return wrapped
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
+        """Copy adapter tensors in, checking that keys and shapes match this model exactly."""
+        own = self.adapter_state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"{source} does not fit this model: missing keys {missing[:5]}"
+                             f"{'…' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
+                             f"{'…' if len(unexpected) > 5 else ''}. Was it saved from the same base model "
+                             "and GMoE config?")
+        for key, value in state.items():
+            if value.shape != own[key].shape:
+                raise ValueError(f"{source}: {key} has shape {tuple(value.shape)} but this model expects "
+                                 f"{tuple(own[key].shape)}; the adapter was made for another base model or config")
+        targets = dict(self.base_model.named_parameters())
+        targets.update(dict(self.base_model.named_buffers()))
+        with torch.no_grad():
+            for key, value in state.items():
+                targets[key].copy_(value.to(targets[key].dtype))
+
+
+def get_gmoe_model(model: nn.Module, config: GMoEConfig) -> GMoEModel:
+    """Freeze `model` and inject GMoE into every decoder MLP (and LoRA into target_modules)."""
+    if not isinstance(config, GMoEConfig):
+        raise TypeError(f"config must be a GMoEConfig, got {type(config).__name__}")
+    return GMoEModel(model, config)

@@ -1,0 +1,70 @@
+"""Routers: the GMoE graph router and the linear (MixLoRA/Mixtral-style) baseline.
+
+Both return (logits (T,E) fp32, probs (T,E) fp32, indices (T,K) int64, weights (T,K) fp32)
+and own the per-layer loss parameters. They call gmoe_kernels.functional only.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from gmoe_kernels import functional
+
+from .topology import build_expert_graph
+
+
+def _glorot_(tensor: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+    return nn.init.xavier_uniform_(tensor, gain=gain)
+
+
+class GraphRouter(nn.Module):
+    """GCN over E expert nodes plus the token node (DESIGN.md, "Graph router").
+
+    Parameters: token_weight (G,H) W_tok, expert_weight (G,H) W_exp, gcn_weight (L,G,G),
+    score_weight (G,) w_p, poisson_rate λ, normal_std σ.
+    Buffers (saved with the adapter, never recomputed): expert_features (E,H) X,
+    expert_adjacency (E,E) bool.
+    """
+
+    def __init__(self, hidden_size, num_experts, top_k, gcn_dim, gcn_layers, edge_density,
+                 activation, token_init_gain=100.0, build_graph=True):
+        super().__init__()
+        self.num_experts, self.top_k, self.activation = num_experts, top_k, activation
+        self.token_weight = nn.Parameter(_glorot_(torch.empty(gcn_dim, hidden_size), token_init_gain))
+        self.expert_weight = nn.Parameter(_glorot_(torch.empty(gcn_dim, hidden_size)))
+        self.gcn_weight = nn.Parameter(torch.stack(
+            [_glorot_(torch.empty(gcn_dim, gcn_dim)) for _ in range(gcn_layers)]))
+        self.score_weight = nn.Parameter(_glorot_(torch.empty(1, gcn_dim)).squeeze(0))
+        self.poisson_rate = nn.Parameter(torch.tensor(1.5))
+        self.normal_std = nn.Parameter(torch.tensor(num_experts / 2.0))
+        self.register_buffer("expert_features", _glorot_(torch.empty(num_experts, hidden_size)))
+        adjacency = torch.zeros(num_experts, num_experts, dtype=torch.bool)
+        if build_graph:
+            from gmoe_kernels.activations import act
+            with torch.no_grad():
+                nodes = act(activation, self.expert_features @ self.expert_weight.t())
+            adjacency = build_expert_graph(nodes, edge_density)
+        self.register_buffer("expert_adjacency", adjacency)
+
+    def forward(self, x: torch.Tensor, backend: str | None = None):
+        dtype = x.dtype
+        adjacency = functional.normalized_adjacency(self.expert_adjacency)
+        return functional.graph_router(
+            x, self.token_weight.to(dtype), self.expert_weight.to(dtype),
+            self.expert_features.to(dtype), adjacency, self.gcn_weight.to(dtype),
+            self.score_weight.to(dtype), self.top_k, self.activation, backend=backend)
+
+
+class LinearRouter(nn.Module):
+    """softmax(W x) over experts, top-K, renormalised: the MixLoRA/Mixtral gate."""
+
+    def __init__(self, hidden_size, num_experts, top_k, init_std=0.02):
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.weight = nn.Parameter(torch.randn(num_experts, hidden_size) * init_std)
+
+    def forward(self, x: torch.Tensor, backend: str | None = None):
+        logits = (x @ self.weight.to(x.dtype).t()).float()
+        probs = torch.softmax(logits, dim=-1)
+        indices, weights = functional.topk_route(probs, self.top_k, backend=backend)
+        return logits, probs, indices, weights
