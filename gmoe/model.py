@@ -66,6 +66,9 @@ class GMoEModel(nn.Module):
         self.gmoe_config = config
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        if any(isinstance(m, (GMoEMLP, LoRALinear)) for m in model.modules()):
+            raise ValueError(f"this {type(model).__name__} already holds GMoE layers; call unload() on the "
+                             "GMoEModel that wraps it first")
         mlps = [(n, m) for n, m in model.named_modules() if _is_gated_mlp(m)]
         if not mlps:
             raise ValueError(f"{type(model).__name__} has no decoder MLP with gate_proj, up_proj, down_proj and "
@@ -103,12 +106,13 @@ class GMoEModel(nn.Module):
         return [m for m in self.base_model.modules() if isinstance(m, GMoEMLP)]
 
     # ----- forward with router losses -----
-    def forward(self, input_ids=None, attention_mask=None, labels=None, inputs_embeds=None,
-                position_ids=None, past_key_values=None, use_cache=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, labels=None, inputs_embeds=None, **kwargs):
+        """The base model's forward; with labels (or in training) the router loss joins `loss`
+        and is returned alone as `router_loss`. Other keyword arguments go to the base model."""
         self._check_inputs(input_ids, inputs_embeds)
-        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                              inputs_embeds=inputs_embeds, position_ids=position_ids,
-                              past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+        given = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                     inputs_embeds=inputs_embeds)
+        out = self.base_model(**{k: v for k, v in given.items() if v is not None}, **kwargs)
         if labels is not None or self.training:
             router_loss = self.router_loss(attention_mask)
             out["router_loss"] = router_loss

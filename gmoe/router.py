@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from gmoe_kernels import functional
+from gmoe_kernels.activations import act, compute_dtype
 
 from .topology import build_expert_graph
 
@@ -40,7 +41,6 @@ class GraphRouter(nn.Module):
         self.register_buffer("expert_features", _glorot_(torch.empty(num_experts, hidden_size)))
         adjacency = torch.zeros(num_experts, num_experts, dtype=torch.bool)
         if build_graph:
-            from gmoe_kernels.activations import act
             with torch.no_grad():
                 nodes = act(activation, self.expert_features @ self.expert_weight.t())
             adjacency = build_expert_graph(nodes, edge_density)
@@ -64,7 +64,7 @@ class LinearRouter(nn.Module):
         self.weight = nn.Parameter(torch.randn(num_experts, hidden_size) * init_std)
 
     def forward(self, x: torch.Tensor, backend: str | None = None):
-        logits = (x @ self.weight.to(x.dtype).t()).float()
+        logits = (x @ self.weight.to(x.dtype).t()).to(compute_dtype(x))
         probs = torch.softmax(logits, dim=-1)
         indices, weights = functional.topk_route(probs, self.top_k, backend=backend)
         return logits, probs, indices, weights

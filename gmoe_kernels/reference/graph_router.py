@@ -49,9 +49,15 @@ def router_logits(x, token_weight, expert_weight, expert_features, adjacency, gc
             constant = (adj[:, :num_experts] @ expert_nodes) @ w.t()            # (E+1, G)
             nodes = constant + adj[:, num_experts, None] * (token_node @ w.t())[:, None, :]
         else:
-            nodes = torch.einsum("ij,tjg->tig", adj, nodes) @ w.t()
+            # 2-D GEMMs only: einsum/matmul on 3-D operands pick kernels by requires_grad,
+            # which would make frozen and trainable copies of a router differ in the last bit.
+            num_tokens, num_nodes, width = nodes.shape
+            mixed = adj @ nodes.transpose(0, 1).reshape(num_nodes, num_tokens * width)
+            mixed = mixed.view(num_nodes, num_tokens, width).transpose(0, 1).reshape(-1, width)
+            nodes = (mixed @ w.t()).view(num_tokens, num_nodes, width)
         nodes = act(activation, nodes)                                          # (T, E+1, G)
-    return nodes[:, :num_experts] @ score_weight.to(f32)
+    expert_rows = nodes[:, :num_experts].reshape(-1, nodes.shape[-1])
+    return (expert_rows @ score_weight.to(f32)).view(-1, num_experts)
 
 
 def graph_router(x, token_weight, expert_weight, expert_features, adjacency, gcn_weight,

@@ -1,0 +1,363 @@
+"""Triton kernels of the graph router (only @triton.jit code; launchers in graph_router.py).
+
+Row layout shared by both kernels. A program owns a tile of `tokens_per_tile` tokens and
+flattens their (token, node) pairs into BLOCK_M rows: row m holds node m % (E+1) (the E
+experts, then the token node at index E) of local token m // (E+1). Rows past
+tokens_per_tile·(E+1), or of tokens ≥ T, are padding and are masked out of every load,
+mix and store. Per token the GCN layer is  Z^l = Â (N^{l-1} W_l^T),  N^l = act(Z^l): the
+GEMM N W^T runs on the flattened rows (one tl.dot per (column, reduction) block of G), and
+the node mix Â runs as one tl.dot with the block-diagonal BLOCK_M×BLOCK_M matrix
+diag(Â, …, Â), gathered from Â with a same-token mask. Columns (G) are padded to
+BLOCK_N / BLOCK_K blocks with masks.
+
+Layer 1 arrives pre-reduced from torch: Z^1[t, i] = C1[i] + Â[i, E] · u[t], with
+C1 = (Â[:, :E] P) W_1^T and u = t W_1^T, so it is elementwise here.
+
+Node states of one tile live in a per-program scratch area of global memory (G can be
+512: a tile's (E+1)·G states do not fit in registers); `tl.debug_barrier()` separates a
+layer's writes from the next layer's reads. Programs are persistent: each loops over
+tiles with stride num_programs, so scratch scales with the grid, not with T.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tanh(a):
+    # tanh through exp (fp32/fp64 operands); saturates correctly to ±1.
+    return 2.0 / (1.0 + tl.exp(-2.0 * a)) - 1.0
+
+
+@triton.jit
+def _act(z, ACTIVATION: tl.constexpr):
+    """act(z) for the canonical names of gmoe_kernels.activations."""
+    if ACTIVATION == "silu":
+        out = z / (1.0 + tl.exp(-z))
+    elif ACTIVATION == "gelu_tanh":
+        inner = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+        out = 0.5 * z * (1.0 + _tanh(inner))
+    elif ACTIVATION == "gelu":
+        out = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+    else:  # relu
+        out = tl.maximum(z, 0.0)
+    return out
+
+
+@triton.jit
+def _act_grad(z, ACTIVATION: tl.constexpr):
+    """d act(z) / dz, the formulas of gmoe_kernels.activations.act_grad."""
+    if ACTIVATION == "silu":
+        s = 1.0 / (1.0 + tl.exp(-z))
+        out = s * (1.0 + z * (1.0 - s))
+    elif ACTIVATION == "gelu_tanh":
+        inner = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+        t = _tanh(inner)
+        d_inner = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
+        out = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * d_inner
+    elif ACTIVATION == "gelu":
+        cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
+        out = cdf + z * pdf
+    else:  # relu
+        out = tl.where(z > 0.0, 1.0, 0.0).to(z.dtype)
+    return out
+
+
+@triton.jit
+def _mix_matrix(adj_ptr, stride_adj_row, stride_adj_col, node, local_tok, row_ok,
+                TRANSPOSE: tl.constexpr):
+    """diag(Â, …, Â) over the tile's rows (BLOCK_M, BLOCK_M); diag(Âᵀ, …) if TRANSPOSE."""
+    same = (local_tok[:, None] == local_tok[None, :]) & row_ok[:, None] & row_ok[None, :]
+    if TRANSPOSE:
+        ptrs = adj_ptr + node[None, :] * stride_adj_row + node[:, None] * stride_adj_col
+    else:
+        ptrs = adj_ptr + node[:, None] * stride_adj_row + node[None, :] * stride_adj_col
+    return tl.load(ptrs, mask=same, other=0.0)
+
+
+@triton.jit
+def _layer1_preact(c1_ptr, stride_c1_node, stride_c1_g, u_ptr, stride_u_t, stride_u_g,
+                   node, tok, row_ok, adj_tok, offs_n, n_ok):
+    """Z^1[rows, offs_n] = C1[node] + Â[node, E] · u[tok]  (BLOCK_M, BLOCK_N)."""
+    mask = row_ok[:, None] & n_ok[None, :]
+    c1 = tl.load(c1_ptr + node[:, None] * stride_c1_node + offs_n[None, :] * stride_c1_g,
+                 mask=mask, other=0.0)
+    u = tl.load(u_ptr + tok[:, None] * stride_u_t + offs_n[None, :] * stride_u_g,
+                mask=mask, other=0.0)
+    return c1 + adj_tok[:, None] * u
+
+
+@triton.jit
+def _act_rows_times_wt(z_ptr, stride_z_row, w_ptr, stride_w_out, stride_w_in, width,
+                       offs_m, offs_n, n_ok, ACTIVATION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """sum_k act(Z[rows, k]) W[offs_n, k]  (BLOCK_M, BLOCK_N), Z read from scratch."""
+    dtype = z_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=dtype)
+    for k0 in range(0, width, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < width
+        z = tl.load(z_ptr + offs_m[:, None] * stride_z_row + offs_k[None, :],
+                    mask=k_ok[None, :], other=0.0)
+        w_t = tl.load(w_ptr + offs_k[:, None] * stride_w_in + offs_n[None, :] * stride_w_out,
+                      mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(dtype)
+        acc = tl.dot(_act(z, ACTIVATION), w_t, acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _graph_router_fwd_kernel(
+    c1_ptr, u_ptr, adj_ptr, w_ptr, score_ptr, logits_ptr, probs_ptr, scratch_ptr,
+    num_tokens, num_experts, width, tokens_per_tile, num_tiles,
+    stride_c1_node, stride_c1_g,
+    stride_u_t, stride_u_g,
+    stride_adj_row, stride_adj_col,
+    stride_w_layer, stride_w_out, stride_w_in,
+    stride_score_g,
+    stride_logits_t, stride_logits_e,
+    stride_probs_t, stride_probs_e,
+    stride_scratch_prog, stride_scratch_slot, stride_scratch_row,
+    NUM_LAYERS: tl.constexpr, ACTIVATION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """logits = N^L[:, :E] w_p and probs = softmax(logits) for every token.
+
+    Scratch per program: 2 slots (ping-pong) × BLOCK_M × G holding the pre-activations Z.
+    """
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    dtype = c1_ptr.dtype.element_ty
+    num_nodes = num_experts + 1
+    offs_m = tl.arange(0, BLOCK_M)
+    local_tok = offs_m // num_nodes
+    node = offs_m % num_nodes
+    in_tile = local_tok < tokens_per_tile
+    is_expert = node < num_experts
+    adj_tok = tl.load(adj_ptr + node * stride_adj_row + num_experts * stride_adj_col,
+                      mask=in_tile, other=0.0)
+    scratch = scratch_ptr + pid * stride_scratch_prog
+
+    for tile in range(pid, num_tiles, num_programs):
+        tok = (tile * tokens_per_tile + local_tok).to(tl.int64)
+        row_ok = in_tile & (tok < num_tokens)
+        out_ok = row_ok & is_expert
+        logit = tl.zeros((BLOCK_M,), dtype=dtype)
+        tl.debug_barrier()  # the previous tile is done with the scratch
+
+        # Layer 1: elementwise from C1 and u.
+        for n0 in range(0, width, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < width
+            z = _layer1_preact(c1_ptr, stride_c1_node, stride_c1_g, u_ptr, stride_u_t,
+                               stride_u_g, node, tok, row_ok, adj_tok, offs_n, n_ok)
+            if NUM_LAYERS == 1:
+                score = tl.load(score_ptr + offs_n * stride_score_g, mask=n_ok,
+                                other=0.0).to(dtype)
+                logit += tl.sum(_act(z, ACTIVATION) * score[None, :], axis=1)
+            else:
+                tl.store(scratch + offs_m[:, None] * stride_scratch_row + offs_n[None, :],
+                         z, mask=n_ok[None, :])
+        tl.debug_barrier()
+
+        # Layers 2..L: Z^l = diag(Â) (act(Z^{l-1}) W_l^T).
+        for layer in tl.static_range(1, NUM_LAYERS):
+            src = scratch + ((layer - 1) % 2) * stride_scratch_slot
+            dst = scratch + (layer % 2) * stride_scratch_slot
+            for n0 in range(0, width, BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                n_ok = offs_n < width
+                acc = _act_rows_times_wt(src, stride_scratch_row, w_ptr + layer * stride_w_layer,
+                                         stride_w_out, stride_w_in, width, offs_m, offs_n, n_ok,
+                                         ACTIVATION, BLOCK_M, BLOCK_N, BLOCK_K)
+                mix = _mix_matrix(adj_ptr, stride_adj_row, stride_adj_col, node, local_tok,
+                                  row_ok, False)
+                z = tl.dot(mix, acc, input_precision="ieee")
+                if layer == NUM_LAYERS - 1:
+                    score = tl.load(score_ptr + offs_n * stride_score_g, mask=n_ok,
+                                    other=0.0).to(dtype)
+                    logit += tl.sum(_act(z, ACTIVATION) * score[None, :], axis=1)
+                else:
+                    tl.store(dst + offs_m[:, None] * stride_scratch_row + offs_n[None, :],
+                             z, mask=n_ok[None, :])
+            tl.debug_barrier()
+
+        # Softmax over each token's expert rows (same-token mask, no reshape needed).
+        same = (local_tok[:, None] == local_tok[None, :]) & out_ok[None, :]
+        logit = tl.where(out_ok, logit, 0.0)
+        row_max = tl.max(tl.where(same, logit[None, :], float("-inf")), axis=1)
+        num = tl.exp(logit - tl.where(out_ok, row_max, 0.0))
+        den = tl.sum(tl.where(same, num[None, :], 0.0), axis=1)
+        prob = num / tl.where(out_ok, den, 1.0)
+        tl.store(logits_ptr + tok * stride_logits_t + node * stride_logits_e, logit, mask=out_ok)
+        tl.store(probs_ptr + tok * stride_probs_t + node * stride_probs_e, prob, mask=out_ok)
+
+
+@triton.jit
+def _emit_layer_grad(dz, LAYER: tl.constexpr, offs_n, n_ok, offs_m, node, local_tok, row_ok,
+                     adj_tok, tile, tokens_per_tile, num_tokens, num_nodes,
+                     adj_ptr, stride_adj_row, stride_adj_col,
+                     d_slot_ptr, stride_scratch_row,
+                     d_c1_ptr, stride_d_c1_node, stride_d_c1_g,
+                     d_u_ptr, stride_d_u_t, stride_d_u_g):
+    """Consume dZ^{LAYER+1}[:, offs_n] (0-based LAYER).
+
+    LAYER ≥ 1: store D = diag(Âᵀ) dZ to the D slot (the next layer down reads all of it).
+    LAYER = 0: dC1[i] += sum over the tile's rows of node i (atomic: tiles share C1);
+               du[t] = sum over token t's rows of Â[node, E] dZ (each token in one tile).
+    """
+    if LAYER >= 1:
+        mix_t = _mix_matrix(adj_ptr, stride_adj_row, stride_adj_col, node, local_tok, row_ok,
+                            True)
+        d = tl.dot(mix_t, dz, input_precision="ieee")
+        tl.store(d_slot_ptr + offs_m[:, None] * stride_scratch_row + offs_n[None, :], d,
+                 mask=n_ok[None, :])
+    else:
+        sel_node = (node[None, :] == offs_m[:, None]) & row_ok[None, :]
+        d_c1 = tl.dot(sel_node.to(dz.dtype), dz, input_precision="ieee")
+        tl.atomic_add(d_c1_ptr + offs_m[:, None] * stride_d_c1_node + offs_n[None, :] * stride_d_c1_g,
+                      d_c1, mask=(offs_m < num_nodes)[:, None] & n_ok[None, :])
+        sel_tok = tl.where((local_tok[None, :] == offs_m[:, None]) & row_ok[None, :],
+                           adj_tok[None, :], 0.0)
+        d_u = tl.dot(sel_tok, dz, input_precision="ieee")
+        out_tok = (tile * tokens_per_tile + offs_m).to(tl.int64)
+        tok_ok = (offs_m < tokens_per_tile) & (out_tok < num_tokens)
+        tl.store(d_u_ptr + out_tok[:, None] * stride_d_u_t + offs_n[None, :] * stride_d_u_g, d_u,
+                 mask=tok_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _graph_router_bwd_kernel(
+    grad_logits_ptr, grad_probs_ptr, probs_ptr, c1_ptr, u_ptr, adj_ptr, w_ptr, score_ptr,
+    d_c1_ptr, d_u_ptr, d_w_ptr, d_score_ptr, scratch_ptr,
+    num_tokens, num_experts, width, tokens_per_tile, num_tiles,
+    stride_gl_t, stride_gl_e,
+    stride_gp_t, stride_gp_e,
+    stride_probs_t, stride_probs_e,
+    stride_c1_node, stride_c1_g,
+    stride_u_t, stride_u_g,
+    stride_adj_row, stride_adj_col,
+    stride_w_layer, stride_w_out, stride_w_in,
+    stride_score_g,
+    stride_d_c1_node, stride_d_c1_g,
+    stride_d_u_t, stride_d_u_g,
+    stride_d_w_layer, stride_d_w_out, stride_d_w_in,
+    stride_d_score_g,
+    stride_scratch_prog, stride_scratch_slot, stride_scratch_row,
+    NUM_LAYERS: tl.constexpr, ACTIVATION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dC1, du, dW_2..dW_L, dw_p from d logits and d probs (maths: GraphRouterGCN).
+
+    Scratch per program: slots 0..L-1 hold the recomputed Z^1..Z^L of the tile, slots L and
+    L+1 the ping-pong D^l = diag(Âᵀ) dZ^l. dC1, dW and dw_p are sums over all tokens:
+    fp32/fp64 atomics into zero-initialised buffers.
+    """
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    dtype = c1_ptr.dtype.element_ty
+    num_nodes = num_experts + 1
+    offs_m = tl.arange(0, BLOCK_M)
+    local_tok = offs_m // num_nodes
+    node = offs_m % num_nodes
+    in_tile = local_tok < tokens_per_tile
+    is_expert = node < num_experts
+    adj_tok = tl.load(adj_ptr + node * stride_adj_row + num_experts * stride_adj_col,
+                      mask=in_tile, other=0.0)
+    scratch = scratch_ptr + pid * stride_scratch_prog
+
+    for tile in range(pid, num_tiles, num_programs):
+        tok = (tile * tokens_per_tile + local_tok).to(tl.int64)
+        row_ok = in_tile & (tok < num_tokens)
+        out_ok = row_ok & is_expert
+        tl.debug_barrier()
+
+        # Recompute Z^1..Z^L of the tile into scratch slots 0..L-1.
+        for n0 in range(0, width, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < width
+            z = _layer1_preact(c1_ptr, stride_c1_node, stride_c1_g, u_ptr, stride_u_t,
+                               stride_u_g, node, tok, row_ok, adj_tok, offs_n, n_ok)
+            tl.store(scratch + offs_m[:, None] * stride_scratch_row + offs_n[None, :], z,
+                     mask=n_ok[None, :])
+        tl.debug_barrier()
+        for layer in tl.static_range(1, NUM_LAYERS):
+            src = scratch + (layer - 1) * stride_scratch_slot
+            dst = scratch + layer * stride_scratch_slot
+            for n0 in range(0, width, BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                n_ok = offs_n < width
+                acc = _act_rows_times_wt(src, stride_scratch_row, w_ptr + layer * stride_w_layer,
+                                         stride_w_out, stride_w_in, width, offs_m, offs_n, n_ok,
+                                         ACTIVATION, BLOCK_M, BLOCK_N, BLOCK_K)
+                mix = _mix_matrix(adj_ptr, stride_adj_row, stride_adj_col, node, local_tok,
+                                  row_ok, False)
+                z = tl.dot(mix, acc, input_precision="ieee")
+                tl.store(dst + offs_m[:, None] * stride_scratch_row + offs_n[None, :], z,
+                         mask=n_ok[None, :])
+            tl.debug_barrier()
+
+        # d logits: the given one plus the softmax backward of d probs.
+        same = (local_tok[:, None] == local_tok[None, :]) & out_ok[None, :]
+        g_logit = tl.load(grad_logits_ptr + tok * stride_gl_t + node * stride_gl_e, mask=out_ok,
+                          other=0.0).to(dtype)
+        g_prob = tl.load(grad_probs_ptr + tok * stride_gp_t + node * stride_gp_e, mask=out_ok,
+                         other=0.0).to(dtype)
+        prob = tl.load(probs_ptr + tok * stride_probs_t + node * stride_probs_e, mask=out_ok,
+                       other=0.0).to(dtype)
+        dot_gp = tl.sum(tl.where(same, (g_prob * prob)[None, :], 0.0), axis=1)
+        d_logit = tl.where(out_ok, g_logit + prob * (g_prob - dot_gp), 0.0)
+
+        # Top layer: dw_p and dZ^L = (d_logit ⊗ w_p) ⊙ act'(Z^L) on the expert rows.
+        z_top = scratch + (NUM_LAYERS - 1) * stride_scratch_slot
+        for n0 in range(0, width, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < width
+            z = tl.load(z_top + offs_m[:, None] * stride_scratch_row + offs_n[None, :],
+                        mask=n_ok[None, :], other=0.0)
+            tl.atomic_add(d_score_ptr + offs_n * stride_d_score_g,
+                          tl.sum(d_logit[:, None] * _act(z, ACTIVATION), axis=0), mask=n_ok)
+            score = tl.load(score_ptr + offs_n * stride_score_g, mask=n_ok, other=0.0).to(dtype)
+            dz = d_logit[:, None] * score[None, :] * _act_grad(z, ACTIVATION)
+            _emit_layer_grad(dz, NUM_LAYERS - 1, offs_n, n_ok, offs_m, node, local_tok, row_ok,
+                             adj_tok, tile, tokens_per_tile, num_tokens, num_nodes,
+                             adj_ptr, stride_adj_row, stride_adj_col,
+                             scratch + (NUM_LAYERS + (NUM_LAYERS - 1) % 2) * stride_scratch_slot,
+                             stride_scratch_row,
+                             d_c1_ptr, stride_d_c1_node, stride_d_c1_g,
+                             d_u_ptr, stride_d_u_t, stride_d_u_g)
+        tl.debug_barrier()
+
+        # Layers L..2: dW_l += D^lᵀ N^{l-1}, dZ^{l-1} = (D^l W_l) ⊙ act'(Z^{l-1}).
+        for j in tl.static_range(NUM_LAYERS - 1):
+            layer = NUM_LAYERS - 1 - j  # 0-based index of W_l; D^l is in slot L + layer % 2
+            d_src = scratch + (NUM_LAYERS + layer % 2) * stride_scratch_slot
+            z_prev_ptr = scratch + (layer - 1) * stride_scratch_slot
+            for k0 in range(0, width, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_ok = offs_k < width
+                z_prev = tl.load(z_prev_ptr + offs_m[:, None] * stride_scratch_row + offs_k[None, :],
+                                 mask=k_ok[None, :], other=0.0)
+                h_prev = _act(z_prev, ACTIVATION)
+                acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=dtype)
+                for n0 in range(0, width, BLOCK_N):
+                    offs_n = n0 + tl.arange(0, BLOCK_N)
+                    n_ok = offs_n < width
+                    d = tl.load(d_src + offs_m[:, None] * stride_scratch_row + offs_n[None, :],
+                                mask=n_ok[None, :], other=0.0)
+                    w = tl.load(w_ptr + layer * stride_w_layer + offs_n[:, None] * stride_w_out
+                                + offs_k[None, :] * stride_w_in,
+                                mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(dtype)
+                    acc = tl.dot(d, w, acc, input_precision="ieee")
+                    d_w = tl.dot(tl.trans(d), h_prev, input_precision="ieee")
+                    tl.atomic_add(d_w_ptr + layer * stride_d_w_layer + offs_n[:, None] * stride_d_w_out
+                                  + offs_k[None, :] * stride_d_w_in, d_w,
+                                  mask=n_ok[:, None] & k_ok[None, :])
+                dz = acc * _act_grad(z_prev, ACTIVATION)
+                _emit_layer_grad(dz, layer - 1, offs_k, k_ok, offs_m, node, local_tok, row_ok,
+                                 adj_tok, tile, tokens_per_tile, num_tokens, num_nodes,
+                                 adj_ptr, stride_adj_row, stride_adj_col,
+                                 scratch + (NUM_LAYERS + (layer - 1) % 2) * stride_scratch_slot,
+                                 stride_scratch_row,
+                                 d_c1_ptr, stride_d_c1_node, stride_d_c1_g,
+                                 d_u_ptr, stride_d_u_t, stride_d_u_g)
+            tl.debug_barrier()

@@ -1,0 +1,363 @@
+"""Triton backend of the fused expert mix: launchers, autograd, torch.library registration.
+
+Shapes use DESIGN.md's letters (T tokens, H hidden, F intermediate, E experts, K top-k,
+R LoRA rank); `expert_mix` has exactly the signature and results of
+gmoe_kernels.reference.expert_ffn.expert_mix.
+
+Pipeline (forward):
+  1. shrink = s · x [A_g; A_u]^T: one torch GEMM, (T, 2·E·R) in fp32 (fp64 for fp64 x).
+  2. `_expert_mix_fwd_kernel` over (token tile, F tile): for each slot k recomputes
+     g_k = G + B_g^{e_k} shrink_g, u_k likewise, h_k = act(g_k) u_k in fp32, sums
+     h_c = sum_k w_k h_k in registers and writes it once. The per-pair a_d = A_d^{e_k} h_k
+     is a reduction over F: each F-tile program adds its partial sum, times w_k, straight
+     into expert e_k's block of an fp32 z accumulator with fp32 atomics (so z comes out
+     already scattered; no [T·K, F] tensor ever exists).
+Backward:
+  3. `_expert_mix_bwd_token_kernel` over (token tile, F tile): recomputes g_k, u_k, h_k and
+     writes dG, dU once (sum over k in registers); dw and d(shrink) are reductions over F,
+     summed with fp32 atomics into zeroed [T, K] and [T, 2·E·R] buffers.
+  4. `_expert_mix_bwd_expert_kernel` over (expert, F tile): walks the expert's pairs in
+     routing-plan order and sums dB_g, dB_u, dA_d in registers with tl.dot: deterministic,
+     no atomics, each element written once (zeros for an empty expert).
+  5. dx = s·d(shrink) [A_g; A_u] and dA = s·d(shrink)^T x: small torch GEMMs.
+So h_c, dG, dU, dB_g, dB_u, dA_d, dx, dA are deterministic; z, dw and d(shrink) (hence dx,
+dA) are sums of per-F-tile partials by fp32 atomics, deterministic up to summation order.
+
+Block sizes: R is padded to R_PAD = max(16, next_pow2(R)) inside the kernels with masks.
+Under TRITON_INTERPRET=1 a single fixed config runs (BLOCK_T 16, BLOCK_F 32, BLOCK_P 16);
+on a GPU `triton.autotune` picks among configs keyed on (F, K, R_PAD), pruned so a token
+program's gathered [BLOCK_T, BLOCK_F, R_PAD] tile stays at most 32K elements, with the
+atomic buffers reset to zero between trials.
+"""
+import torch
+import triton
+
+from ..activations import canonical_activation, compute_dtype
+from ..backend import interpreting
+from . import _expert_ffn_kernels as kernels
+from .routing import make_routing_plan, new_output
+
+_MAX_GATHER_TILE = 32768
+
+
+def _token_configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_T": 16, "BLOCK_F": 32}, num_warps=4)]
+    return [triton.Config({"BLOCK_T": bt, "BLOCK_F": bf}, num_warps=nw, num_stages=2)
+            for bt in (16, 32) for bf in (16, 32, 64, 128) for nw in (4, 8)]
+
+
+def _expert_configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_P": 16, "BLOCK_F": 32}, num_warps=4)]
+    return [triton.Config({"BLOCK_P": bp, "BLOCK_F": bf}, num_warps=nw, num_stages=2)
+            for bp in (32, 64) for bf in (32, 64, 128) for nw in (4, 8)]
+
+
+def _prune_token_configs(configs, named_args, **kwargs):
+    r_pad = kwargs.get("R_PAD", named_args.get("R_PAD"))
+    kept = [c for c in configs
+            if c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_F"] * r_pad <= _MAX_GATHER_TILE]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_F"])]
+
+
+_fwd_kernel = triton.autotune(
+    configs=_token_configs(), key=["F", "K", "R_PAD"], reset_to_zero=["z_ptr"],
+    prune_configs_by={"early_config_prune": _prune_token_configs},
+)(kernels._expert_mix_fwd_kernel)
+
+_bwd_token_kernel = triton.autotune(
+    configs=_token_configs(), key=["F", "K", "R_PAD"],
+    reset_to_zero=["d_shrink_ptr", "d_weights_ptr"],
+    prune_configs_by={"early_config_prune": _prune_token_configs},
+)(kernels._expert_mix_bwd_token_kernel)
+
+_bwd_expert_kernel = triton.autotune(
+    configs=_expert_configs(), key=["F", "K", "R_PAD"],
+)(kernels._expert_mix_bwd_expert_kernel)
+
+
+def _r_pad(rank: int) -> int:
+    """R padded to a power of two, at least 16 (tl.dot's smallest block)."""
+    return max(16, triton.next_power_of_2(rank))
+
+
+def _token_grid(num_tokens, size_f):
+    return lambda meta: (triton.cdiv(num_tokens, meta["BLOCK_T"]),
+                         triton.cdiv(size_f, meta["BLOCK_F"]))
+
+
+def _check_inputs(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_b_up,
+                  lora_a_down, indices, weights):
+    if x.dim() != 2:
+        raise ValueError(f"x must be (T, H), got {tuple(x.shape)}")
+    num_tokens, hidden = x.shape
+    if lora_a_gate.dim() != 3:
+        raise ValueError(f"lora_a_gate must be (E, R, H), got {tuple(lora_a_gate.shape)}")
+    num_experts, rank, _ = lora_a_gate.shape
+    size_f = gate_base.shape[-1]
+    top_k = indices.shape[-1] if indices.dim() == 2 else -1
+    expected = {
+        "gate_base": (num_tokens, size_f), "up_base": (num_tokens, size_f),
+        "lora_a_gate": (num_experts, rank, hidden), "lora_b_gate": (num_experts, size_f, rank),
+        "lora_a_up": (num_experts, rank, hidden), "lora_b_up": (num_experts, size_f, rank),
+        "lora_a_down": (num_experts, rank, size_f), "indices": (num_tokens, top_k),
+        "weights": (num_tokens, top_k),
+    }
+    given = dict(gate_base=gate_base, up_base=up_base, lora_a_gate=lora_a_gate,
+                 lora_b_gate=lora_b_gate, lora_a_up=lora_a_up, lora_b_up=lora_b_up,
+                 lora_a_down=lora_a_down, indices=indices, weights=weights)
+    for name, shape in expected.items():
+        if tuple(given[name].shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(given[name].shape)}")
+    if rank < 1:
+        raise ValueError("LoRA rank R must be at least 1")
+    if indices.dtype != torch.int64:
+        raise TypeError(f"indices must be int64, got {indices.dtype}")
+
+
+def _stacked_a(lora_a_gate, lora_a_up, acc):
+    """[A_g^1 … A_g^E, A_u^1 … A_u^E] as (2·E·R, H) in the accumulation dtype."""
+    num_experts, rank, hidden = lora_a_gate.shape
+    return torch.cat([lora_a_gate.reshape(num_experts * rank, hidden),
+                      lora_a_up.reshape(num_experts * rank, hidden)], 0).to(acc)
+
+
+def _scaled_shrink(x, lora_a_gate, lora_a_up, scaling, acc):
+    """s · x [A_g; A_u]^T: every expert's gate and up shrink in one GEMM, (T, 2·E·R)."""
+    return (x.to(acc) @ _stacked_a(lora_a_gate, lora_a_up, acc).t()) * scaling
+
+
+def _common_args(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down):
+    return (gate_base.stride(0), gate_base.stride(1), up_base.stride(0), up_base.stride(1),
+            shrink.stride(0), shrink.stride(1),
+            lora_b_gate.stride(0), lora_b_gate.stride(1), lora_b_gate.stride(2),
+            lora_b_up.stride(0), lora_b_up.stride(1), lora_b_up.stride(2),
+            lora_a_down.stride(0), lora_a_down.stride(1), lora_a_down.stride(2))
+
+
+def expert_mix_forward(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_b_up,
+                       lora_a_down, indices, weights, scaling, activation):
+    """Forward launcher: the shrink GEMM, then the fused token kernel.
+
+    x:           (T, H) fp32/fp16/bf16/fp64   input of the LoRA shrinks
+    gate_base:   (T, F) float                 W_g x (+ bias)
+    up_base:     (T, F) float                 W_u x (+ bias)
+    lora_a_gate: (E, R, H) float              lora_b_gate: (E, F, R) float
+    lora_a_up:   (E, R, H) float              lora_b_up:   (E, F, R) float
+    lora_a_down: (E, R, F) float
+    indices:     (T, K) int64                 chosen experts
+    weights:     (T, K) float                 mixing weights
+    scaling:     float                        s = lora_alpha / r
+    activation:  str                          one of gmoe_kernels.activations.ACTIVATIONS
+    returns h_c: (T, F) x.dtype and z: (T, E·R) x.dtype (w_k A_d^{e_k} h_k in block e_k).
+    Any strides; every sum in fp32 (fp64 for fp64 x).
+    """
+    activation = canonical_activation(activation)
+    _check_inputs(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_b_up,
+                  lora_a_down, indices, weights)
+    num_tokens, size_f = gate_base.shape
+    num_experts, rank, _ = lora_a_gate.shape
+    top_k = indices.shape[1]
+    acc = compute_dtype(x)
+    h_c = new_output((num_tokens, size_f), x.dtype, x.device)
+    z = torch.zeros((num_tokens, num_experts * rank), dtype=acc, device=x.device)
+    if num_tokens == 0 or size_f == 0 or top_k == 0:
+        return h_c.zero_(), z.to(x.dtype)
+    shrink = _scaled_shrink(x, lora_a_gate, lora_a_up, scaling, acc)
+    _fwd_kernel[_token_grid(num_tokens, size_f)](
+        gate_base, up_base, shrink, lora_b_gate, lora_b_up, lora_a_down, indices, weights,
+        h_c, z,
+        num_tokens, size_f, top_k, rank, num_experts * rank,
+        *_common_args(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down),
+        indices.stride(0), indices.stride(1), weights.stride(0), weights.stride(1),
+        h_c.stride(0), h_c.stride(1), z.stride(0), z.stride(1),
+        ACTIVATION=activation, R_PAD=_r_pad(rank), ACC_FP64=acc == torch.float64)
+    return h_c, z.to(x.dtype)
+
+
+def expert_mix_backward(grad_h_c, grad_z, x, gate_base, up_base, lora_a_gate, lora_b_gate,
+                        lora_a_up, lora_b_up, lora_a_down, indices, weights, scaling,
+                        activation):
+    """Backward launcher: the token kernel, the per-expert kernel, then small torch GEMMs.
+
+    grad_h_c: (T, F) float       dL/dh_c
+    grad_z:   (T, E·R) float     dL/dz
+    x … activation: as in `expert_mix_forward` (the saved forward inputs)
+    returns (dx (T, H), d_gate_base (T, F), d_up_base (T, F), d_lora_a_gate (E, R, H),
+             d_lora_b_gate (E, F, R), d_lora_a_up (E, R, H), d_lora_b_up (E, F, R),
+             d_lora_a_down (E, R, F), d_weights (T, K)), each in its input's dtype.
+    """
+    activation = canonical_activation(activation)
+    num_tokens, size_f = gate_base.shape
+    num_experts, rank, hidden = lora_a_gate.shape
+    top_k = indices.shape[1]
+    acc = compute_dtype(x)
+    device = x.device
+    d_gate_base = new_output((num_tokens, size_f), gate_base.dtype, device)
+    d_up_base = new_output((num_tokens, size_f), up_base.dtype, device)
+    d_shrink = torch.zeros((num_tokens, 2 * num_experts * rank), dtype=acc, device=device)
+    d_weights = torch.zeros((num_tokens, top_k), dtype=acc, device=device)
+    d_b_gate = new_output(lora_b_gate.shape, lora_b_gate.dtype, device)
+    d_b_up = new_output(lora_b_up.shape, lora_b_up.dtype, device)
+    d_a_down = new_output(lora_a_down.shape, lora_a_down.dtype, device)
+    shrink = _scaled_shrink(x, lora_a_gate, lora_a_up, scaling, acc)
+    r_pad = _r_pad(rank)
+    common = _common_args(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down)
+    if num_tokens > 0 and size_f > 0 and top_k > 0:
+        _bwd_token_kernel[_token_grid(num_tokens, size_f)](
+            gate_base, up_base, shrink, lora_b_gate, lora_b_up, lora_a_down, indices, weights,
+            grad_h_c, grad_z, d_gate_base, d_up_base, d_shrink, d_weights,
+            num_tokens, size_f, top_k, rank, num_experts * rank, *common,
+            indices.stride(0), indices.stride(1), weights.stride(0), weights.stride(1),
+            grad_h_c.stride(0), grad_h_c.stride(1), grad_z.stride(0), grad_z.stride(1),
+            d_gate_base.stride(0), d_gate_base.stride(1), d_up_base.stride(0),
+            d_up_base.stride(1), d_shrink.stride(0), d_shrink.stride(1),
+            d_weights.stride(0), d_weights.stride(1),
+            ACTIVATION=activation, R_PAD=r_pad, ACC_FP64=acc == torch.float64)
+    else:
+        d_gate_base.zero_()
+        d_up_base.zero_()
+    if num_experts > 0 and size_f > 0 and top_k > 0 and num_tokens > 0:
+        plan = make_routing_plan(indices, num_experts)
+        _bwd_expert_kernel[lambda meta: (num_experts, triton.cdiv(size_f, meta["BLOCK_F"]))](
+            gate_base, up_base, shrink, lora_b_gate, lora_b_up, lora_a_down,
+            plan.sorted_pairs, plan.expert_offsets, weights, grad_h_c, grad_z,
+            d_b_gate, d_b_up, d_a_down,
+            size_f, top_k, rank, num_experts * rank, *common,
+            weights.stride(0), weights.stride(1),
+            grad_h_c.stride(0), grad_h_c.stride(1), grad_z.stride(0), grad_z.stride(1),
+            d_b_gate.stride(0), d_b_gate.stride(1), d_b_gate.stride(2),
+            d_b_up.stride(0), d_b_up.stride(1), d_b_up.stride(2),
+            d_a_down.stride(0), d_a_down.stride(1), d_a_down.stride(2),
+            ACTIVATION=activation, R_PAD=r_pad, ACC_FP64=acc == torch.float64)
+    else:
+        d_b_gate.zero_()
+        d_b_up.zero_()
+        d_a_down.zero_()
+    d_shrink.mul_(scaling)
+    n_cols = num_experts * rank
+    xf = x.to(acc)
+    d_x = (d_shrink @ _stacked_a(lora_a_gate, lora_a_up, acc)).to(x.dtype)
+    d_a_gate = (d_shrink[:, :n_cols].t() @ xf).view(num_experts, rank, hidden)
+    d_a_up = (d_shrink[:, n_cols:].t() @ xf).view(num_experts, rank, hidden)
+    return (d_x, d_gate_base, d_up_base, d_a_gate.to(lora_a_gate.dtype), d_b_gate,
+            d_a_up.to(lora_a_up.dtype), d_b_up, d_a_down, d_weights.to(weights.dtype))
+
+
+class ExpertMixFunction(torch.autograd.Function):
+    """Fused expert mix, Triton backend (same maths as the reference ExpertMixFunction).
+
+    Forward: h_c[t] = sum_k w_k h_k, z[t, e_k] = w_k A_d^{e_k} h_k with
+      g_k = G[t] + s B_g^{e_k} A_g^{e_k} x_t,  u_k = U[t] + s B_u^{e_k} A_u^{e_k} x_t,
+      h_k = act(g_k) * u_k.
+    Saved: x, G, U, the LoRA weights, indices, weights (g_k, u_k, h_k are recomputed).
+    Backward (dh_c = dL/dh_c, b_k = dL/dz[t, e_k]; pair k of token t routed to expert e):
+      q_k    = dh_c[t] + A_d^e^T b_k;        dh_k = w_k q_k
+      dw_k   = <h_k, q_k> = <h_k, dh_c[t]> + <A_d^e h_k, b_k>
+      dA_d^e = sum_{k: e_k = e} w_k b_k h_k^T
+      dg_k   = dh_k * u_k * act'(g_k);        du_k = dh_k * act(g_k)
+      dG[t]  = sum_k dg_k;                    dU[t] = sum_k du_k
+      d(A_g^e x_t) = s B_g^e^T dg_k;          dB_g^e = s sum_k dg_k (A_g^e x_t)^T  (up likewise)
+      dA_g^e = sum_t d(A_g^e x_t) x_t^T;      dx = sum_e d(A_g^e x)^T A_g^e + (up)
+    No gradient for indices, scaling, activation.
+    """
+
+    @staticmethod
+    def forward(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_b_up,
+                lora_a_down, indices, weights, scaling, activation):
+        return expert_mix_forward(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up,
+                                  lora_b_up, lora_a_down, indices, weights, scaling, activation)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_b_up, lora_a_down,
+         indices, weights, scaling, activation) = inputs
+        ctx.save_for_backward(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up,
+                              lora_b_up, lora_a_down, indices, weights)
+        ctx.scaling = float(scaling)
+        ctx.activation = activation
+
+    @staticmethod
+    def backward(ctx, grad_h_c, grad_z):
+        saved = ctx.saved_tensors
+        x, gate_base, lora_a_gate = saved[0], saved[1], saved[3]
+        num_experts, rank, _ = lora_a_gate.shape
+        if grad_h_c is None:
+            grad_h_c = torch.zeros_like(gate_base, dtype=x.dtype)
+        if grad_z is None:
+            grad_z = x.new_zeros((x.shape[0], num_experts * rank))
+        grads = torch.ops.gmoe_kernels.expert_mix_backward(
+            grad_h_c, grad_z, *saved, ctx.scaling, ctx.activation)
+        need = ctx.needs_input_grad
+        d_x, d_gb, d_ub, d_ag, d_bg, d_au, d_bu, d_ad, d_w = (
+            g if needed else None for g, needed in zip(grads, need[:8] + need[9:10]))
+        return d_x, d_gb, d_ub, d_ag, d_bg, d_au, d_bu, d_ad, None, d_w, None, None
+
+
+@torch.library.custom_op("gmoe_kernels::expert_mix", mutates_args=())
+def _expert_mix_op(x: torch.Tensor, gate_base: torch.Tensor, up_base: torch.Tensor,
+                   lora_a_gate: torch.Tensor, lora_b_gate: torch.Tensor,
+                   lora_a_up: torch.Tensor, lora_b_up: torch.Tensor,
+                   lora_a_down: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                   scaling: float, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return expert_mix_forward(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up,
+                              lora_b_up, lora_a_down, indices, weights, scaling, activation)
+
+
+@_expert_mix_op.register_fake
+def _expert_mix_fake(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_b_up,
+                     lora_a_down, indices, weights, scaling, activation):
+    num_experts, rank, _ = lora_a_gate.shape
+    return (x.new_empty((x.shape[0], gate_base.shape[1])),
+            x.new_empty((x.shape[0], num_experts * rank)))
+
+
+@torch.library.custom_op("gmoe_kernels::expert_mix_backward", mutates_args=())
+def _expert_mix_backward_op(
+        grad_h_c: torch.Tensor, grad_z: torch.Tensor, x: torch.Tensor,
+        gate_base: torch.Tensor, up_base: torch.Tensor, lora_a_gate: torch.Tensor,
+        lora_b_gate: torch.Tensor, lora_a_up: torch.Tensor, lora_b_up: torch.Tensor,
+        lora_a_down: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+        scaling: float, activation: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return expert_mix_backward(grad_h_c, grad_z, x, gate_base, up_base, lora_a_gate,
+                               lora_b_gate, lora_a_up, lora_b_up, lora_a_down, indices,
+                               weights, scaling, activation)
+
+
+@_expert_mix_backward_op.register_fake
+def _expert_mix_backward_fake(grad_h_c, grad_z, x, gate_base, up_base, lora_a_gate,
+                              lora_b_gate, lora_a_up, lora_b_up, lora_a_down, indices,
+                              weights, scaling, activation):
+    return tuple(torch.empty_like(t) for t in (x, gate_base, up_base, lora_a_gate, lora_b_gate,
+                                               lora_a_up, lora_b_up, lora_a_down, weights))
+
+
+_expert_mix_op.register_autograd(ExpertMixFunction.backward,
+                                 setup_context=ExpertMixFunction.setup_context)
+
+
+def expert_mix(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_b_up,
+               lora_a_down, indices, weights, scaling: float, activation: str):
+    """Triton backend of `gmoe_kernels.functional.expert_mix` (the custom op
+    `torch.ops.gmoe_kernels.expert_mix`, differentiable, traceable by torch.compile).
+
+    x:           (T, H) fp32/fp16/bf16 (fp64 for gradcheck)
+    gate_base:   (T, F) float      up_base:     (T, F) float
+    lora_a_gate: (E, R, H) float   lora_b_gate: (E, F, R) float
+    lora_a_up:   (E, R, H) float   lora_b_up:   (E, F, R) float
+    lora_a_down: (E, R, F) float
+    indices:     (T, K) int64      weights:     (T, K) float
+    scaling:     float             activation:  str (a gmoe_kernels.activations name or alias)
+    returns h_c (T, F) and z (T, E·R), both in x's dtype.
+    """
+    activation = canonical_activation(activation)
+    return torch.ops.gmoe_kernels.expert_mix(x, gate_base, up_base, lora_a_gate, lora_b_gate,
+                                             lora_a_up, lora_b_up, lora_a_down, indices,
+                                             weights, float(scaling), activation)
+
+
+__all__ = ["ExpertMixFunction", "expert_mix", "expert_mix_backward",
+           "expert_mix_forward"]

@@ -1,0 +1,293 @@
+"""Triton backend of the graph router (DESIGN.md, "Graph router").
+
+Split of the work, per forward:
+  torch (autograd):  t  = act(x W_tok^T)                    (T, G)  token nodes
+                     u  = t W_1^T                           (T, G)  layer-1 token term
+                     P  = act(X W_exp^T)                    (E, G)  expert nodes, token-independent
+                     C1 = (Â[:, :E] P) W_1^T                (E+1, G) layer-1 constant
+  kernel (op `gmoe_kernels::graph_router_gcn`): per token, Z^1 = C1 + Â[:, E] ⊗ u,
+                     Z^l = Â act(Z^{l-1}) W_l^T (l = 2..L), logits = act(Z^L)[:E] w_p,
+                     probs = softmax(logits) in fp32 (fp64 for fp64 inputs)
+  torch (autograd):  top-K of probs (torch.topk: its tie-breaking, exactly) and
+                     weights = p_k / sum_k p_k.
+The op outputs logits and probs; its backward (a second kernel, op
+`gmoe_kernels::graph_router_gcn_backward`) returns dC1, du, dW_2..dW_L and dw_p, and torch
+autograd carries dC1 and du back to x, W_tok, W_exp and W_1, and the weights' gradient
+through the renormalisation and topk's gather to d probs. No per-token node state is kept
+between forward and backward: the backward kernel recomputes Z^1..Z^L per token tile.
+
+The adjacency Â is a frozen buffer: it is detached and receives no gradient. The expert
+features X get their (exact) gradient through torch, since they only enter through C1.
+Outputs of the kernels are filled with NaN first when GMOE_POISON=1 (tests), so that an
+element a kernel fails to write shows up.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from ..activations import act, canonical_activation, compute_dtype
+from ..backend import interpreting
+from ._graph_router_kernels import _graph_router_bwd_kernel, _graph_router_fwd_kernel
+
+__all__ = ["GraphRouterGCN", "graph_router", "graph_router_gcn_backward",
+           "graph_router_gcn_forward"]
+
+_INTERPRETER_PROGRAMS = 2  # a small persistent grid, so tests run the multi-tile loop
+
+
+def _poisoned() -> bool:
+    return os.environ.get("GMOE_POISON", "0") == "1"
+
+
+def _new_output(shape, dtype, device) -> torch.Tensor:
+    """An output buffer every element of which a kernel must write (NaN under GMOE_POISON=1)."""
+    if _poisoned():
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _config(num_experts: int, width: int, num_tokens: int, device: torch.device):
+    """Block sizes, tokens per tile and grid size (one fixed config; no autotune).
+
+    BLOCK_M rows hold floor(BLOCK_M / (E+1)) tokens' (E+1) nodes each: at least 64 rows,
+    up to 128 when that fits two tokens or more. BLOCK_N = BLOCK_K tile G (16 under the
+    interpreter, so small test widths still take several column blocks).
+    """
+    num_nodes = num_experts + 1
+    block_m = min(max(64, triton.next_power_of_2(2 * num_nodes)),
+                  max(128, triton.next_power_of_2(num_nodes)))
+    if interpreting() or device.type != "cuda":
+        block_g = 16
+        max_programs = _INTERPRETER_PROGRAMS
+        num_warps = 4
+    else:
+        block_g = min(64, max(16, triton.next_power_of_2(width)))
+        max_programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        num_warps = 4 if block_m <= 64 else 8
+    tokens_per_tile = block_m // num_nodes
+    num_tiles = triton.cdiv(num_tokens, tokens_per_tile)
+    num_programs = max(1, min(num_tiles, max_programs))
+    return dict(block_m=block_m, block_g=block_g, num_warps=num_warps,
+                tokens_per_tile=tokens_per_tile, num_tiles=num_tiles, num_programs=num_programs)
+
+
+def _device_guard(device: torch.device):
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    import contextlib
+    return contextlib.nullcontext()
+
+
+def graph_router_gcn_forward(c1, token_proj, adjacency, gcn_weight, score_weight,
+                             activation: str):
+    """Launch the forward kernel: the GCN layers, the score projection and the softmax.
+
+    c1:           (E+1, G) fp32|fp64  (Â[:, :E] P) W_1^T, the token-independent layer-1 term
+    token_proj:   (T, G) c1.dtype     u = t W_1^T, the token node's layer-1 term
+    adjacency:    (E+1, E+1) c1.dtype Â, token node last
+    gcn_weight:   (L, G, G) fp32|fp16|bf16|fp64  W_1 … W_L (layer 1 is not read here)
+    score_weight: (G,) any float dtype            w_p
+    activation:   canonical activation name (gmoe_kernels.activations.ACTIVATIONS)
+    Returns logits (T, E) and probs (T, E), both c1.dtype.
+    """
+    num_tokens, width = token_proj.shape
+    num_experts = c1.shape[0] - 1
+    num_layers = gcn_weight.shape[0]
+    logits = _new_output((num_tokens, num_experts), c1.dtype, c1.device)
+    probs = _new_output((num_tokens, num_experts), c1.dtype, c1.device)
+    if num_tokens == 0:
+        return logits, probs
+    cfg = _config(num_experts, width, num_tokens, c1.device)
+    scratch = _new_output((cfg["num_programs"], 2, cfg["block_m"], width), c1.dtype, c1.device)
+    with _device_guard(c1.device):
+        _graph_router_fwd_kernel[(cfg["num_programs"],)](
+            c1, token_proj, adjacency, gcn_weight, score_weight, logits, probs, scratch,
+            num_tokens, num_experts, width, cfg["tokens_per_tile"], cfg["num_tiles"],
+            c1.stride(0), c1.stride(1),
+            token_proj.stride(0), token_proj.stride(1),
+            adjacency.stride(0), adjacency.stride(1),
+            gcn_weight.stride(0), gcn_weight.stride(1), gcn_weight.stride(2),
+            score_weight.stride(0),
+            logits.stride(0), logits.stride(1),
+            probs.stride(0), probs.stride(1),
+            scratch.stride(0), scratch.stride(1), scratch.stride(2),
+            NUM_LAYERS=num_layers, ACTIVATION=activation,
+            BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_g"], BLOCK_K=cfg["block_g"],
+            num_warps=cfg["num_warps"],
+        )
+    return logits, probs
+
+
+def graph_router_gcn_backward(grad_logits, grad_probs, probs, c1, token_proj, adjacency,
+                              gcn_weight, score_weight, activation: str):
+    """Launch the backward kernel (recomputes each tile's Z^1..Z^L; maths: GraphRouterGCN).
+
+    grad_logits:  (T, E) float  dL/d logits (any strides, stride 0 included)
+    grad_probs:   (T, E) float  dL/d probs
+    probs:        (T, E) c1.dtype  the forward's probabilities
+    c1, token_proj, adjacency, gcn_weight, score_weight, activation: as in the forward.
+    Returns d_c1 (E+1, G) c1.dtype, d_token_proj (T, G) c1.dtype,
+            d_gcn_weight (L, G, G) gcn_weight.dtype (layer 1's slice is zero: W_1 only enters
+            through c1 and token_proj, whose gradients torch carries back),
+            d_score_weight (G,) score_weight.dtype.
+    """
+    num_tokens, width = token_proj.shape
+    num_experts = c1.shape[0] - 1
+    num_layers = gcn_weight.shape[0]
+    dtype = c1.dtype
+    d_c1 = torch.zeros_like(c1)                       # atomics: sums over every token
+    d_gcn = torch.zeros(gcn_weight.shape, dtype=dtype, device=c1.device)
+    d_score = torch.zeros(score_weight.shape, dtype=dtype, device=c1.device)
+    d_u = _new_output((num_tokens, width), dtype, c1.device)
+    if num_tokens > 0:
+        cfg = _config(num_experts, width, num_tokens, c1.device)
+        scratch = _new_output((cfg["num_programs"], num_layers + 2, cfg["block_m"], width),
+                              dtype, c1.device)
+        with _device_guard(c1.device):
+            _graph_router_bwd_kernel[(cfg["num_programs"],)](
+                grad_logits, grad_probs, probs, c1, token_proj, adjacency, gcn_weight,
+                score_weight, d_c1, d_u, d_gcn, d_score, scratch,
+                num_tokens, num_experts, width, cfg["tokens_per_tile"], cfg["num_tiles"],
+                grad_logits.stride(0), grad_logits.stride(1),
+                grad_probs.stride(0), grad_probs.stride(1),
+                probs.stride(0), probs.stride(1),
+                c1.stride(0), c1.stride(1),
+                token_proj.stride(0), token_proj.stride(1),
+                adjacency.stride(0), adjacency.stride(1),
+                gcn_weight.stride(0), gcn_weight.stride(1), gcn_weight.stride(2),
+                score_weight.stride(0),
+                d_c1.stride(0), d_c1.stride(1),
+                d_u.stride(0), d_u.stride(1),
+                d_gcn.stride(0), d_gcn.stride(1), d_gcn.stride(2),
+                d_score.stride(0),
+                scratch.stride(0), scratch.stride(1), scratch.stride(2),
+                NUM_LAYERS=num_layers, ACTIVATION=activation,
+                BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_g"], BLOCK_K=cfg["block_g"],
+                num_warps=cfg["num_warps"],
+            )
+    return d_c1, d_u, d_gcn.to(gcn_weight.dtype), d_score.to(score_weight.dtype)
+
+
+# ---- torch.library registration ------------------------------------------------------
+
+@torch.library.custom_op("gmoe_kernels::graph_router_gcn", mutates_args=())
+def _graph_router_gcn_op(c1: torch.Tensor, token_proj: torch.Tensor, adjacency: torch.Tensor,
+                         gcn_weight: torch.Tensor, score_weight: torch.Tensor,
+                         activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return graph_router_gcn_forward(c1, token_proj, adjacency, gcn_weight, score_weight,
+                                    activation)
+
+
+@_graph_router_gcn_op.register_fake
+def _(c1, token_proj, adjacency, gcn_weight, score_weight, activation):
+    shape = (token_proj.shape[0], c1.shape[0] - 1)
+    return c1.new_empty(shape), c1.new_empty(shape)
+
+
+@torch.library.custom_op("gmoe_kernels::graph_router_gcn_backward", mutates_args=())
+def _graph_router_gcn_backward_op(
+        grad_logits: torch.Tensor, grad_probs: torch.Tensor, probs: torch.Tensor,
+        c1: torch.Tensor, token_proj: torch.Tensor, adjacency: torch.Tensor,
+        gcn_weight: torch.Tensor, score_weight: torch.Tensor, activation: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return graph_router_gcn_backward(grad_logits, grad_probs, probs, c1, token_proj, adjacency,
+                                     gcn_weight, score_weight, activation)
+
+
+@_graph_router_gcn_backward_op.register_fake
+def _(grad_logits, grad_probs, probs, c1, token_proj, adjacency, gcn_weight, score_weight,
+      activation):
+    return (torch.empty_like(c1), torch.empty_like(token_proj), torch.empty_like(gcn_weight),
+            torch.empty_like(score_weight))
+
+
+class GraphRouterGCN(torch.autograd.Function):
+    """(C1, u, Â, W, w_p) -> (logits, probs): the kernel part of the graph router.
+
+    Forward, per token t (rows i = 0..E-1 experts, i = E the token node):
+      Z^1 = C1 + Â[:, E] ⊗ u_t,   Z^l = Â act(Z^{l-1}) W_l^T (l = 2..L),   N^l = act(Z^l)
+      ℓ = N^L[:E] w_p,   p = softmax(ℓ)
+    Backward, with gℓ = dL/dℓ and gp = dL/dp given:
+      dℓ    = gℓ + p ⊙ (gp − ⟨gp, p⟩)                      (softmax backward)
+      dw_p  = Σ_t N^L[:E]^T dℓ
+      dZ^L  = (dℓ ⊗ w_p) ⊙ act'(Z^L) on the expert rows, 0 on the token row
+      for l = L..2:  D^l = Â^T dZ^l,  dW_l = Σ_t D^{lT} N^{l-1},
+                     dZ^{l-1} = (D^l W_l) ⊙ act'(Z^{l-1})
+      dC1   = Σ_t dZ^1,   du_t = Σ_i Â[i, E] dZ^1[i]   (= (Â^T dZ^1)[E])
+    W_1 gets no gradient here (its slice of dW is zero): it enters only through C1 and u,
+    and torch autograd carries dC1 and du on to W_1, W_tok, W_exp, X and x. Â gets none
+    (frozen buffer). Saved: C1, u, Â, W, w_p and probs (T·E); Z^l and N^l are recomputed
+    per token tile by the backward kernel rather than saved (T·(E+1)·G per layer).
+    dC1, dW and dw_p are reduced over tokens with atomics (summation order not fixed).
+
+    The op `gmoe_kernels::graph_router_gcn` registers `setup_context` and `backward` of
+    this class as its autograd formula; `graph_router` calls the op, and `apply` here is
+    the same computation.
+    """
+
+    @staticmethod
+    def forward(c1, token_proj, adjacency, gcn_weight, score_weight, activation):
+        return _graph_router_gcn_op(c1, token_proj, adjacency, gcn_weight, score_weight,
+                                    activation)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        c1, token_proj, adjacency, gcn_weight, score_weight, activation = inputs
+        _, probs = output
+        ctx.save_for_backward(c1, token_proj, adjacency, gcn_weight, score_weight, probs)
+        ctx.activation = activation
+
+    @staticmethod
+    def backward(ctx, grad_logits, grad_probs):
+        c1, token_proj, adjacency, gcn_weight, score_weight, probs = ctx.saved_tensors
+        if grad_logits is None:
+            grad_logits = torch.zeros_like(probs)
+        if grad_probs is None:
+            grad_probs = torch.zeros_like(probs)
+        d_c1, d_u, d_gcn, d_score = _graph_router_gcn_backward_op(
+            grad_logits, grad_probs, probs, c1, token_proj, adjacency, gcn_weight,
+            score_weight, ctx.activation)
+        return d_c1, d_u, None, d_gcn, d_score, None
+
+
+torch.library.register_autograd("gmoe_kernels::graph_router_gcn", GraphRouterGCN.backward,
+                                setup_context=GraphRouterGCN.setup_context)
+
+
+# ---- public entry point ----------------------------------------------------------------
+
+def graph_router(x, token_weight, expert_weight, expert_features, adjacency, gcn_weight,
+                 score_weight, top_k: int, activation: str):
+    """Triton backend of `gmoe_kernels.functional.graph_router` (same signature and results).
+
+    x:               (T, H) fp32|fp16|bf16|fp64
+    token_weight:    (G, H) W_tok;  expert_weight: (G, H) W_exp
+    expert_features: (E, H) X (frozen)
+    adjacency:       (E+1, E+1) Â, token node last (frozen: no gradient)
+    gcn_weight:      (L, G, G) W_1 … W_L;  score_weight: (G,) w_p
+    top_k:           K ≤ E;  activation: a name accepted by `canonical_activation`
+    Returns logits (T, E), probs (T, E), indices (T, K) int64, weights (T, K): fp32
+    (fp64 for fp64 x). indices are torch.topk's on the returned probs.
+    """
+    activation = canonical_activation(activation)
+    num_experts = expert_features.shape[0]
+    if adjacency.shape != (num_experts + 1, num_experts + 1):
+        raise ValueError(f"adjacency must be (E+1, E+1) = ({num_experts + 1}, "
+                         f"{num_experts + 1}), got {tuple(adjacency.shape)}")
+    if gcn_weight.dim() != 3 or gcn_weight.shape[0] < 1:
+        raise ValueError(f"gcn_weight must be (L, G, G) with L ≥ 1, got {tuple(gcn_weight.shape)}")
+    f = compute_dtype(x)
+    adj = adjacency.detach().to(f).contiguous()
+    w1 = gcn_weight[0].to(f)
+    token_nodes = act(activation, x.to(f) @ token_weight.to(f).t())                # (T, G)
+    token_proj = token_nodes @ w1.t()                                              # (T, G)
+    expert_nodes = act(activation, expert_features.to(f) @ expert_weight.to(f).t())  # (E, G)
+    c1 = (adj[:, :num_experts] @ expert_nodes) @ w1.t()                            # (E+1, G)
+    logits, probs = _graph_router_gcn_op(c1.contiguous(), token_proj.contiguous(), adj,
+                                         gcn_weight, score_weight, activation)
+    p_k, indices = torch.topk(probs, top_k, dim=-1)
+    weights = p_k / p_k.sum(dim=-1, keepdim=True)
+    return logits, probs, indices, weights
