@@ -20,14 +20,17 @@ Backward:
      routing-plan order and sums dB_g, dB_u, dA_d in registers with tl.dot: deterministic,
      no atomics, each element written once (zeros for an empty expert).
   5. dx = s·d(shrink) [A_g; A_u] and dA = s·d(shrink)^T x: small torch GEMMs.
-So h_c, dG, dU, dB_g, dB_u, dA_d, dx, dA are deterministic; z, dw and d(shrink) (hence dx,
-dA) are sums of per-F-tile partials by fp32 atomics, deterministic up to summation order.
+Bitwise deterministic: h_c, dG, dU, dB_g, dB_u, dA_d. Summed over F tiles with fp32 (fp64
+for fp64 inputs) atomics, so reproducible only up to the order of those partial sums: z, dw
+and d(shrink), hence dx, dA_g, dA_u. Saved for backward: x, G, U, the LoRA weights, indices,
+weights; the shrink GEMM and the routing plan are recomputed in backward (both small).
 
 Block sizes: R is padded to R_PAD = max(16, next_pow2(R)) inside the kernels with masks.
 Under TRITON_INTERPRET=1 a single fixed config runs (BLOCK_T 16, BLOCK_F 32, BLOCK_P 16);
 on a GPU `triton.autotune` picks among configs keyed on (F, K, R_PAD), pruned so a token
-program's gathered [BLOCK_T, BLOCK_F, R_PAD] tile stays at most 32K elements, with the
-atomic buffers reset to zero between trials.
+program's gathered [BLOCK_T, BLOCK_F, R_PAD] tile stays at most 8K elements (the smallest
+config when none fits), with the atomic buffers reset to zero between trials. The GPU
+configs are a first guess, not yet timed on a GPU.
 """
 import torch
 import triton
@@ -37,14 +40,14 @@ from ..backend import interpreting
 from . import _expert_ffn_kernels as kernels
 from .routing import make_routing_plan, new_output
 
-_MAX_GATHER_TILE = 32768
+_MAX_GATHER_TILE = 8192  # elements of one gathered [BLOCK_T, BLOCK_F, R_PAD] tile
 
 
 def _token_configs():
     if interpreting():
         return [triton.Config({"BLOCK_T": 16, "BLOCK_F": 32}, num_warps=4)]
     return [triton.Config({"BLOCK_T": bt, "BLOCK_F": bf}, num_warps=nw, num_stages=2)
-            for bt in (16, 32) for bf in (16, 32, 64, 128) for nw in (4, 8)]
+            for bt in (8, 16, 32) for bf in (16, 32, 64) for nw in (4, 8)]
 
 
 def _expert_configs():

@@ -28,7 +28,7 @@ import os
 import torch
 import triton
 
-from ..activations import act, canonical_activation, compute_dtype
+from ..activations import ACTIVATIONS, act, compute_dtype
 from ..backend import interpreting
 from ._graph_router_kernels import _graph_router_bwd_kernel, _graph_router_fwd_kernel
 
@@ -268,11 +268,13 @@ def graph_router(x, token_weight, expert_weight, expert_features, adjacency, gcn
     expert_features: (E, H) X (frozen)
     adjacency:       (E+1, E+1) Â, token node last (frozen: no gradient)
     gcn_weight:      (L, G, G) W_1 … W_L;  score_weight: (G,) w_p
-    top_k:           K ≤ E;  activation: a name accepted by `canonical_activation`
+    top_k:           K ≤ E;  activation: one of ACTIVATIONS (canonical names, as the
+                     reference: map `transformers` aliases with `canonical_activation`)
     Returns logits (T, E), probs (T, E), indices (T, K) int64, weights (T, K): fp32
     (fp64 for fp64 x). indices are torch.topk's on the returned probs.
     """
-    activation = canonical_activation(activation)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} is not one of {ACTIVATIONS}")
     num_experts = expert_features.shape[0]
     if adjacency.shape != (num_experts + 1, num_experts + 1):
         raise ValueError(f"adjacency must be (E+1, E+1) = ({num_experts + 1}, "

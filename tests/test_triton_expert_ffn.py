@@ -1,0 +1,298 @@
+"""Triton expert mix (gmoe_kernels.triton.expert_ffn) under the interpreter.
+
+Compared against the reference twin (gmoe_kernels.reference.expert_mix) and against the
+per-expert oracle (expert_ffn_loop, through functional.expert_ffn), outputs and the
+gradient of every input, fp32 and fp16. GMOE_POISON=1 is set for every test, so every
+output the kernels must write starts as NaN and an unwritten element fails.
+"""
+import dataclasses
+import pathlib
+
+import pytest
+import torch
+from tolerances import assert_close
+
+from gmoe_kernels import functional, reference
+from gmoe_kernels.reference.loop import expert_ffn_loop
+from gmoe_kernels.triton import expert_ffn as triton_expert_ffn
+
+DTYPES = [torch.float32, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setenv("GMOE_POISON", "1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    T: int = 24
+    H: int = 32
+    F: int = 48
+    E: int = 4
+    K: int = 2
+    R: int = 8
+    routing: str = "random"   # random | empty_expert | one_expert
+    activation: str = "silu"
+    scaling: float = 2.0
+
+
+CASES = [
+    Case("base"),
+    Case("T1", T=1),
+    Case("empty_expert", E=5, routing="empty_expert"),
+    Case("all_tokens_one_expert", K=1, routing="one_expert"),
+    Case("K1", K=1),
+    Case("K_eq_E", K=4),
+    Case("R1", R=1),
+    Case("R20_padded_to_32", R=20, T=12),
+    Case("odd_H25_F43_T37", T=37, H=25, F=43),
+    Case("multi_tile_T40_F96", T=40, F=96, E=6, K=3),
+    Case("E16", E=16, K=3, T=20),
+    Case("gelu_tanh", activation="gelu_tanh"),
+    Case("gelu_tanh_odd_H25_F43", T=19, H=25, F=43, activation="gelu_tanh"),
+]
+
+
+def make_routing(case: Case, generator=None):
+    """indices (T, K) int64 and fp32 weights (T, K) from top-K over random probabilities."""
+    logits = torch.randn(case.T, case.E, generator=generator)
+    if case.routing == "empty_expert":
+        logits[:, case.E - 2] = -torch.inf           # expert E-2 never chosen
+    elif case.routing == "one_expert":
+        logits[:, 2] = 1e4                           # every token's top-1 is expert 2
+    probs = torch.softmax(logits, dim=-1)
+    indices, weights = reference.topk_route(probs, case.K)
+    counts = torch.bincount(indices.reshape(-1), minlength=case.E)
+    if case.routing == "empty_expert":
+        assert counts[case.E - 2] == 0
+    if case.routing == "one_expert":
+        assert counts[2] == case.T * case.K
+    return indices, weights
+
+
+def make_ffn(case: Case, dtype):
+    """Frozen weights, LoRA weights (B nonzero), x: a full GMoE FFN in `dtype`."""
+    T, H, F, E, R = case.T, case.H, case.F, case.E, case.R
+    p = dict(
+        x=torch.randn(T, H),
+        gate_weight=torch.randn(F, H) / H**0.5,
+        up_weight=torch.randn(F, H) / H**0.5,
+        down_weight=torch.randn(H, F) / F**0.5,
+        lora_a_gate=torch.randn(E, R, H) / H**0.5,
+        lora_b_gate=torch.randn(E, F, R) / R**0.5 * 0.5,
+        lora_a_up=torch.randn(E, R, H) / H**0.5,
+        lora_b_up=torch.randn(E, F, R) / R**0.5 * 0.5,
+        lora_a_down=torch.randn(E, R, F) / F**0.5,
+        lora_b_down=torch.randn(E, H, R) / R**0.5 * 0.5,
+    )
+    return {k: v.to(dtype) for k, v in p.items()}
+
+
+def mix_inputs(case: Case, dtype):
+    """The expert-mix inputs (x, G, U, LoRA weights) in `dtype`."""
+    p = make_ffn(case, dtype)
+    gate_base = (p["x"].float() @ p["gate_weight"].float().t()).to(dtype)
+    up_base = (p["x"].float() @ p["up_weight"].float().t()).to(dtype)
+    return [p["x"], gate_base, up_base, p["lora_a_gate"], p["lora_b_gate"], p["lora_a_up"],
+            p["lora_b_up"], p["lora_a_down"]]
+
+
+MIX_NAMES = ["x", "gate_base", "up_base", "lora_a_gate", "lora_b_gate", "lora_a_up",
+             "lora_b_up", "lora_a_down"]
+
+
+def run_mix(impl, tensors, indices, weights, case, grad_h_c, grad_z):
+    """Forward + backward of `impl.expert_mix`; returns outputs then every gradient."""
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    w = weights.detach().clone().requires_grad_()
+    h_c, z = impl.expert_mix(*leaves, indices, w, case.scaling, case.activation)
+    loss = (h_c.float() * grad_h_c).sum() + (z.float() * grad_z).sum()
+    grads = torch.autograd.grad(loss, leaves + [w])
+    return [h_c, z, *grads]
+
+
+def ids(cases):
+    return [c.name for c in cases]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("case", CASES, ids=ids(CASES))
+def test_expert_mix_matches_reference(case, dtype):
+    tensors = mix_inputs(case, dtype)
+    indices, weights = make_routing(case)
+    grad_h_c = torch.randn(case.T, case.F)
+    grad_z = torch.randn(case.T, case.E * case.R)
+    got = run_mix(triton_expert_ffn, tensors, indices, weights, case, grad_h_c, grad_z)
+    want = run_mix(reference, tensors, indices, weights, case, grad_h_c, grad_z)
+    names = ["h_c", "z"] + [f"d_{n}" for n in MIX_NAMES] + ["d_weights"]
+    for name, a, b in zip(names, got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.isfinite(a).all(), f"{name}: non-finite (unwritten?) elements"
+        assert_close(a, b, dtype, name)
+
+
+FFN_NAMES = ["x", "gate_weight", "up_weight", "down_weight", "lora_a_gate", "lora_b_gate",
+             "lora_a_up", "lora_b_up", "lora_a_down", "lora_b_down"]
+
+
+def run_ffn(fn, params, indices, weights, case, grad_y, **kwargs):
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+    w = weights.detach().clone().requires_grad_()
+    y = fn(*(leaves[n] for n in FFN_NAMES), indices, w.to(params["x"].dtype)
+           if fn is expert_ffn_loop else w, case.scaling, case.activation, **kwargs)
+    grads = torch.autograd.grad((y.float() * grad_y).sum(), [leaves[n] for n in FFN_NAMES] + [w])
+    return [y, *grads]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("case", CASES, ids=ids(CASES))
+def test_expert_ffn_matches_loop_oracle(case, dtype):
+    """functional.expert_ffn(backend="triton") against the per-expert loop (computed in fp32
+    from the same rounded inputs), output and every gradient."""
+    params = make_ffn(case, dtype)
+    indices, weights = make_routing(case)
+    grad_y = torch.randn(case.T, case.H)
+    got = run_ffn(functional.expert_ffn, params, indices, weights, case, grad_y,
+                  backend="triton")
+    oracle_params = {k: v.float() for k, v in params.items()}
+    want = run_ffn(expert_ffn_loop, oracle_params, indices, weights, case, grad_y)
+    for name, a, b in zip(["y"] + [f"d_{n}" for n in FFN_NAMES] + ["d_weights"], got, want):
+        assert torch.isfinite(a).all(), f"{name}: non-finite elements"
+        assert_close(a.float(), b, dtype, name)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "gelu", "relu"])
+def test_every_activation_matches_reference(activation):
+    case = Case(f"act_{activation}", T=17, F=40, activation=activation)
+    tensors = mix_inputs(case, torch.float32)
+    indices, weights = make_routing(case)
+    grad_h_c, grad_z = torch.randn(case.T, case.F), torch.randn(case.T, case.E * case.R)
+    got = run_mix(triton_expert_ffn, tensors, indices, weights, case, grad_h_c, grad_z)
+    want = run_mix(reference, tensors, indices, weights, case, grad_h_c, grad_z)
+    for name, a, b in zip(["h_c", "z"] + MIX_NAMES + ["weights"], got, want):
+        assert_close(a, b, torch.float32, name)
+
+
+def test_activation_alias_accepted():
+    case = Case("alias", T=5, F=20)
+    tensors = mix_inputs(case, torch.float32)
+    indices, weights = make_routing(case)
+    a = triton_expert_ffn.expert_mix(*tensors, indices, weights, 2.0, "swish")
+    b = reference.expert_mix(*tensors, indices, weights, 2.0, "silu")
+    for x, y in zip(a, b):
+        assert_close(x, y, torch.float32)
+
+
+def test_non_contiguous_inputs():
+    """Strided views everywhere (transposed LoRA weights, column slices of G/U, transposed
+    indices/weights): the launchers pass strides, never copy."""
+    case = Case("noncontig", T=18, H=24, F=40)
+    tensors = mix_inputs(case, torch.float32)
+    indices, weights = make_routing(case)
+    x, gate_base, up_base, a_g, b_g, a_u, b_u, a_d = tensors
+    wide_g = torch.randn(case.T, 2 * case.F)
+    wide_g[:, 1::2] = gate_base
+    strided = [x.t().contiguous().t(), wide_g[:, 1::2], up_base.t().contiguous().t(),
+               a_g.transpose(1, 2).contiguous().transpose(1, 2),
+               b_g.transpose(1, 2).contiguous().transpose(1, 2),
+               a_u.transpose(0, 1).contiguous().transpose(0, 1), b_u,
+               a_d.transpose(1, 2).contiguous().transpose(1, 2)]
+    assert not strided[1].is_contiguous() and not strided[4].is_contiguous()
+    idx_t = indices.t().contiguous().t()
+    w_t = weights.t().contiguous().t()
+    grad_h_c, grad_z = torch.randn(case.T, case.F), torch.randn(case.T, case.E * case.R)
+    got = run_mix(triton_expert_ffn, strided, idx_t, w_t, case, grad_h_c, grad_z)
+    want = run_mix(reference, tensors, indices, weights, case, grad_h_c, grad_z)
+    for name, a, b in zip(["h_c", "z"] + MIX_NAMES + ["weights"], got, want):
+        assert_close(a, b, torch.float32, name)
+
+
+def test_only_h_c_used():
+    """z unused: its gradient arrives as None/zeros and the backward still runs."""
+    case = Case("h_c_only", T=9, F=20)
+    tensors = [t.requires_grad_() for t in mix_inputs(case, torch.float32)]
+    indices, weights = make_routing(case)
+    h_c, _ = triton_expert_ffn.expert_mix(*tensors, indices, weights, 2.0, "silu")
+    got = torch.autograd.grad(h_c.sum(), tensors)
+    h_ref, _ = reference.expert_mix(*tensors, indices, weights, 2.0, "silu")
+    want = torch.autograd.grad(h_ref.sum(), tensors)
+    for name, a, b in zip(MIX_NAMES, got, want):
+        assert_close(a, b, torch.float32, name)
+
+
+def test_autograd_function_matches_custom_op():
+    case = Case("function", T=10, F=24)
+    tensors = mix_inputs(case, torch.float32)
+    indices, weights = make_routing(case)
+    grad_h_c, grad_z = torch.randn(case.T, case.F), torch.randn(case.T, case.E * case.R)
+
+    class ViaFunction:
+        @staticmethod
+        def expert_mix(*args):
+            return triton_expert_ffn.ExpertMixFunction.apply(*args)
+
+    got = run_mix(ViaFunction, tensors, indices, weights, case, grad_h_c, grad_z)
+    want = run_mix(triton_expert_ffn, tensors, indices, weights, case, grad_h_c, grad_z)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_gradcheck_fp64(activation):
+    """float64 gradcheck (fast_mode) of the custom op: the kernels run in fp64 under the
+    interpreter (ACC_FP64), so the analytic backward is checked to fp64 precision."""
+    case = Case("gradcheck", T=5, H=6, F=18, E=3, K=2, R=2, activation=activation)
+    tensors = [t.double().requires_grad_() for t in mix_inputs(case, torch.float64)]
+    indices, weights = make_routing(case)
+    weights = weights.double().requires_grad_()
+
+    def fn(*args):
+        return triton_expert_ffn.expert_mix(*args[:8], indices, args[8], 0.75, activation)
+
+    assert torch.autograd.gradcheck(fn, (*tensors, weights), fast_mode=True)
+
+
+def test_opcheck_custom_ops():
+    """torch.library.opcheck of both custom ops (schema, fake tensor, autograd registration,
+    aot dispatch), no torch.compile."""
+    case = Case("opcheck", T=6, H=16, F=20, E=3, K=2, R=4)
+    tensors = [t.requires_grad_() for t in mix_inputs(case, torch.float32)]
+    indices, weights = make_routing(case)
+    weights.requires_grad_()
+    args = (*tensors, indices, weights, 2.0, "silu")
+    torch.library.opcheck(torch.ops.gmoe_kernels.expert_mix.default, args)
+    grads = (torch.randn(case.T, case.F), torch.randn(case.T, case.E * case.R))
+    bargs = (*grads, *(t.detach() for t in tensors), indices, weights.detach(), 2.0, "silu")
+    torch.library.opcheck(torch.ops.gmoe_kernels.expert_mix_backward.default, bargs,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_poisoning_is_active():
+    from gmoe_kernels.triton.routing import new_output
+
+    assert torch.isnan(new_output((3, 4), torch.float16, "cpu")).all()
+    assert (new_output((5,), torch.int64, "cpu") == -1).all()
+
+
+def test_shape_errors():
+    case = Case("errors", T=4, F=20)
+    tensors = mix_inputs(case, torch.float32)
+    indices, weights = make_routing(case)
+    with pytest.raises(ValueError, match="lora_b_gate"):
+        triton_expert_ffn.expert_mix(*tensors[:4], tensors[4][:, :-1], *tensors[5:], indices,
+                                     weights, 2.0, "silu")
+    with pytest.raises(TypeError, match="int64"):
+        triton_expert_ffn.expert_mix(*tensors, indices.int(), weights, 2.0, "silu")
+    with pytest.raises(ValueError, match="not supported"):
+        triton_expert_ffn.expert_mix(*tensors, indices, weights, 2.0, "tanh")
+
+
+def test_no_host_sync_in_launchers():
+    """The Triton path never synchronises with the host (.item(), .tolist(), .cpu())."""
+    root = pathlib.Path(triton_expert_ffn.__file__).parent
+    for name in ("expert_ffn.py", "routing.py", "_expert_ffn_kernels.py", "_routing_kernels.py"):
+        text = (root / name).read_text()
+        for call in (".item(", ".tolist(", ".cpu(", ".numpy("):
+            assert call not in text, f"{name} calls {call}"

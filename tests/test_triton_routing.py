@@ -1,0 +1,151 @@
+"""Triton routing ops (gmoe_kernels.triton.routing) under the interpreter, against the
+reference twins: indices and plans compared exactly, every case with an empty expert,
+outputs poisoned (GMOE_POISON=1) so an unwritten element fails."""
+import dataclasses
+
+import pytest
+import torch
+from tolerances import assert_close
+
+from gmoe_kernels import functional, reference
+from gmoe_kernels.triton import routing as triton_routing
+
+DTYPES = [torch.float32, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setenv("GMOE_POISON", "1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    T: int
+    K: int
+    E: int            # experts the router chooses among
+    num_experts: int  # experts in the plan (> E leaves the last ones empty)
+    routing: str = "random"   # random | empty_expert | one_expert
+    H: int = 24
+
+
+CASES = [
+    Case("random_empty_expert", T=40, K=2, E=6, num_experts=6, routing="empty_expert"),
+    Case("T1", T=1, K=2, E=4, num_experts=4),
+    Case("all_tokens_one_expert", T=30, K=1, E=5, num_experts=5, routing="one_expert"),
+    Case("K1_empty_expert", T=33, K=1, E=4, num_experts=4, routing="empty_expert"),
+    Case("K_eq_E_plus_unused_expert", T=21, K=4, E=4, num_experts=5),
+    Case("multi_block_P600", T=300, K=2, E=8, num_experts=8, routing="empty_expert"),
+    Case("E64_K8_odd_H25", T=32, K=8, E=64, num_experts=64, routing="empty_expert", H=25),
+]
+
+
+def make_indices(case: Case):
+    logits = torch.randn(case.T, case.E)
+    if case.routing == "empty_expert":
+        logits[:, 1] = -torch.inf
+    elif case.routing == "one_expert":
+        logits[:, 3] = 1e4
+    probs = torch.softmax(logits, dim=-1)
+    indices, weights = reference.topk_route(probs, case.K)
+    counts = torch.bincount(indices.reshape(-1), minlength=case.num_experts)
+    assert (counts == 0).any(), "every routing test includes an empty expert"
+    return indices, weights
+
+
+def ids(cases):
+    return [c.name for c in cases]
+
+
+@pytest.mark.parametrize("case", CASES, ids=ids(CASES))
+def test_routing_plan_matches_reference_exactly(case):
+    indices, _ = make_indices(case)
+    got = triton_routing.make_routing_plan(indices, case.num_experts)
+    want = reference.make_routing_plan(indices, case.num_experts)
+    for field in ("sorted_pairs", "expert_offsets", "inverse"):
+        assert torch.equal(getattr(got, field), getattr(want, field)), field
+    assert (got.num_tokens, got.top_k, got.num_experts) == (case.T, case.K, case.num_experts)
+    assert torch.equal(got.sorted_pairs[got.inverse], torch.arange(case.T * case.K))
+    via_functional = functional.make_routing_plan(indices, case.num_experts, backend="triton")
+    assert torch.equal(via_functional.sorted_pairs, want.sorted_pairs)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+def test_topk_route_matches_reference(top_k):
+    probs = torch.softmax(torch.randn(37, 6), dim=-1)
+    probs[:5] = 1.0 / 6                          # ties: broken as torch.topk breaks them
+    probs[5:9, 2] = 0.0                          # an expert nobody picks in these rows
+    p1 = probs.clone().requires_grad_()
+    p2 = probs.clone().requires_grad_()
+    got_i, got_w = functional.topk_route(p1, top_k, backend="triton")
+    want_i, want_w = reference.topk_route(p2, top_k)
+    assert got_i.dtype == torch.int64 and got_w.dtype == torch.float32
+    assert torch.equal(got_i, want_i)
+    assert_close(got_w, want_w, torch.float32, "weights")
+    g = torch.randn_like(got_w)
+    (d1,) = torch.autograd.grad((got_w * g).sum(), p1)
+    (d2,) = torch.autograd.grad((want_w * g).sum(), p2)
+    assert_close(d1, d2, torch.float32, "d_probs")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("case", CASES, ids=ids(CASES))
+def test_dispatch_and_combine_match_reference(case, dtype):
+    indices, weights = make_indices(case)
+    plan = triton_routing.make_routing_plan(indices, case.num_experts)
+    x = torch.randn(case.T, case.H, dtype=dtype)
+
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    rows = functional.dispatch(x1, plan, backend="triton")
+    rows_ref = reference.dispatch(x2, plan)
+    assert rows.dtype == dtype
+    assert torch.equal(rows, rows_ref)           # a gather is exact
+    g_rows = torch.randn_like(rows)
+    (dx,) = torch.autograd.grad(rows, x1, g_rows)
+    (dx_ref,) = torch.autograd.grad(rows_ref, x2, g_rows)
+    assert_close(dx, dx_ref, dtype, "d_x (dispatch)")
+
+    r1, r2 = rows_ref.detach().clone().requires_grad_(), rows_ref.detach().clone().requires_grad_()
+    w1, w2 = weights.clone().requires_grad_(), weights.clone().requires_grad_()
+    out = functional.combine(r1, w1, plan, backend="triton")
+    out_ref = reference.combine(r2, w2, plan)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert_close(out, out_ref, dtype, "combine")
+    g_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, (r1, w1), g_out)
+    want = torch.autograd.grad(out_ref, (r2, w2), g_out)
+    assert_close(got[0], want[0], dtype, "d_rows")
+    assert_close(got[1], want[1], dtype, "d_weights")
+
+
+def test_combine_round_trip_is_identity_with_unit_weights():
+    """dispatch then combine with weights 1/K gives x back (every pair written and read)."""
+    case = Case("round_trip", T=17, K=3, E=5, num_experts=6)
+    indices, _ = make_indices(case)
+    plan = triton_routing.make_routing_plan(indices, case.num_experts)
+    x = torch.randn(case.T, 40)
+    w = torch.full((case.T, case.K), 1.0 / case.K)
+    out = triton_routing.combine(triton_routing.dispatch(x, plan), w, plan)
+    assert_close(out, x, torch.float32)
+
+
+def test_dispatch_combine_gradcheck_fp64():
+    case = Case("gradcheck", T=5, K=2, E=4, num_experts=5)
+    indices, weights = make_indices(case)
+    plan = triton_routing.make_routing_plan(indices, case.num_experts)
+    x = torch.randn(case.T, 7, dtype=torch.float64, requires_grad=True)
+    w = weights.double().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda a, b: triton_routing.combine(triton_routing.dispatch(a, plan) * 1.5, b, plan),
+        (x, w), fast_mode=True)
+
+
+def test_routing_errors():
+    indices = torch.zeros(4, 2, dtype=torch.int64)
+    plan = triton_routing.make_routing_plan(indices, 3)
+    with pytest.raises(TypeError):
+        triton_routing.make_routing_plan(indices.int(), 3)
+    with pytest.raises(ValueError):
+        triton_routing.dispatch(torch.randn(5, 8), plan)
+    with pytest.raises(ValueError):
+        triton_routing.combine(torch.randn(8, 8), torch.ones(4, 3), plan)
