@@ -249,3 +249,15 @@ def test_triton_backend_without_gpu_says_how_to_fix(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="backend='reference'"):
         resolve_backend("triton", torch.device("cpu"))
+
+
+def test_lora_dropout_only_in_training():
+    model = get_gmoe_model(tiny_model(), GMoEConfig(**{**SMALL, "lora_dropout": 0.5}))
+    _randomize_adapters(model)
+    ids, _ = _ids()
+    model.train()
+    a, b = model(input_ids=ids).logits, model(input_ids=ids).logits
+    assert not torch.allclose(a, b)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
