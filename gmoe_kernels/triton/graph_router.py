@@ -23,6 +23,7 @@ element a kernel fails to write shows up.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -52,9 +53,12 @@ def _new_output(shape, dtype, device) -> torch.Tensor:
 def _config(num_experts: int, width: int, num_tokens: int, device: torch.device):
     """Block sizes, tokens per tile and grid size (one fixed config; no autotune).
 
-    BLOCK_M rows hold floor(BLOCK_M / (E+1)) tokens' (E+1) nodes each: at least 64 rows,
-    up to 128 when that fits two tokens or more. BLOCK_N = BLOCK_K tile G (16 under the
-    interpreter, so small test widths still take several column blocks).
+    BLOCK_M rows hold floor(BLOCK_M / (E+1)) tokens' (E+1) nodes each: 64 rows for
+    E+1 ≤ 32, 128 for E+1 ≤ 128 (≥ 2 tokens a tile up to E+1 = 64, one beyond), else
+    next_pow2(E+1). BLOCK_N = BLOCK_K tile G: min(64, next_pow2(G)) on a GPU, 16 under the
+    interpreter (so small test widths still take several column blocks). Programs: a
+    persistent grid of min(#tiles, 2 × #SMs) (2 under the interpreter); scratch is
+    #programs × slots × BLOCK_M × G in the compute dtype.
     """
     num_nodes = num_experts + 1
     block_m = min(max(64, triton.next_power_of_2(2 * num_nodes)),
@@ -77,7 +81,6 @@ def _config(num_experts: int, width: int, num_tokens: int, device: torch.device)
 def _device_guard(device: torch.device):
     if device.type == "cuda":
         return torch.cuda.device(device)
-    import contextlib
     return contextlib.nullcontext()
 
 
