@@ -21,46 +21,8 @@ tiles with stride num_programs, so scratch scales with the grid, not with T.
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _tanh(a):
-    # tanh through exp (fp32/fp64 operands); saturates correctly to ±1.
-    return 2.0 / (1.0 + tl.exp(-2.0 * a)) - 1.0
-
-
-@triton.jit
-def _act(z, ACTIVATION: tl.constexpr):
-    """act(z) for the canonical names of gmoe_kernels.activations."""
-    if ACTIVATION == "silu":
-        out = z / (1.0 + tl.exp(-z))
-    elif ACTIVATION == "gelu_tanh":
-        inner = 0.7978845608028654 * (z + 0.044715 * z * z * z)
-        out = 0.5 * z * (1.0 + _tanh(inner))
-    elif ACTIVATION == "gelu":
-        out = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
-    else:  # relu
-        out = tl.maximum(z, 0.0)
-    return out
-
-
-@triton.jit
-def _act_grad(z, ACTIVATION: tl.constexpr):
-    """d act(z) / dz, the formulas of gmoe_kernels.activations.act_grad."""
-    if ACTIVATION == "silu":
-        s = 1.0 / (1.0 + tl.exp(-z))
-        out = s * (1.0 + z * (1.0 - s))
-    elif ACTIVATION == "gelu_tanh":
-        inner = 0.7978845608028654 * (z + 0.044715 * z * z * z)
-        t = _tanh(inner)
-        d_inner = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
-        out = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * d_inner
-    elif ACTIVATION == "gelu":
-        cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
-        pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
-        out = cdf + z * pdf
-    else:  # relu
-        out = tl.where(z > 0.0, 1.0, 0.0).to(z.dtype)
-    return out
+from ._activation_kernels import act as _act
+from ._activation_kernels import act_grad as _act_grad
 
 
 @triton.jit
