@@ -367,6 +367,10 @@ def from_gmoe_reference(hf_model: nn.Module, path: str | os.PathLike, backend: s
     code computes on probabilities softmaxed a second time); router_loss false -> no router loss;
     edges_thresholds (a fraction of all E x E pairs, diagonal included) -> the equivalent fraction
     of off-diagonal pairs in edge_density (informational: the graph itself is loaded).
+
+    Outputs are those of the published forward without LoRA dropout. (mLoRA applies LoRA dropout
+    at inference too: `F.dropout` without a training flag for the attention LoRA, and expert LoRA
+    modules that no eval() reaches; with its lora_dropout of 5e-4 the difference is that noise.)
     """
     folder, raw = _read_folder(path)
     where = folder / CONFIG_NAME
@@ -488,7 +492,10 @@ def from_mixlora(hf_model: nn.Module, path: str | os.PathLike, backend: str | No
     on the projections listed in target_modules, scaling lora_alpha / r, attention LoRA on the
     listed attention projections); LoRA dropout only acts in training. Config mapping: r,
     lora_alpha (rsLoRA folded into lora_alpha), lora_dropout, num_experts, top_k (default 2),
-    router_aux_loss_coef (default 0.001, 0 when router_loss is false) -> aux_loss_coef.
+    router_aux_loss_coef (default 0.001, 0 when router_loss is false) -> aux_loss_coef. A
+    missing act_fn means the MLP's own activation (mixlora 0.2.3 itself fails without one).
+    mixlora keeps its expert LoRAs outside the module tree, so `model.eval()` leaves their
+    dropout on; compare with it after calling eval() on each `mlp.mixlora_moes[...].experts_`.
 
     Raises ValueError for what would compute differently here: jitter_noise > 0 (mixlora
     multiplies the MLP input by uniform noise on every forward, in eval mode too), DoRA, an
