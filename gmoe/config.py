@@ -99,7 +99,11 @@ class GMoEConfig:
         return self.lora_alpha / self.r
 
     def to_dict(self) -> dict:
-        return {"peft_type": PEFT_TYPE, "format_version": FORMAT_VERSION, **asdict(self)}
+        """The adapter_config.json content. `backend` is left out: it is a choice of the machine
+        that runs the adapter, not part of the adapter."""
+        data = asdict(self)
+        del data["backend"]
+        return {"peft_type": PEFT_TYPE, "format_version": FORMAT_VERSION, **data}
 
     @classmethod
     def from_dict(cls, data: dict) -> "GMoEConfig":

@@ -86,6 +86,13 @@ class GMoEMLP(nn.Module):
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.last_routing = None
 
+    def _apply(self, fn, recurse=True):
+        # A running count must stay fp32: in bf16 it stops growing after a few hundred steps.
+        super()._apply(fn, recurse)
+        if self.expert_load.dtype != torch.float32:
+            self.expert_load = self.expert_load.float()
+        return self
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         shape = hidden_states.shape
@@ -96,7 +103,10 @@ class GMoEMLP(nn.Module):
                              f"{base.gate_proj.weight.device}; move the model or the input")
         x = hidden_states.reshape(-1, shape[-1])
         backend = self.config.backend
-        logits, probs, indices, weights = self.router(x, backend=backend)
+        # The router runs in fp32 on fp32 weights (the gain-100 token projection loses
+        # top-k decisions when rounded to bf16); it is a small part of the layer's cost.
+        logits, probs, indices, weights = self.router(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x,
+                                                      backend=backend)
         # Checkpointing recomputes this forward inside backward: keep the first call's record.
         if torch._C._current_graph_task_id() == -1:
             self.last_routing = (probs, indices, weights)

@@ -6,7 +6,9 @@ original modules back. Unknown attributes go to the wrapped model, as with PeftM
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from gmoe_kernels.activations import ACTIVATIONS, act, canonical_activation
 
 from . import losses
-from .config import WEIGHTS_NAME, GMoEConfig
+from .config import CONFIG_NAME, WEIGHTS_NAME, GMoEConfig
 from .layers import GMoEMLP, LoRALinear
 from .topology import warn_if_twins
 
@@ -60,12 +62,17 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 class GMoEModel(nn.Module):
     """A Hugging Face causal LM with GMoE adapters. Build with `get_gmoe_model` or `from_pretrained`."""
 
+    # The router loss is a per-batch mean: Trainer must not pass num_items_in_batch (which
+    # only the LM loss would honour); it then averages both over gradient accumulation.
+    accepts_loss_kwargs = False
+
     def __init__(self, model: nn.Module, config: GMoEConfig, _build_graph: bool = True):
         super().__init__()
         self.base_model = model
-        self.gmoe_config = config
+        config = dataclasses.replace(config)  # never mutate the caller's config
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        self.gmoe_config = config
         if any(isinstance(m, (GMoEMLP, LoRALinear)) for m in model.modules()):
             raise ValueError(f"this {type(model).__name__} already holds GMoE layers; call unload() on the "
                              "GMoEModel that wraps it first")
@@ -73,6 +80,7 @@ class GMoEModel(nn.Module):
         if not mlps:
             raise ValueError(f"{type(model).__name__} has no decoder MLP with gate_proj, up_proj, down_proj and "
                              f"act_fn, so GMoE cannot be injected. Supported: {SUPPORTED}")
+        self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         for param in model.parameters():
             param.requires_grad_(False)
         activation = _detect_activation(model, mlps[0][1])
@@ -109,18 +117,23 @@ class GMoEModel(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, labels=None, inputs_embeds=None, **kwargs):
         """The base model's forward; with labels (or in training) the router loss joins `loss`
         and is returned alone as `router_loss`. Other keyword arguments go to the base model."""
+        if self._unloaded:
+            raise RuntimeError("this GMoEModel was unloaded; use the base model it returned, or load the adapter again")
         self._check_inputs(input_ids, inputs_embeds)
+        return_dict = kwargs.pop("return_dict", None)
         given = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                      inputs_embeds=inputs_embeds)
-        out = self.base_model(**{k: v for k, v in given.items() if v is not None}, **kwargs)
-        if labels is not None or self.training:
-            router_loss = self.router_loss(attention_mask)
-            out["router_loss"] = router_loss
-            if out.get("loss") is not None:
-                out["loss"] = out["loss"] + router_loss.to(out["loss"].dtype)
-        for layer in self.gmoe_layers():
-            layer.last_routing = None
-        return out
+        try:
+            out = self.base_model(**{k: v for k, v in given.items() if v is not None}, return_dict=True, **kwargs)
+            if labels is not None or self.training:
+                router_loss = self.router_loss(attention_mask)
+                out["router_loss"] = router_loss
+                if out.get("loss") is not None:
+                    out["loss"] = out["loss"] + router_loss.to(out["loss"].dtype)
+        finally:
+            for layer in self.gmoe_layers():
+                layer.last_routing = None
+        return out.to_tuple() if return_dict is False else out
 
     def _check_inputs(self, input_ids, inputs_embeds):
         if input_ids is not None:
@@ -135,45 +148,81 @@ class GMoEModel(nn.Module):
     def router_loss(self, attention_mask=None) -> torch.Tensor:
         """Router loss of the last forward, summed over its terms and averaged over layers.
 
-        In training mode this also advances every layer's running expert load (once per forward).
+        In training mode this also advances every layer's running expert load (once per
+        forward), summed over data-parallel ranks in one all-reduce for all layers.
         """
         cfg = self.gmoe_config
         layers = [m for m in self.gmoe_layers() if m.last_routing is not None]
         if not layers:
             raise RuntimeError("router_loss() needs a forward pass first")
+        masks = [self._token_mask(attention_mask, layer.last_routing[0]) for layer in layers]
+        use_normal = cfg.router == "graph" and cfg.normal_loss_coef > 0
+        training = layers[0].training
+        batch_loads = None
+        if use_normal or training:
+            batch_loads = torch.stack([
+                losses.batch_load(probs.gather(1, indices), indices, cfg.num_experts, mask)
+                for (probs, indices, _), mask in zip((m.last_routing for m in layers), masks)])
+            if training:  # eval counts nothing, so it needs no collective (rank-0-only eval works)
+                batch_loads = losses.global_load(batch_loads)
         terms = []
-        for layer in layers:
-            probs, indices, weights = layer.last_routing
-            mask = None
-            if attention_mask is not None and attention_mask.numel() == probs.shape[0]:
-                mask = attention_mask.reshape(-1).to(probs.device).bool()
+        for i, (layer, mask) in enumerate(zip(layers, masks)):
+            probs, indices, _ = layer.last_routing
+            self._check_router_graph(layer, probs)
             loss = probs.new_zeros((), dtype=torch.float32)
-            router = layer.router
             if cfg.router == "graph" and cfg.poisson_loss_coef > 0:
-                loss = loss + cfg.poisson_loss_coef * losses.poisson_distinction_loss(probs, router.poisson_rate, mask)
-            if (cfg.router == "graph" and cfg.normal_loss_coef > 0) or layer.training:
-                p_topk = probs.gather(1, indices)
-                load_now = layer.expert_load.detach() + cfg.top_k * losses.global_load(
-                    losses.batch_load(p_topk, indices, cfg.num_experts, mask))
-                if cfg.router == "graph" and cfg.normal_loss_coef > 0:
-                    loss = loss + cfg.normal_loss_coef * losses.normal_balance_loss(load_now, router.normal_std)
-                if layer.training:
+                loss = loss + cfg.poisson_loss_coef * losses.poisson_distinction_loss(
+                    probs, layer.router.poisson_rate, mask)
+            if batch_loads is not None:
+                load_now = layer.expert_load.detach().float() + cfg.top_k * batch_loads[i]
+                if use_normal:
+                    loss = loss + cfg.normal_loss_coef * losses.normal_balance_loss(load_now, layer.router.normal_std)
+                if training:
                     layer.expert_load.copy_(load_now.detach())
             if cfg.aux_loss_coef > 0:
                 loss = loss + cfg.aux_loss_coef * losses.switch_loss(probs, indices, mask)
             terms.append(loss)
         return torch.stack(terms).mean()
 
+    @staticmethod
+    def _token_mask(attention_mask, probs):
+        if attention_mask is None:
+            return None
+        if attention_mask.numel() != probs.shape[0]:
+            warnings.warn(f"attention_mask has {attention_mask.numel()} entries for {probs.shape[0]} routed tokens "
+                          "(a 4-D or packed mask?); padding cannot be left out of the router loss and load",
+                          stacklevel=3)
+            return None
+        return attention_mask.reshape(-1).to(probs.device).bool()
+
+    @staticmethod
+    def _check_router_graph(layer, probs):
+        if (layer.training and torch.is_grad_enabled() and not probs.requires_grad
+                and any(p.requires_grad for p in layer.router.parameters())):
+            raise RuntimeError("the router's probabilities carry no gradient, so the router would not train: "
+                               "reentrant activation checkpointing runs the forward without grad. Use "
+                               "model.gradient_checkpointing_enable() (non-reentrant) instead")
+
     def expert_load(self) -> torch.Tensor:
         """(num_layers, num_experts) fp32: each layer's running expert load."""
         return torch.stack([m.expert_load.detach().clone() for m in self.gmoe_layers()])
 
     # ----- housekeeping -----
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        """Enable checkpointing on the base model; non-reentrant by default, since the frozen
-        embeddings give the first checkpointed block inputs that need no gradient."""
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
+        """Enable activation checkpointing on the base model, non-reentrant (the default here):
+        reentrant checkpointing runs the forward without grad, so the router could not train."""
+        ckpt_kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        if ckpt_kwargs["use_reentrant"]:
+            raise ValueError("use_reentrant=True is not supported: it runs the forward without grad, so the "
+                             "router loss could not reach the router; leave use_reentrant unset (False)")
+        if hasattr(self.base_model, "activation_checkpointing_enable"):  # transformers >= 5
+            self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs, **kwargs)
+        else:
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs, **kwargs)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
+        """transformers 5 name of gradient_checkpointing_enable."""
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
 
     def trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -185,10 +234,13 @@ class GMoEModel(nn.Module):
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
     def unload(self) -> nn.Module:
-        """Remove every injected module and return the untouched base model."""
+        """Remove every injected module and return the untouched base model (with the
+        requires_grad flags its parameters had before injection)."""
         for name, original in self._injected:
             _set_module(self.base_model, name, original)
         self._injected = []
+        for name, param in self.base_model.named_parameters():
+            param.requires_grad_(self._requires_grad.get(name, param.requires_grad))
         self._unloaded = True
         return self.base_model
 
@@ -210,17 +262,16 @@ class GMoEModel(nn.Module):
         """Write adapter_config.json and adapter_model.safetensors atomically to `path`."""
         from .io import atomic_save_dir
         state = {k: v.cpu() for k, v in self.adapter_state_dict().items()}
-        with atomic_save_dir(path) as tmp:
-            self.gmoe_config.save(tmp)
+        with atomic_save_dir(path, [WEIGHTS_NAME, CONFIG_NAME]) as tmp:
             save_file(state, str(Path(tmp, WEIGHTS_NAME)), metadata={"format": "pt", "peft_type": "GMOE"})
+            self.gmoe_config.save(tmp)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str | os.PathLike, is_trainable: bool = False,
                         backend: str | None = None) -> "GMoEModel":
         """Load an adapter written by save_pretrained onto `model` (the same base model)."""
         config = GMoEConfig.load(path)
-        if backend is not None:
-            config.backend = backend
+        config.backend = backend or "auto"  # a runtime choice of this machine, not part of the adapter
         weights = Path(path, WEIGHTS_NAME)
         if not weights.is_file():
             raise FileNotFoundError(f"{weights} not found: the adapter folder is incomplete; save it again")

@@ -47,7 +47,7 @@ class GraphRouter(nn.Module):
         self.register_buffer("expert_adjacency", adjacency)
 
     def forward(self, x: torch.Tensor, backend: str | None = None):
-        dtype = x.dtype
+        dtype = x.dtype  # fp32 from GMoEMLP for half-precision models; fp64 in gradchecks
         adjacency = functional.normalized_adjacency(self.expert_adjacency)
         return functional.graph_router(
             x, self.token_weight.to(dtype), self.expert_weight.to(dtype),

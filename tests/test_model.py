@@ -261,3 +261,72 @@ def test_lora_dropout_only_in_training():
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_save_into_existing_folder_keeps_other_files(tmp_path):
+    model = get_gmoe_model(tiny_model(), GMoEConfig(**SMALL))
+    (tmp_path / "checkpoint-1").mkdir()
+    (tmp_path / "train_log.txt").write_text("log")
+    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)  # overwrite in place
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors",
+                                            "checkpoint-1", "train_log.txt"]
+
+
+def test_backend_is_not_part_of_the_adapter(tmp_path):
+    model = get_gmoe_model(tiny_model(), GMoEConfig(**{**SMALL, "backend": "reference"}))
+    model.save_pretrained(tmp_path)
+    assert '"backend"' not in (tmp_path / "adapter_config.json").read_text()
+    loaded = GMoEModel.from_pretrained(model.unload(), tmp_path)
+    assert loaded.gmoe_config.backend == "auto"
+
+
+def test_config_is_not_mutated():
+    cfg = GMoEConfig(**SMALL)
+    get_gmoe_model(tiny_model(), cfg)
+    assert cfg.base_model_name_or_path is None
+
+
+def test_return_dict_false_gives_tuple_with_loss_first():
+    model = get_gmoe_model(tiny_model(), GMoEConfig(**SMALL))
+    ids, mask = _ids()
+    out = model(input_ids=ids, attention_mask=mask, labels=ids, return_dict=False)
+    full = model(input_ids=ids, attention_mask=mask, labels=ids)
+    assert isinstance(out, tuple)
+    torch.testing.assert_close(out[0], full.loss)
+
+
+def test_unload_restores_requires_grad_and_retires_wrapper():
+    base = tiny_model()
+    base.lm_head.weight.requires_grad_(True)
+    base.model.embed_tokens.weight.requires_grad_(False)
+    model = get_gmoe_model(base, GMoEConfig(**SMALL))
+    restored = model.unload()
+    assert restored.lm_head.weight.requires_grad and not restored.model.embed_tokens.weight.requires_grad
+    with pytest.raises(RuntimeError, match="unloaded"):
+        model(input_ids=torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_reentrant_checkpointing_is_refused():
+    model = get_gmoe_model(tiny_model(), GMoEConfig(**SMALL))
+    with pytest.raises(ValueError, match="use_reentrant"):
+        model.gradient_checkpointing_enable({"use_reentrant": True})
+
+
+def test_half_precision_model_keeps_fp32_load_and_router():
+    model = get_gmoe_model(tiny_model(), GMoEConfig(**SMALL)).to(torch.bfloat16).train()
+    layer = model.gmoe_layers()[0]
+    assert layer.expert_load.dtype == torch.float32
+    layer.expert_load.fill_(20000.0)
+    ids, mask = _ids()
+    model(input_ids=ids, attention_mask=mask, labels=ids)
+    assert layer.expert_load.sum() > 80000.0  # grew: a bf16 count would stay put
+    assert layer.last_routing is None
+
+
+def test_mismatched_mask_warns():
+    model = get_gmoe_model(tiny_model(), GMoEConfig(**SMALL)).train()
+    ids, _ = _ids()
+    out = model(input_ids=ids, labels=ids)
+    with pytest.warns(UserWarning, match="padding cannot be left out"):
+        model._token_mask(torch.ones(3, 3), out.logits.new_zeros(14, 4))

@@ -40,3 +40,27 @@ def test_trainer_trains_adapters_only(tmp_path):
         original = name.replace(".base_layer", "")
         if original in frozen_before:
             assert torch.equal(param, frozen_before[original]), name
+
+
+def test_gmoe_trainer_checkpoints_are_loadable_adapters(tmp_path):
+    from gmoe import GMoEModel
+    from gmoe.trainer import GMoETrainer
+    base = tiny_model("gemma")  # tied embeddings: a plain full-state-dict save would fail
+    model = get_gmoe_model(base, GMoEConfig(num_experts=4, top_k=2, r=2, gcn_dim=16, edge_density=0.5))
+    (tmp_path / "notes.txt").write_text("kept")
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, save_steps=2, per_device_train_batch_size=4,
+        learning_rate=1e-2, report_to=[], use_cpu=True, disable_tqdm=True, gradient_accumulation_steps=2)
+    trainer = GMoETrainer(model=model, args=args, train_dataset=_Tokens())
+    assert trainer.model_accepts_loss_kwargs is False  # both losses averaged over accumulation alike
+    trainer.train()
+    checkpoint = tmp_path / "checkpoint-2"
+    assert (checkpoint / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "notes.txt").read_text() == "kept"
+    model.eval()
+    ids = torch.randint(0, 64, (1, 6))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    loaded = GMoEModel.from_pretrained(model.unload(), checkpoint)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected)
