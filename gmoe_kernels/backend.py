@@ -9,7 +9,7 @@ The environment variable GMOE_BACKEND, when set, overrides the caller's choice.
 """
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 
 import torch
@@ -17,13 +17,12 @@ import torch
 BACKENDS = ("auto", "reference", "triton")
 
 
-@functools.lru_cache(maxsize=1)
+# Decided once at import: a constant, so torch.compile traces no import machinery.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
+    return _TRITON_INSTALLED
 
 
 def interpreting() -> bool:
