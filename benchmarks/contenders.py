@@ -42,6 +42,10 @@ FFN_IMPLS = ("gmoe-triton", "gmoe-reference", "loop", "peft-lora", "dense-frozen
 ROUTER_IMPLS = ("graph-triton", "graph-reference", "graph-pyg", "linear")
 STEP_IMPLS = ("gmoe-triton", "gmoe-reference", "loop", "peft-lora", "dense-frozen", "mixlora",
               "gmoe-converted")
+# Run only when asked by name (--impls, micro-benchmarks): lora-plain stands in for peft-lora
+# when PEFT is not installed (the same LoRA maths in plain PyTorch); graph-loop is the
+# per-token oracle `graph_router_loop` (a Python loop over tokens: slow by design).
+EXTRA_IMPLS = {"ffn": ("lora-plain",), "router": ("graph-loop",), "step": ("lora-plain",)}
 LORA_KEYS = ("lora_a_gate", "lora_b_gate", "lora_a_up", "lora_b_up", "lora_a_down", "lora_b_down")
 
 
@@ -62,6 +66,7 @@ class Contender:
     inference_only: bool = False
     error: str | None = None
     note: str = ""
+    model: nn.Module | None = None   # step contenders: the model, for the agreement check
 
     def fwd(self):
         if self.inference_only:
@@ -212,6 +217,23 @@ def _peft_ffn(p: Problem) -> Contender:
                      grads=lambda outs: (p.dy,), persistent=[p.x, *module.parameters()])
 
 
+def _plain_lora_ffn(p: Problem) -> Contender:
+    """PEFT's LoRA maths without PEFT: base(x) + s · B (A x) on gate, up and down (expert 0)."""
+    lora = {k: t[0].detach().clone().requires_grad_(True) for k, t in p.lora.items()}
+    s, w = p.scaling, p.frozen
+
+    def proj(x, weight, a, b):
+        return F.linear(x, weight) + s * F.linear(F.linear(x, a), b)
+
+    def forward():
+        g = proj(p.x, w["gate_weight"], lora["lora_a_gate"], lora["lora_b_gate"])
+        u = proj(p.x, w["up_weight"], lora["lora_a_up"], lora["lora_b_up"])
+        return (proj(act(p.activation, g) * u, w["down_weight"], lora["lora_a_down"], lora["lora_b_down"]),)
+    return Contender("lora-plain", "ffn", forward=forward, leaves=[p.x, *lora.values()],
+                     grads=lambda outs: (p.dy,), persistent=[p.x, *w.values(), *lora.values()],
+                     note="stand-in for peft-lora: the same LoRA maths in plain PyTorch")
+
+
 def _dense_ffn(p: Problem) -> Contender:
     def forward():
         g = F.linear(p.x, p.frozen["gate_weight"])
@@ -276,6 +298,11 @@ def ffn_contenders(p: Problem, impls=FFN_IMPLS) -> list[Contender]:
             elif impl == "peft-lora":
                 why = package_missing("peft")
                 c = unavailable(impl, "ffn", why) if why else _peft_ffn(p)
+                if why and "lora-plain" not in impls:
+                    out.append(c)
+                    c = _plain_lora_ffn(p)
+            elif impl == "lora-plain":
+                c = _plain_lora_ffn(p)
             elif impl == "dense-frozen":
                 c = _dense_ffn(p)
             elif impl == "mixlora":
@@ -362,6 +389,25 @@ def _graph_router(p: Problem, backend: str) -> Contender:
                      grads=_router_grads(p), persistent=[p.x, *r.values()])
 
 
+def _loop_router(p: Problem) -> Contender:
+    from gmoe_kernels.reference import graph_router_loop
+
+    r = p.router
+    K = p.case.variant.top_k
+
+    def forward():
+        logits = graph_router_loop(p.x, r["token_weight"], r["expert_weight"], r["expert_features"],
+                                   r["adjacency"].to(p.x.dtype), r["gcn_weight"], r["score_weight"],
+                                   p.activation).float()
+        probs = torch.softmax(logits, -1)
+        indices, weights = topk_route(probs, K)
+        return probs, weights
+
+    leaves = [p.x, r["token_weight"], r["expert_weight"], r["gcn_weight"], r["score_weight"]]
+    return Contender("graph-loop", "router", forward=forward, leaves=leaves, grads=_router_grads(p),
+                     persistent=[p.x, *r.values()], note="one dense (E+1)-node GCN per token, in Python")
+
+
 def _linear_router(p: Problem) -> Contender:
     K = p.case.variant.top_k
 
@@ -388,6 +434,8 @@ def router_contenders(p: Problem, impls=ROUTER_IMPLS) -> list[Contender]:
                 c = unavailable(impl, "router", why) if why else _pyg_router(p)
             elif impl == "linear":
                 c = _linear_router(p)
+            elif impl == "graph-loop":
+                c = _loop_router(p)
             else:
                 raise ValueError(f"unknown router contender {impl!r}; known: {ROUTER_IMPLS}")
         except ValueError:
@@ -459,6 +507,20 @@ def _gmoe_model(sp: StepProblem, backend: str):
     return model.train()
 
 
+def _plain_lora_model(sp: StepProblem) -> nn.Module:
+    """The base model with a plain LoRA (this package's LoRALinear) on attention and MLP."""
+    from gmoe.layers import LoRALinear
+
+    model = copy.deepcopy(sp.base)
+    R = sp.variant.rank
+    targets = [(n, m) for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and n.rpartition(".")[2] in ATTENTION + MLP]
+    for name, linear in targets:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, LoRALinear(linear, R, 2.0 * R, 0.0))
+    return model.train()
+
+
 def _loop_patch():
     """Run GMoEMLP's experts through the published per-expert loop (router unchanged)."""
     import unittest.mock
@@ -497,6 +559,7 @@ def export_mixlora_adapter(gmoe_model, sp: StepProblem, directory: str, seed: in
     config = {"base_model_name_or_path": sp.name, "task_type": "CAUSAL_LM", "peft_type": "MIXLORA",
               "r": v.rank, "lora_alpha": 2 * v.rank, "lora_dropout": 0.05, "bias": "none",
               "target_modules": ATTENTION + MLP, "routing_strategy": "mixlora",
+              "act_fn": getattr(sp.base.config, "hidden_act", "silu"),
               "num_experts": v.experts, "top_k": v.top_k, "router_init_range": 0.02,
               "jitter_noise": 0.0, "router_aux_loss_coef": 0.01}
     with open(os.path.join(directory, "adapter_config.json"), "w") as fh:
@@ -510,8 +573,9 @@ def _mixlora_step(sp: StepProblem, adapter_dir: str) -> Contender:
     device = sp.input_ids.device
     dtype = next(sp.base.parameters()).dtype
     config, weights = load_adapter_weights(adapter_dir, device=str(device), dtype=dtype)
-    model = copy.deepcopy(sp.base).eval()
+    model = copy.deepcopy(sp.base)
     inject_adapter_in_model(model, config, weights)
+    model.eval()  # after injection: MixLoRA's new LoraLinear modules start in training mode
     for layer in model.model.layers:  # MixLoRA keeps its experts in plain dicts: eval them by hand
         for moe in getattr(layer.mlp, "mixlora_moes", {}).values():
             moe.eval()
@@ -519,21 +583,15 @@ def _mixlora_step(sp: StepProblem, adapter_dir: str) -> Contender:
                 expert.eval()
     ids = sp.input_ids
     return Contender("mixlora", "step", forward=lambda: (model(input_ids=ids, labels=ids).loss,),
-                     inference_only=True, note="inference only; linear gate; same experts as gmoe")
+                     inference_only=True, note="inference only; linear gate; same experts as gmoe",
+                     model=model)
 
 
 def _converted_step(sp: StepProblem, adapter_dir: str) -> Contender:
-    import inspect
+    from gmoe.convert import from_mixlora
 
-    from gmoe import convert
-
-    fn = getattr(convert, "from_mixlora")
-    params = list(inspect.signature(fn).parameters)
-    model = copy.deepcopy(sp.base)
-    if params and params[0] in ("model", "base_model"):
-        converted = fn(model, adapter_dir)
-    else:
-        converted = fn(adapter_dir, model)
+    backend = "auto" if sp.input_ids.device.type == "cuda" else "reference"
+    converted = from_mixlora(copy.deepcopy(sp.base), adapter_dir, backend=backend)
     converted.train()
     trainable = [t for t in converted.parameters() if t.requires_grad]
     if not trainable:  # loaded for inference: make the adapter trainable for the step
@@ -541,8 +599,22 @@ def _converted_step(sp: StepProblem, adapter_dir: str) -> Contender:
             if "lora" in name or "router" in name:
                 t.requires_grad_(True)
         trainable = [t for t in converted.parameters() if t.requires_grad]
-    return _loss_contender("gmoe-converted", converted, sp.input_ids, trainable,
-                           note="gmoe.convert.from_mixlora on the mixlora row's adapter")
+    c = _loss_contender("gmoe-converted", converted, sp.input_ids, trainable,
+                        note="gmoe.convert.from_mixlora of the mixlora row's adapter")
+    c.model = converted
+    return c
+
+
+def _converted_agreement(mix: Contender, conv: Contender, ids) -> str:
+    """Max |logit difference| of the converted GMoE model against MixLoRA on the same batch."""
+    conv.model.eval()
+    try:
+        with torch.no_grad():
+            want = mix.model(input_ids=ids).logits.float()
+            got = conv.model(input_ids=ids).logits.float()
+    finally:
+        conv.model.train()
+    return f"logits vs mixlora: max |diff| {(got - want).abs().max().item():.1e}"
 
 
 def step_contenders(sp: StepProblem, impls=STEP_IMPLS) -> list[Contender]:
@@ -553,8 +625,8 @@ def step_contenders(sp: StepProblem, impls=STEP_IMPLS) -> list[Contender]:
     tmp = tempfile.TemporaryDirectory(prefix="gmoe-bench-mixlora-")
     for impl in impls:
         try:
-            if impl in ("gmoe-reference", "loop") or (impl in ("mixlora", "gmoe-converted") and gmoe_ref is None):
-                gmoe_ref = gmoe_ref or _gmoe_model(sp, "reference")
+            if impl in ("gmoe-reference", "loop", "mixlora", "gmoe-converted") and gmoe_ref is None:
+                gmoe_ref = _gmoe_model(sp, "reference")
             if impl == "gmoe-triton":
                 why = triton_missing("expert_mix", device) or triton_missing("graph_router", device)
                 if why:
@@ -568,17 +640,19 @@ def step_contenders(sp: StepProblem, impls=STEP_IMPLS) -> list[Contender]:
             elif impl == "loop":
                 c = _loss_contender(impl, gmoe_ref, ids, [t for t in gmoe_ref.parameters() if t.requires_grad],
                                     note="gmoe-reference model, experts via expert_ffn_loop", patch=_loop_patch)
+            elif impl == "lora-plain" or (impl == "peft-lora" and package_missing("peft")):
+                if impl == "peft-lora" and "lora-plain" not in impls:
+                    out.append(unavailable(impl, "step", package_missing("peft")))
+                m = _plain_lora_model(sp)
+                c = _loss_contender("lora-plain", m, ids, [t for t in m.parameters() if t.requires_grad],
+                                    note="stand-in for peft-lora: gmoe.layers.LoRALinear on every projection")
             elif impl == "peft-lora":
-                why = package_missing("peft")
-                if why:
-                    c = unavailable(impl, "step", why)
-                else:
-                    import peft
-                    R = sp.variant.rank
-                    m = peft.get_peft_model(copy.deepcopy(sp.base), peft.LoraConfig(
-                        r=R, lora_alpha=2 * R, lora_dropout=0.0, target_modules=ATTENTION + MLP))
-                    m.train()
-                    c = _loss_contender(impl, m, ids, [t for t in m.parameters() if t.requires_grad])
+                import peft
+                R = sp.variant.rank
+                m = peft.get_peft_model(copy.deepcopy(sp.base), peft.LoraConfig(
+                    r=R, lora_alpha=2 * R, lora_dropout=0.0, target_modules=ATTENTION + MLP))
+                m.train()
+                c = _loss_contender(impl, m, ids, [t for t in m.parameters() if t.requires_grad])
             elif impl == "dense-frozen":
                 emb = sp.base.get_input_embeddings()(ids).detach().requires_grad_(True)
 
@@ -613,6 +687,13 @@ def step_contenders(sp: StepProblem, impls=STEP_IMPLS) -> list[Contender]:
             c = unavailable(impl, "step", f"{type(err).__name__}: {err}")
         out.append(c)
     tmp.cleanup()  # both loaders hold the adapter in memory: the folder can go
+    by_impl = {c.impl: c for c in out if c.error is None}
+    if "mixlora" in by_impl and "gmoe-converted" in by_impl:
+        try:
+            conv = by_impl["gmoe-converted"]
+            conv.note += "; " + _converted_agreement(by_impl["mixlora"], conv, ids)
+        except Exception as err:  # noqa: BLE001
+            by_impl["gmoe-converted"].note += f"; agreement check failed: {err}"
     return out
 
 

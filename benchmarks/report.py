@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 FIELDS = ["impl", "shape", "op", "mode", "ms", "tokens_per_s", "saved_bytes", "peak_bytes",
           "ratio_peft", "ratio_loop", "floor_ms", "floor_fraction", "floor_flops", "floor_bytes",
-          "tokens", "hidden", "inter", "experts", "top_k", "rank", "dtype", "reps", "note", "error"]
+          "tokens", "hidden", "inter", "experts", "top_k", "rank", "dtype", "reps", "contended", "note", "error"]
 STAMP_FIELDS = ["device_name", "torch", "triton", "transformers", "commit", "date"]
 
 
@@ -53,6 +53,14 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def load_average() -> float | None:
+    """1-minute load average (None where the OS has none): how busy the machine was."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 def machine_stamp(device: torch.device, dtype: torch.dtype, threads: int, argv=None) -> dict:
     """Who measured what: device, versions, commit and date (stamped on every JSON/CSV)."""
     if device.type == "cuda":
@@ -68,17 +76,22 @@ def machine_stamp(device: torch.device, dtype: torch.dtype, threads: int, argv=N
         "python": platform.python_version(), "cuda": torch.version.cuda,
         "commit": _git("rev-parse", "HEAD"), "dirty": bool(dirty) if dirty is not None else None,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "argv": list(argv if argv is not None else sys.argv),
+        "argv": list(argv if argv is not None else sys.argv), "load_before": load_average(),
     }
 
 
 # --------------------------------------------------------------------------- rows
 def add_ratios(rows: list[dict]) -> list[dict]:
-    """ratio_peft / ratio_loop: ms over the peft-lora / loop row of the same shape, op and mode."""
+    """ratio_peft / ratio_loop: ms over the peft-lora / loop row of the same shape, op and mode.
+
+    Where PEFT is not installed, the lora-plain row (the same LoRA maths) stands in for peft-lora.
+    """
     base = {(r["shape"], r["op"], r["mode"], r["impl"]): r["ms"] for r in rows if r.get("ms")}
     for r in rows:
         for impl, key in (("peft-lora", "ratio_peft"), ("loop", "ratio_loop")):
             other = base.get((r["shape"], r["op"], r["mode"], impl))
+            if other is None and impl == "peft-lora":
+                other = base.get((r["shape"], r["op"], r["mode"], "lora-plain"))
             r[key] = round(r["ms"] / other, 4) if r.get("ms") and other else None
     return rows
 
@@ -114,11 +127,14 @@ def table(rows: list[dict], stamp: dict | None = None) -> str:
                 out.append(f"{r['impl']:<16}{r['mode'] or '-':<8}{'n/a':>10}  {r['error']}")
                 continue
             floor = f"{100 * r['floor_fraction']:.0f}%" if r.get("floor_fraction") else "-"
+            note = r.get("note") or ""
+            if r.get("contended"):
+                note = f"[{r['contended']:.0%} of rounds disturbed] {note}"
             out.append(
                 f"{r['impl']:<16}{r['mode']:<8}{r['ms']:>10.3f}{_fmt(r['tokens_per_s'], ',.0f'):>11}"
                 f"{_fmt(r['ratio_peft'], '.2f'):>8}{_fmt(r['ratio_loop'], '.2f'):>8}"
                 f"{_fmt(_mib(r['saved_bytes']), '.1f'):>11}{_fmt(_mib(r['peak_bytes']), '.1f'):>10}"
-                f"{floor:>7}  {r.get('note') or ''}")
+                f"{floor:>7}  {note}")
     return "\n".join(out)
 
 
@@ -187,9 +203,9 @@ def plot(rows: list[dict], prefix, stamp: dict | None = None) -> list[str]:
         for impl in impls:
             r = next((m for m in members if m["impl"] == impl and m.get(mem_key) is not None
                       and m["mode"] == ("fwd_bwd" if mem_key == "peak_bytes" else "fwd")), None)
-            mem.append(_mib(r[mem_key]) if r else 0.0)
-        bars = ax_m.bar(range(len(impls)), mem, color="tab:green")
-        ax_m.bar_label(bars, labels=[f"{v:.0f}" if v else "" for v in mem], fontsize=7)
+            mem.append(_mib(r[mem_key]) if r else None)
+        bars = ax_m.bar(range(len(impls)), [v or 0.0 for v in mem], color="tab:green")
+        ax_m.bar_label(bars, labels=[f"{v:.0f}" if v is not None else "n/a" for v in mem], fontsize=7)
         ax_m.set_xticks(range(len(impls)), impls, rotation=30, ha="right", fontsize=8)
         ax_m.set_ylabel("MiB")
         ax_m.set_title(f"{'peak (fwd+bwd)' if mem_key == 'peak_bytes' else 'saved for backward'}", fontsize=9)
@@ -243,15 +259,40 @@ def summary(rows: list[dict], stamp: dict | None = None) -> str:
     return "\n".join(out)
 
 
+def kernel_summary(path) -> str:
+    """Worst relative error per (case, dtype) from test_gpu_kernels.py's GMOE_GPU_REPORT lines."""
+    worst: dict[tuple, dict] = {}
+    for line in Path(path).read_text().splitlines():
+        e = json.loads(line)
+        key = (e["case"], e["dtype"])
+        w = worst.setdefault(key, {"rel_err": 0.0, "tensor": "-", "ok": True, "mismatch": None})
+        w["ok"] = w["ok"] and e["ok"]
+        if e.get("mismatch") is not None:
+            w["mismatch"] = e["mismatch"]
+        if e.get("rel_err") is not None and e["rel_err"] >= w["rel_err"]:
+            w.update(rel_err=e["rel_err"], tensor=e["tensor"])
+    out = [f"{'kernel case':<30}{'dtype':<10}{'worst rel err':>14}  {'(tensor)':<22}{'index mismatch':>15}  ok"]
+    for (case, dtype), w in worst.items():
+        mism = "-" if w["mismatch"] is None else f"{w['mismatch']:.2%}"
+        ok = "yes" if w["ok"] else "NO"
+        out.append(f"{case:<30}{dtype:<10}{w['rel_err']:>14.2e}  {w['tensor']:<22}{mism:>15}  {ok}")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", help="a JSON file written by benchmarks/run.py --json")
+    parser.add_argument("results", nargs="?", help="a JSON file written by benchmarks/run.py --json")
+    parser.add_argument("--kernels", metavar="JSONL", help="summarise test_gpu_kernels.py's GMOE_GPU_REPORT file")
     parser.add_argument("--markdown", action="store_true", help="print the README table")
     parser.add_argument("--summary", action="store_true", help="print the short summary")
     parser.add_argument("--plot", metavar="PREFIX", help="write PNG charts PREFIX-<op>-<shape>.png")
     args = parser.parse_args(argv)
+    if args.kernels:
+        print(kernel_summary(args.kernels))
+    if not args.results:
+        return 0
     stamp, rows = load(args.results)
     if args.plot:
         for name in plot(rows, args.plot, stamp):

@@ -1,0 +1,109 @@
+"""Micro-benchmarks of every op on small shapes, grouped by op (pytest-benchmark).
+
+  pytest benchmarks --benchmark-only                       # all
+  pytest benchmarks --benchmark-only -k expert_ffn         # one op
+  pytest benchmarks --benchmark-only --benchmark-group-by=group --benchmark-columns=median,iqr,ops
+
+Groups are "<op> <case> <mode>", so each table compares the reference twin with the
+published loop (and Triton on a GPU) on identical inputs, built by benchmarks.contenders.
+"""
+import pytest
+import torch
+
+from benchmarks import contenders as C
+from benchmarks.shapes import SHAPES, Case
+from gmoe_kernels import functional
+
+TINY = SHAPES["tiny"]
+CASES = [Case(TINY, TINY.variants[0]), Case(TINY, TINY.variants[1])]   # E8-K2-R8, E32-K8-R8
+MODES = ["fwd", "fwd_bwd"]
+_problems = {}
+
+
+def problem(case, device):
+    key = (case, device.type)
+    if key not in _problems:
+        _problems[key] = C.make_problem(case, device, torch.float32 if device.type == "cpu" else torch.bfloat16)
+    return _problems[key]
+
+
+def _run(benchmark, contender, group, mode, device):
+    if contender.error:
+        pytest.skip(contender.error)
+    if mode == "fwd_bwd" and contender.inference_only:
+        pytest.skip("inference only")
+    benchmark.group = group
+    call = contender.fwd if mode == "fwd" else contender.fwd_bwd
+
+    def fn():
+        call()
+        if device.type == "cuda":  # time the kernels, not only their launch
+            torch.cuda.synchronize()
+    benchmark(fn)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.variant.label)
+@pytest.mark.parametrize("impl", ["gmoe-reference", "loop", "gmoe-triton"])
+def test_expert_ffn(benchmark, device, impl, case, mode):
+    c = C.ffn_contenders(problem(case, device), [impl])[0]
+    _run(benchmark, c, f"expert_ffn {case.label} {mode}", mode, device)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.variant.label)
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_expert_mix(benchmark, device, backend, case, mode):
+    """The fused op alone (frozen GEMMs outside): h_c and z from x, W_g x, W_u x."""
+    p = problem(case, device)
+    why = C.triton_missing("expert_mix", device) if backend == "triton" else None
+    if why:
+        pytest.skip(why)
+    with torch.no_grad():
+        gate_base = (p.x @ p.frozen["gate_weight"].t()).requires_grad_(True)
+        up_base = (p.x @ p.frozen["up_weight"].t()).requires_grad_(True)
+    lo = p.lora
+    args = (lo["lora_a_gate"], lo["lora_b_gate"], lo["lora_a_up"], lo["lora_b_up"], lo["lora_a_down"])
+
+    def forward():
+        return functional.expert_mix(p.x, gate_base, up_base, *args, p.indices, p.weights, p.scaling,
+                                     p.activation, backend=backend)
+
+    E, _, R = lo["lora_b_down"].shape
+    grads = (torch.randn_like(gate_base), torch.randn(p.x.shape[0], E * R, device=device, dtype=p.x.dtype))
+    c = C.Contender(f"expert_mix-{backend}", "ffn", forward=forward,
+                    leaves=[p.x, gate_base, up_base, *args, p.weights], grads=lambda outs: grads)
+    _run(benchmark, c, f"expert_mix {case.label} {mode}", mode, device)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.variant.label)
+@pytest.mark.parametrize("impl", ["graph-reference", "graph-loop", "graph-triton", "graph-pyg"])
+def test_graph_router(benchmark, device, impl, case, mode):
+    c = C.router_contenders(problem(case, device), [impl])[0]
+    _run(benchmark, c, f"graph_router {case.label} {mode}", mode, device)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.variant.label)
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("op", ["topk_route", "make_routing_plan", "dispatch", "combine"])
+def test_routing(benchmark, device, op, backend, case):
+    """The routing helpers: top-K, the plan (group by expert), gather and weighted combine."""
+    if backend == "triton":
+        why = C.triton_missing(op, device)
+        if why:
+            pytest.skip(why)
+    p = problem(case, device)
+    E, K = case.variant.experts, case.variant.top_k
+    probs = torch.softmax((p.x.detach() @ p.linear_weight.detach().t()).float(), -1)
+    plan = functional.make_routing_plan(p.indices, E, backend="reference")
+    rows = functional.dispatch(p.x.detach(), plan, backend="reference")
+    weights = p.weights.detach()
+    call = {
+        "topk_route": lambda: functional.topk_route(probs, K, backend=backend),
+        "make_routing_plan": lambda: functional.make_routing_plan(p.indices, E, backend=backend),
+        "dispatch": lambda: functional.dispatch(p.x.detach(), plan, backend=backend),
+        "combine": lambda: functional.combine(rows, weights, plan, backend=backend),
+    }[op]
+    c = C.Contender(f"{op}-{backend}", "router", forward=lambda: (call(),), leaves=[p.x])
+    _run(benchmark, c, f"routing {op} {case.label}", "fwd", device)

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Every GPU check and the full GPU benchmark in one command (< 8 minutes on one H200).
+#
+#   bash benchmarks/gpu_check.sh OUT_DIR
+#
+# Needs only this checkout and a Python with torch (CUDA), triton and transformers; installs
+# nothing (the checkout is put on PYTHONPATH). peft, mixlora and torch-geometric are used
+# when present; without PEFT, `lora-plain` (the same LoRA maths) stands in for peft-lora.
+# Steps, each under its own `timeout`, logs teed into OUT_DIR:
+#   1. environment: nvidia-smi, versions                       -> env.txt
+#   2. GPU-marked tests of tests/ (pytest -m gpu), if any        -> tests_gpu.log
+#   3. kernels vs reference at real shapes, bf16/fp16/fp32,
+#      NaN-poisoned outputs (benchmarks/test_gpu_kernels.py)     -> gpu_kernels.log, .jsonl
+#   4. the full benchmark (benchmarks/run.py --device cuda)      -> bench.json/.csv/.log, plots/
+#   5. a short summary table, printed last                       -> summary.txt
+# Exit status: non-zero when a correctness step failed or the benchmark produced nothing.
+# Time limits (seconds) can be changed with GPU_CHECK_TESTS_S, GPU_CHECK_KERNELS_S,
+# GPU_CHECK_BENCH_S; the benchmark stops starting new cases GPU_CHECK_BENCH_TAIL_S before its limit.
+# GPU_CHECK_ALLOW_CPU=1 dry-runs the script on a machine without a GPU (quick CPU benchmark).
+set -uo pipefail
+
+OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
+mkdir -p "$OUT/plots"
+OUT=$(cd "$OUT" && pwd)
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+PY=${PYTHON:-python3}
+TESTS_S=${GPU_CHECK_TESTS_S:-60}
+KERNELS_S=${GPU_CHECK_KERNELS_S:-150}
+BENCH_S=${GPU_CHECK_BENCH_S:-240}
+BENCH_TAIL_S=${GPU_CHECK_BENCH_TAIL_S:-75}
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export TRITON_INTERPRET=0          # tests/conftest.py only sets it when unset: real kernels here
+unset GMOE_BACKEND
+START=$(date +%s)
+status=0
+step() { echo; echo "=== [$(( $(date +%s) - START ))s] $*"; }
+
+step "environment"
+{
+  date -u +%Y-%m-%dT%H:%M:%SZ
+  git rev-parse HEAD 2>/dev/null || echo "commit: unknown"
+  nvidia-smi -L 2>/dev/null || echo "nvidia-smi: not found"
+  "$PY" - <<'EOF'
+import importlib.metadata as md, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name(0))
+for p in ("triton", "transformers", "peft", "mixlora", "torch-geometric", "pytest", "pytest-benchmark", "matplotlib"):
+    try:
+        print(p, md.version(p))
+    except md.PackageNotFoundError:
+        print(p, "not installed")
+EOF
+} 2>&1 | tee "$OUT/env.txt"
+DEVICE_ARGS=(--device cuda)
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  if [ "${GPU_CHECK_ALLOW_CPU:-0}" != 1 ]; then
+    echo "no CUDA device visible: nothing to check" | tee "$OUT/summary.txt"
+    exit 2
+  fi
+  echo "GPU_CHECK_ALLOW_CPU=1: dry run of this script on the CPU (quick benchmark; kernel checks skip)"
+  DEVICE_ARGS=(--device cpu --quick)
+fi
+
+step "GPU-marked tests (pytest tests -m gpu), limit ${TESTS_S}s"
+timeout -k 10 "$TESTS_S" "$PY" -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/tests_gpu.log"
+rc=${PIPESTATUS[0]}
+case $rc in
+  0) tests_line="tests -m gpu: passed" ;;
+  5) tests_line="tests -m gpu: none marked (ok)" ;;
+  124|137) tests_line="tests -m gpu: TIMED OUT after ${TESTS_S}s"; status=1 ;;
+  *) tests_line="tests -m gpu: FAILED (rc $rc, see tests_gpu.log)"; status=1 ;;
+esac
+
+step "Triton kernels vs reference at real shapes (bf16/fp16/fp32, poisoned), limit ${KERNELS_S}s"
+rm -f "$OUT/gpu_kernels.jsonl"
+GMOE_GPU_REPORT="$OUT/gpu_kernels.jsonl" timeout -k 10 "$KERNELS_S" \
+  "$PY" -m pytest benchmarks/test_gpu_kernels.py -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/gpu_kernels.log"
+rc=${PIPESTATUS[0]}
+case $rc in
+  0) kernels_line="kernel checks: passed" ;;
+  124|137) kernels_line="kernel checks: TIMED OUT after ${KERNELS_S}s"; status=1 ;;
+  *) kernels_line="kernel checks: FAILED (rc $rc, see gpu_kernels.log)"; status=1 ;;
+esac
+kernels_line="$kernels_line; $(tail -n 1 "$OUT/gpu_kernels.log")"
+
+step "benchmark (benchmarks/run.py ${DEVICE_ARGS[*]}), limit ${BENCH_S}s"
+timeout -k 10 "$BENCH_S" "$PY" benchmarks/run.py "${DEVICE_ARGS[@]}" --budget-s $(( BENCH_S - BENCH_TAIL_S )) \
+  --json "$OUT/bench.json" --csv "$OUT/bench.csv" --plot "$OUT/plots/gpu" 2>&1 | tee "$OUT/bench.log"
+rc=${PIPESTATUS[0]}
+case $rc in
+  0) bench_line="benchmark: complete" ;;
+  124|137) bench_line="benchmark: TIMED OUT after ${BENCH_S}s (bench.json keeps the rows measured so far)" ;;
+  *) bench_line="benchmark: FAILED (rc $rc, see bench.log)" ;;
+esac
+[ -s "$OUT/bench.json" ] || status=1
+
+step "summary"
+{
+  echo "gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ), $(( $(date +%s) - START ))s, commit $(git rev-parse --short HEAD 2>/dev/null)"
+  echo "$tests_line"
+  echo "$kernels_line"
+  echo "$bench_line"
+  [ -s "$OUT/gpu_kernels.jsonl" ] && "$PY" benchmarks/report.py --kernels "$OUT/gpu_kernels.jsonl"
+  [ -s "$OUT/bench.json" ] && "$PY" benchmarks/report.py "$OUT/bench.json" --summary
+  echo "results: $OUT (to keep them: cp $OUT/bench.json benchmarks/results/<gpu>.json, and the .csv)"
+} 2>&1 | tee "$OUT/summary.txt"
+exit $status
