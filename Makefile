@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo bench bench-quick clean
+.PHONY: install test demo bench bench-quick gpu-check clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,10 +24,13 @@ demo: install
 	$(BIN)/python examples/demo.py
 
 bench-quick: install
-	$(BIN)/python benchmarks/run.py --device cpu --quick --json benchmarks/results/cpu-quick.json
+	$(BIN)/python benchmarks/run.py --device cpu --quick --json benchmarks/results/cpu-2core.json --csv benchmarks/results/cpu-2core.csv --plot benchmarks/results/cpu-2core
 
 bench: install
 	$(BIN)/python benchmarks/run.py
+
+gpu-check:
+	bash benchmarks/gpu_check.sh benchmarks/results/gpu-run
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
