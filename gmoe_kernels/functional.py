@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from . import reference
 from .backend import resolve_backend
+from .checks import check_expert_mix, check_graph_router
 from .routing_plan import RoutingPlan
 
 
@@ -33,6 +34,8 @@ def expert_mix(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_
     indices:     (T, K) int64 chosen experts;  weights: (T, K) mixing weights
     Returns h_c (T, F) = sum_k w_k h_k and z (T, E·R) with w_k A_d^{e_k} h_k in block e_k.
     """
+    check_expert_mix(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_b_up,
+                     lora_a_down, indices, weights, activation)
     impl = reference if resolve_backend(backend, x.device) == "reference" else _triton()
     return impl.expert_mix(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up,
                            lora_b_up, lora_a_down, indices, weights, scaling, activation)
@@ -70,6 +73,8 @@ def graph_router(x, token_weight, expert_weight, expert_features, adjacency, gcn
     gcn_weight:      (L, G, G) W_1 … W_L;  score_weight: (G,) w_p
     Returns logits (T, E) fp32, probs (T, E) fp32, indices (T, K) int64, weights (T, K) fp32.
     """
+    check_graph_router(x, token_weight, expert_weight, expert_features, adjacency, gcn_weight,
+                       score_weight, top_k, activation)
     impl = reference if resolve_backend(backend, x.device) == "reference" else _triton()
     return impl.graph_router(x, token_weight, expert_weight, expert_features, adjacency,
                              gcn_weight, score_weight, top_k, activation)

@@ -37,6 +37,7 @@ import triton
 
 from ..activations import canonical_activation, compute_dtype
 from ..backend import interpreting
+from ..checks import check_expert_mix
 from . import _expert_ffn_kernels as kernels
 from .routing import make_routing_plan, new_output
 
@@ -90,35 +91,6 @@ def _token_grid(num_tokens, size_f):
                          triton.cdiv(size_f, meta["BLOCK_F"]))
 
 
-def _check_inputs(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_b_up,
-                  lora_a_down, indices, weights):
-    if x.dim() != 2:
-        raise ValueError(f"x must be (T, H), got {tuple(x.shape)}")
-    num_tokens, hidden = x.shape
-    if lora_a_gate.dim() != 3:
-        raise ValueError(f"lora_a_gate must be (E, R, H), got {tuple(lora_a_gate.shape)}")
-    num_experts, rank, _ = lora_a_gate.shape
-    size_f = gate_base.shape[-1]
-    top_k = indices.shape[-1] if indices.dim() == 2 else -1
-    expected = {
-        "gate_base": (num_tokens, size_f), "up_base": (num_tokens, size_f),
-        "lora_a_gate": (num_experts, rank, hidden), "lora_b_gate": (num_experts, size_f, rank),
-        "lora_a_up": (num_experts, rank, hidden), "lora_b_up": (num_experts, size_f, rank),
-        "lora_a_down": (num_experts, rank, size_f), "indices": (num_tokens, top_k),
-        "weights": (num_tokens, top_k),
-    }
-    given = dict(gate_base=gate_base, up_base=up_base, lora_a_gate=lora_a_gate,
-                 lora_b_gate=lora_b_gate, lora_a_up=lora_a_up, lora_b_up=lora_b_up,
-                 lora_a_down=lora_a_down, indices=indices, weights=weights)
-    for name, shape in expected.items():
-        if tuple(given[name].shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(given[name].shape)}")
-    if rank < 1:
-        raise ValueError("LoRA rank R must be at least 1")
-    if indices.dtype != torch.int64:
-        raise TypeError(f"indices must be int64, got {indices.dtype}")
-
-
 def _stacked_a(lora_a_gate, lora_a_up, acc):
     """[A_g^1 … A_g^E, A_u^1 … A_u^E] as (2·E·R, H) in the accumulation dtype."""
     num_experts, rank, hidden = lora_a_gate.shape
@@ -157,8 +129,8 @@ def expert_mix_forward(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_u
     Any strides; every sum in fp32 (fp64 for fp64 x).
     """
     activation = canonical_activation(activation)
-    _check_inputs(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_b_up,
-                  lora_a_down, indices, weights)
+    check_expert_mix(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_b_up,
+                     lora_a_down, indices, weights, activation)
     num_tokens, size_f = gate_base.shape
     num_experts, rank, _ = lora_a_gate.shape
     top_k = indices.shape[1]

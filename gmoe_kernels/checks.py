@@ -1,0 +1,88 @@
+"""Input checks shared by every backend: a wrong shape, dtype or device raises an error
+that names the argument, what it got and what it needs, before any kernel runs."""
+from __future__ import annotations
+
+import torch
+
+from .activations import ACTIVATIONS
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_float_and_device(device, **tensors):
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOATS:
+            raise TypeError(f"{name} must be a floating tensor (fp16/bf16/fp32/fp64), got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but x is on {device}; move every input to one device")
+
+
+def _check_shapes(expected: dict, given: dict):
+    for name, shape in expected.items():
+        if tuple(given[name].shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(given[name].shape)}")
+
+
+def _check_routing(indices, num_tokens, num_experts, device):
+    if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int64:
+        raise TypeError(f"indices must be an int64 tensor, got {getattr(indices, 'dtype', type(indices).__name__)}")
+    if indices.dim() != 2 or indices.shape[0] != num_tokens:
+        raise ValueError(f"indices must be (T, K) = ({num_tokens}, K), got {tuple(indices.shape)}")
+    if not 1 <= indices.shape[1] <= num_experts:
+        raise ValueError(f"K = {indices.shape[1]} must be in [1, E = {num_experts}]")
+    if indices.device != device:
+        raise ValueError(f"indices is on {indices.device} but x is on {device}")
+
+
+def check_activation(activation):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} is not one of {ACTIVATIONS}; map `transformers` "
+                         "names with gmoe_kernels.canonical_activation")
+
+
+def check_expert_mix(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_b_up,
+                     lora_a_down, indices, weights, activation):
+    """Shapes, dtypes and devices of `functional.expert_mix`'s inputs."""
+    check_activation(activation)
+    _check_float_and_device(x.device, x=x, gate_base=gate_base, up_base=up_base, lora_a_gate=lora_a_gate,
+                            lora_b_gate=lora_b_gate, lora_a_up=lora_a_up, lora_b_up=lora_b_up,
+                            lora_a_down=lora_a_down, weights=weights)
+    if x.dim() != 2:
+        raise ValueError(f"x must be (T, H), got {tuple(x.shape)}: flatten batch and sequence first")
+    if lora_a_gate.dim() != 3 or lora_a_gate.shape[1] < 1:
+        raise ValueError(f"lora_a_gate must be (E, R, H) with R >= 1, got {tuple(lora_a_gate.shape)}")
+    (num_tokens, hidden), (num_experts, rank, _) = x.shape, lora_a_gate.shape
+    size_f = gate_base.shape[-1]
+    _check_routing(indices, num_tokens, num_experts, x.device)
+    top_k = indices.shape[1]
+    _check_shapes(
+        {"gate_base": (num_tokens, size_f), "up_base": (num_tokens, size_f),
+         "lora_a_gate": (num_experts, rank, hidden), "lora_b_gate": (num_experts, size_f, rank),
+         "lora_a_up": (num_experts, rank, hidden), "lora_b_up": (num_experts, size_f, rank),
+         "lora_a_down": (num_experts, rank, size_f), "weights": (num_tokens, top_k)},
+        dict(gate_base=gate_base, up_base=up_base, lora_a_gate=lora_a_gate, lora_b_gate=lora_b_gate,
+             lora_a_up=lora_a_up, lora_b_up=lora_b_up, lora_a_down=lora_a_down, weights=weights))
+
+
+def check_graph_router(x, token_weight, expert_weight, expert_features, adjacency, gcn_weight,
+                       score_weight, top_k, activation):
+    """Shapes, dtypes and devices of `functional.graph_router`'s inputs."""
+    check_activation(activation)
+    _check_float_and_device(x.device, x=x, token_weight=token_weight, expert_weight=expert_weight,
+                            expert_features=expert_features, adjacency=adjacency, gcn_weight=gcn_weight,
+                            score_weight=score_weight)
+    if x.dim() != 2:
+        raise ValueError(f"x must be (T, H), got {tuple(x.shape)}: flatten batch and sequence first")
+    if gcn_weight.dim() != 3 or gcn_weight.shape[0] < 1:
+        raise ValueError(f"gcn_weight must be (L, G, G) with L >= 1, got {tuple(gcn_weight.shape)}")
+    hidden, width, num_experts = x.shape[1], gcn_weight.shape[1], expert_features.shape[0]
+    _check_shapes(
+        {"token_weight": (width, hidden), "expert_weight": (width, hidden),
+         "expert_features": (num_experts, hidden), "adjacency": (num_experts + 1, num_experts + 1),
+         "gcn_weight": (gcn_weight.shape[0], width, width), "score_weight": (width,)},
+        dict(token_weight=token_weight, expert_weight=expert_weight, expert_features=expert_features,
+             adjacency=adjacency, gcn_weight=gcn_weight, score_weight=score_weight))
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be an int in [1, E = {num_experts}], got {top_k!r}")
