@@ -29,7 +29,8 @@ import os
 import torch
 import triton
 
-from ..activations import ACTIVATIONS, act, compute_dtype
+from ..activations import act, compute_dtype
+from ..checks import check_graph_router
 from ..backend import interpreting
 from ._graph_router_kernels import _graph_router_bwd_kernel, _graph_router_fwd_kernel
 
@@ -276,14 +277,9 @@ def graph_router(x, token_weight, expert_weight, expert_features, adjacency, gcn
     Returns logits (T, E), probs (T, E), indices (T, K) int64, weights (T, K): fp32
     (fp64 for fp64 x). indices are torch.topk's on the returned probs.
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation {activation!r} is not one of {ACTIVATIONS}")
+    check_graph_router(x, token_weight, expert_weight, expert_features, adjacency, gcn_weight,
+                       score_weight, top_k, activation)
     num_experts = expert_features.shape[0]
-    if adjacency.shape != (num_experts + 1, num_experts + 1):
-        raise ValueError(f"adjacency must be (E+1, E+1) = ({num_experts + 1}, "
-                         f"{num_experts + 1}), got {tuple(adjacency.shape)}")
-    if gcn_weight.dim() != 3 or gcn_weight.shape[0] < 1:
-        raise ValueError(f"gcn_weight must be (L, G, G) with L ≥ 1, got {tuple(gcn_weight.shape)}")
     f = compute_dtype(x)
     adj = adjacency.detach().to(f).contiguous()
     w1 = gcn_weight[0].to(f)
