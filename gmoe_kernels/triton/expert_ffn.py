@@ -25,7 +25,8 @@ for fp64 inputs) atomics, so reproducible only up to the order of those partial 
 and d(shrink), hence dx, dA_g, dA_u. Saved for backward: x, G, U, the LoRA weights, indices,
 weights; the shrink GEMM and the routing plan are recomputed in backward (both small).
 
-Block sizes: R is padded to R_PAD = max(16, next_pow2(R)) inside the kernels with masks.
+Block sizes: R is padded inside the kernels with masks, to R_PAD = max(2, next_pow2(R)) in the
+token kernels and max(16, next_pow2(R)) in the per-expert kernel (tl.dot's smallest block).
 Under TRITON_INTERPRET=1 a single fixed config runs (BLOCK_T 16, BLOCK_F 32, BLOCK_P 16);
 on a GPU `triton.autotune` picks among configs keyed on (F, K, R_PAD), pruned so a token
 program's gathered [BLOCK_T, BLOCK_F, R_PAD] tile stays at most 8K elements (the smallest
@@ -82,8 +83,14 @@ _bwd_expert_kernel = triton.autotune(
 
 
 def _r_pad(rank: int) -> int:
-    """R padded to a power of two, at least 16 (tl.dot's smallest block)."""
+    """R padded to a power of two, at least 16 (tl.dot's smallest block): per-expert kernel."""
     return max(16, triton.next_power_of_2(rank))
+
+
+def _r_pad_token(rank: int) -> int:
+    """R padded to a power of two for the token kernels, which reduce over R without tl.dot:
+    no floor of 16, so the paper's R = 2 does not pay for 16 masked lanes."""
+    return max(2, triton.next_power_of_2(rank))
 
 
 def _token_grid(num_tokens, size_f):
@@ -147,7 +154,7 @@ def expert_mix_forward(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_u
         *_common_args(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down),
         indices.stride(0), indices.stride(1), weights.stride(0), weights.stride(1),
         h_c.stride(0), h_c.stride(1), z.stride(0), z.stride(1),
-        ACTIVATION=activation, R_PAD=_r_pad(rank), ACC_FP64=acc == torch.float64)
+        ACTIVATION=activation, R_PAD=_r_pad_token(rank), ACC_FP64=acc == torch.float64)
     return h_c, z.to(x.dtype)
 
 
@@ -189,7 +196,7 @@ def expert_mix_backward(grad_h_c, grad_z, x, gate_base, up_base, lora_a_gate, lo
             d_gate_base.stride(0), d_gate_base.stride(1), d_up_base.stride(0),
             d_up_base.stride(1), d_shrink.stride(0), d_shrink.stride(1),
             d_weights.stride(0), d_weights.stride(1),
-            ACTIVATION=activation, R_PAD=r_pad, ACC_FP64=acc == torch.float64)
+            ACTIVATION=activation, R_PAD=_r_pad_token(rank), ACC_FP64=acc == torch.float64)
     else:
         d_gate_base.zero_()
         d_up_base.zero_()
