@@ -5,7 +5,7 @@
 
 Ops: `ffn` (one GMoE FFN layer on given routing), `router` (routing T tokens), `step` (one
 training step, forward+loss+backward, of a small Llama built from a config; of a local model
-with --model). Every contender of a case runs on the same weights and inputs (contenders.py),
+with --model). Every contender of a case runs on the same weights and inputs (benchmarks/contenders/),
 timed the same way (measure.py). See benchmarks/README.md for every column.
 """
 from __future__ import annotations
