@@ -12,6 +12,8 @@
 #   3. kernels vs reference at real shapes, bf16/fp16/fp32,
 #      NaN-poisoned outputs (benchmarks/test_gpu_kernels.py)     -> gpu_kernels.log, .jsonl
 #   4. the full benchmark (benchmarks/run.py --device cuda)      -> bench.json/.csv/.log, plots/
+#   4b. the expert-mix token kernels forced to each variant
+#       (GMOE_EXPAND=gather|dot), llama3-8b E8-K2-R16, E32-K8-R8  -> expand_{gather,dot}.json/.log
 #   5. a short summary table, printed last                       -> summary.txt
 # Exit status: non-zero when a correctness step failed or the benchmark produced nothing.
 # Time limits (seconds) can be changed with GPU_CHECK_TESTS_S, GPU_CHECK_KERNELS_S,
@@ -25,9 +27,10 @@ OUT=$(cd "$OUT" && pwd)
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 PY=${PYTHON:-python3}
-TESTS_S=${GPU_CHECK_TESTS_S:-60}
-KERNELS_S=${GPU_CHECK_KERNELS_S:-150}
-BENCH_S=${GPU_CHECK_BENCH_S:-240}
+TESTS_S=${GPU_CHECK_TESTS_S:-40}
+KERNELS_S=${GPU_CHECK_KERNELS_S:-140}
+BENCH_S=${GPU_CHECK_BENCH_S:-190}
+EXPAND_S=${GPU_CHECK_EXPAND_S:-45}
 BENCH_TAIL_S=${GPU_CHECK_BENCH_TAIL_S:-75}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_INTERPRET=0          # tests/conftest.py only sets it when unset: real kernels here
@@ -96,12 +99,22 @@ case $rc in
 esac
 [ -s "$OUT/bench.json" ] || status=1
 
+step "expert-mix token kernels, gather vs one-hot tl.dot (GMOE_EXPAND), limit ${EXPAND_S}s each"
+expand_line="token-kernel variants:"
+for mode in gather dot; do
+  GMOE_EXPAND=$mode timeout -k 10 "$EXPAND_S" "$PY" benchmarks/run.py --device cuda --ops ffn \
+    --impls gmoe-triton --shapes llama3-8b --variants E8-K2-R16,E32-K8-R8 --no-check \
+    --json "$OUT/expand_$mode.json" 2>&1 | tee "$OUT/expand_$mode.log"
+  expand_line="$expand_line $mode rc ${PIPESTATUS[0]};"
+done
+
 step "summary"
 {
   echo "gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ), $(( $(date +%s) - START ))s, commit $(git rev-parse --short HEAD 2>/dev/null)"
   echo "$tests_line"
   echo "$kernels_line"
   echo "$bench_line"
+  echo "$expand_line"
   [ -s "$OUT/gpu_kernels.jsonl" ] && "$PY" benchmarks/report.py --kernels "$OUT/gpu_kernels.jsonl"
   [ -s "$OUT/bench.json" ] && "$PY" benchmarks/report.py "$OUT/bench.json" --summary
   echo "results: $OUT (to keep them: cp $OUT/bench.json benchmarks/results/<gpu>.json, and the .csv)"

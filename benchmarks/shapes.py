@@ -75,7 +75,7 @@ SHAPES: dict[str, Shape] = {s.name: s for s in (
           note="smoke size (micro-benchmarks, quick GPU)"),
     Shape("cpu-medium", 1024, 2816, 2048, (E8K2R8, E32K8R8, V(16, 4, 16), V(8, 2, 2)),
           note="TinyLlama-1.1B MLP, 2k tokens"),
-    Shape("llama3-8b", 4096, 14336, 8192, (E8K2R8, E32K8R8, V(16, 4, 16)),
+    Shape("llama3-8b", 4096, 14336, 8192, (V(8, 2, 16), E32K8R8, E8K2R8, V(16, 4, 16)),
           note="Llama-3-8B MLP, 8k tokens"),
     Shape("qwen2-7b", 3584, 18944, 8192, (E8K2R8, E32K8R8, V(8, 2, 2)),
           note="Qwen2-7B MLP, 8k tokens"),

@@ -2,8 +2,9 @@
 
 Compared against the reference twin (gmoe_kernels.reference.expert_mix) and against the
 per-expert oracle (expert_ffn_loop, through functional.expert_ffn), outputs and the
-gradient of every input, fp32 and fp16. GMOE_POISON=1 is set for every test, so every
-output the kernels must write starts as NaN and an unwritten element fails.
+gradient of every input, fp32 and fp16, for both token-kernel variants (gather and one-hot
+tl.dot). GMOE_POISON=1 is set for every test, so every output the kernels must write starts
+as NaN and an unwritten element fails.
 """
 import dataclasses
 import pathlib
@@ -19,9 +20,11 @@ from gmoe_kernels.triton import expert_ffn as triton_expert_ffn
 DTYPES = [torch.float32, torch.float16]
 
 
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
+@pytest.fixture(autouse=True, params=["gather", "dot"])
+def _poison(request, monkeypatch):
+    """Every test runs once per token-kernel variant (GMOE_EXPAND), outputs poisoned."""
     monkeypatch.setenv("GMOE_POISON", "1")
+    monkeypatch.setenv("GMOE_EXPAND", request.param)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,3 +299,12 @@ def test_no_host_sync_in_launchers():
         text = (root / name).read_text()
         for call in (".item(", ".tolist(", ".cpu(", ".numpy("):
             assert call not in text, f"{name} calls {call}"
+
+
+def test_expand_mode_choice(monkeypatch):
+    monkeypatch.delenv("GMOE_EXPAND")
+    assert triton_expert_ffn.expand_mode(8, 16) == "dot"
+    assert triton_expert_ffn.expand_mode(64, 64) == "gather"
+    monkeypatch.setenv("GMOE_EXPAND", "fused")
+    with pytest.raises(ValueError, match="GMOE_EXPAND"):
+        triton_expert_ffn.expand_mode(8, 16)

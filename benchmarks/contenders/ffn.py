@@ -4,6 +4,7 @@ MLP and MixLoRA's sparse MoE, all on the problem's weights.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -147,7 +148,9 @@ def ffn_contenders(p: Problem, impls=FFN_IMPLS) -> list[Contender]:
     def build(impl: str, rows: list) -> Contender:
         if impl == "gmoe-triton":
             why = triton_missing("expert_mix", p.x.device)
-            return unavailable(impl, "ffn", why) if why else expert_mix(impl, _gmoe_ffn(p, "triton"))
+            # GMOE_EXPAND forces a token-kernel variant for the whole process: label the rows with it
+            label = f"{impl}[{os.environ['GMOE_EXPAND']}]" if os.environ.get("GMOE_EXPAND") else impl
+            return unavailable(label, "ffn", why) if why else expert_mix(label, _gmoe_ffn(p, "triton"))
         if impl == "gmoe-reference":
             return expert_mix(impl, _gmoe_ffn(p, "reference"))
         if impl == "loop":

@@ -4,6 +4,11 @@ Shapes use DESIGN.md's letters (T tokens, H hidden, F intermediate, E experts, K
 R LoRA rank); `expert_mix` has exactly the signature and results of
 gmoe_kernels.reference.expert_ffn.expert_mix.
 
+Two variants of the token kernels (steps 2 and 3), chosen per call by `expand_mode`:
+"gather" (_expert_ffn_kernels: each token's B^{e_k} rows gathered, reduced over R on CUDA
+cores) and "dot" (_expert_ffn_dot_kernels: one-hot tl.dot against all experts' stacked
+matrices, for small E·R). Same arguments, same results; the tests run both.
+
 Pipeline (forward):
   1. shrink = s · x [A_g; A_u]^T: one torch GEMM, (T, 2·E·R) in fp32 (fp64 for fp64 x).
   2. `_expert_mix_fwd_kernel` over (token tile, F tile): for each slot k recomputes
@@ -33,12 +38,16 @@ program's gathered [BLOCK_T, BLOCK_F, R_PAD] tile stays at most 8K elements (the
 config when none fits), with the atomic buffers reset to zero between trials. The GPU
 configs are a first guess, not yet timed on a GPU.
 """
+import os
+
 import torch
 import triton
+import triton.language as tl
 
 from ..activations import canonical_activation, compute_dtype
 from ..backend import interpreting
 from ..checks import check_expert_mix
+from . import _expert_ffn_dot_kernels as dot_kernels
 from . import _expert_ffn_kernels as kernels
 from .routing import make_routing_plan, new_output
 
@@ -48,15 +57,16 @@ _MAX_GATHER_TILE = 8192  # elements of one gathered [BLOCK_T, BLOCK_F, R_PAD] ti
 def _token_configs():
     if interpreting():
         return [triton.Config({"BLOCK_T": 16, "BLOCK_F": 32}, num_warps=4)]
-    return [triton.Config({"BLOCK_T": bt, "BLOCK_F": bf}, num_warps=nw, num_stages=2)
-            for bt in (8, 16, 32) for bf in (16, 32, 64) for nw in (4, 8)]
+    # Few configs: autotuning compiles each one, and a GPU check has minutes, not hours.
+    return [triton.Config({"BLOCK_T": bt, "BLOCK_F": bf}, num_warps=4, num_stages=2)
+            for bt, bf in ((8, 32), (16, 32), (32, 16), (16, 64))]
 
 
 def _expert_configs():
     if interpreting():
         return [triton.Config({"BLOCK_P": 16, "BLOCK_F": 32}, num_warps=4)]
-    return [triton.Config({"BLOCK_P": bp, "BLOCK_F": bf}, num_warps=nw, num_stages=2)
-            for bp in (32, 64) for bf in (32, 64, 128) for nw in (4, 8)]
+    return [triton.Config({"BLOCK_P": bp, "BLOCK_F": bf}, num_warps=4, num_stages=2)
+            for bp, bf in ((32, 64), (64, 64), (32, 128), (64, 32))]
 
 
 def _prune_token_configs(configs, named_args, **kwargs):
@@ -76,6 +86,48 @@ _bwd_token_kernel = triton.autotune(
     reset_to_zero=["d_shrink_ptr", "d_weights_ptr"],
     prune_configs_by={"early_config_prune": _prune_token_configs},
 )(kernels._expert_mix_bwd_token_kernel)
+
+def _dot_configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_T": 16, "BLOCK_F": 32, "BLOCK_C": 16}, num_warps=4)]
+    return [triton.Config({"BLOCK_T": 64, "BLOCK_F": bf, "BLOCK_C": bc}, num_warps=4, num_stages=2)
+            for bf in (64, 128) for bc in (32, 64)]
+
+
+_fwd_dot_kernel = triton.autotune(
+    configs=_dot_configs(), key=["F", "K", "UP_OFFSET"], reset_to_zero=["z_ptr"],
+)(dot_kernels._expert_mix_fwd_dot_kernel)
+
+_bwd_token_dot_kernel = triton.autotune(
+    configs=_dot_configs(), key=["F", "K", "UP_OFFSET"],
+    reset_to_zero=["d_shrink_ptr", "d_weights_ptr"],
+)(dot_kernels._expert_mix_bwd_token_dot_kernel)
+
+EXPAND_MODES = ("gather", "dot")
+_DOT_MAX_COLUMNS = 512  # E·R above which the one-hot dots' extra FLOPs outweigh the gather
+
+
+def expand_mode(num_experts: int, rank: int) -> str:
+    """Which token kernels run: "dot" (one-hot tl.dot against all experts' stacked LoRA
+    matrices) while E·R is small, else "gather" (per-token rows, CUDA-core reduction over R).
+    The env var GMOE_EXPAND=gather|dot forces one (benchmarks compare both). The threshold
+    is a first estimate from FLOP and byte counts, not yet timed on a GPU."""
+    forced = os.environ.get("GMOE_EXPAND")
+    if forced:
+        if forced not in EXPAND_MODES:
+            raise ValueError(f"GMOE_EXPAND={forced!r}; choose one of {EXPAND_MODES}")
+        return forced
+    return "dot" if num_experts * rank <= _DOT_MAX_COLUMNS else "gather"
+
+
+def _token_kernel_launch(kernel_gather, kernel_dot, mode, x_dtype, acc):
+    """(kernel, extra constexprs) for the chosen token-kernel variant."""
+    if mode == "gather":
+        return kernel_gather, {}
+    dot_dtype = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(
+        x_dtype, tl.float64 if acc == torch.float64 else tl.float32)
+    return kernel_dot, {"DOT_DTYPE": dot_dtype}
+
 
 _bwd_expert_kernel = triton.autotune(
     configs=_expert_configs(), key=["F", "K", "R_PAD"],
@@ -147,14 +199,16 @@ def expert_mix_forward(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_u
     if num_tokens == 0 or size_f == 0 or top_k == 0:
         return h_c.zero_(), z.to(x.dtype)
     shrink = _scaled_shrink(x, lora_a_gate, lora_a_up, scaling, acc)
-    _fwd_kernel[_token_grid(num_tokens, size_f)](
+    kernel, extra = _token_kernel_launch(_fwd_kernel, _fwd_dot_kernel,
+                                         expand_mode(num_experts, rank), x.dtype, acc)
+    kernel[_token_grid(num_tokens, size_f)](
         gate_base, up_base, shrink, lora_b_gate, lora_b_up, lora_a_down, indices, weights,
         h_c, z,
         num_tokens, size_f, top_k, rank, num_experts * rank,
         *_common_args(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down),
         indices.stride(0), indices.stride(1), weights.stride(0), weights.stride(1),
         h_c.stride(0), h_c.stride(1), z.stride(0), z.stride(1),
-        ACTIVATION=activation, R_PAD=_r_pad_token(rank), ACC_FP64=acc == torch.float64)
+        ACTIVATION=activation, R_PAD=_r_pad_token(rank), ACC_FP64=acc == torch.float64, **extra)
     return h_c, z.to(x.dtype)
 
 
@@ -187,7 +241,9 @@ def expert_mix_backward(grad_h_c, grad_z, x, gate_base, up_base, lora_a_gate, lo
     r_pad = _r_pad(rank)
     common = _common_args(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down)
     if num_tokens > 0 and size_f > 0 and top_k > 0:
-        _bwd_token_kernel[_token_grid(num_tokens, size_f)](
+        kernel, extra = _token_kernel_launch(_bwd_token_kernel, _bwd_token_dot_kernel,
+                                             expand_mode(num_experts, rank), x.dtype, acc)
+        kernel[_token_grid(num_tokens, size_f)](
             gate_base, up_base, shrink, lora_b_gate, lora_b_up, lora_a_down, indices, weights,
             grad_h_c, grad_z, d_gate_base, d_up_base, d_shrink, d_weights,
             num_tokens, size_f, top_k, rank, num_experts * rank, *common,
@@ -196,7 +252,7 @@ def expert_mix_backward(grad_h_c, grad_z, x, gate_base, up_base, lora_a_gate, lo
             d_gate_base.stride(0), d_gate_base.stride(1), d_up_base.stride(0),
             d_up_base.stride(1), d_shrink.stride(0), d_shrink.stride(1),
             d_weights.stride(0), d_weights.stride(1),
-            ACTIVATION=activation, R_PAD=_r_pad_token(rank), ACC_FP64=acc == torch.float64)
+            ACTIVATION=activation, R_PAD=_r_pad_token(rank), ACC_FP64=acc == torch.float64, **extra)
     else:
         d_gate_base.zero_()
         d_up_base.zero_()
