@@ -110,6 +110,21 @@ def test_expert_ffn_triton_matches_reference(name, dtype):
     _compare(name, dtype, names, got, want)
 
 
+@pytest.mark.parametrize("mode", ["gather", "dot"])
+@pytest.mark.parametrize("name", list(FFN_CASES)[:2])
+def test_expert_ffn_each_token_kernel_variant_bf16(name, mode, monkeypatch):
+    """Both token-kernel variants (GMOE_EXPAND), whichever one `auto` would pick, in bf16."""
+    why = C.triton_missing("expert_mix", torch.device("cuda"))
+    if why:
+        pytest.skip(why)
+    monkeypatch.setenv("GMOE_EXPAND", mode)
+    H, F, T, E, K, R, empty = FFN_CASES[name]
+    p = _problem(H, F, T, E, K, R, torch.bfloat16, empty)
+    names, got = _ffn(p, "triton", _caster(torch.bfloat16))
+    _, want = _ffn(p, "reference", _caster(torch.float64))
+    _compare(f"{name}-{mode}", torch.bfloat16, names, got, want)
+
+
 def _router(p, backend, cast):
     r = p.router
     leaves = {"x": cast(p.x), "token_weight": cast(r["token_weight"]), "expert_weight": cast(r["expert_weight"]),
