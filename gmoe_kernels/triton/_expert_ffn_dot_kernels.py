@@ -20,6 +20,7 @@ import triton.language as tl
 
 from ._activation_kernels import act as _act
 from ._activation_kernels import act_and_grad as _act_and_grad
+from ._expert_ffn_kernels import load_slot, load_tf, token_tile
 
 
 @triton.jit
@@ -69,6 +70,22 @@ def _onehot_reduce_add(x, scale, dst_ptr, col0, stride_d_t, stride_d_c, m_ptr, s
 
 
 @triton.jit
+def _gate_up(gate, up, shrink_ptr, stride_sh_t, stride_sh_c, b_gate_ptr, stride_bg_e, stride_bg_f,
+             stride_bg_r, b_up_ptr, stride_bu_e, stride_bu_f, stride_bu_r, experts, offs_t, offs_f,
+             mask_t, mask_f, R, NUM_COLS, ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+             BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr):
+    """g_k = G + B_g^{e_k} shrink_g and u_k = U + B_u^{e_k} shrink_u for one slot (up columns
+    start at NUM_COLS = E·R in the shrink)."""
+    g = gate + _onehot_expand(shrink_ptr, 0, stride_sh_t, stride_sh_c, b_gate_ptr, stride_bg_e,
+                              stride_bg_f, stride_bg_r, experts, offs_t, offs_f, mask_t, mask_f,
+                              R, NUM_COLS, ACC_DTYPE, DOT_DTYPE, BLOCK_T, BLOCK_F, BLOCK_C)
+    u = up + _onehot_expand(shrink_ptr, NUM_COLS, stride_sh_t, stride_sh_c, b_up_ptr, stride_bu_e,
+                            stride_bu_f, stride_bu_r, experts, offs_t, offs_f, mask_t, mask_f,
+                            R, NUM_COLS, ACC_DTYPE, DOT_DTYPE, BLOCK_T, BLOCK_F, BLOCK_C)
+    return g, u
+
+
+@triton.jit
 def _expert_mix_fwd_dot_kernel(
     gate_base_ptr, up_base_ptr, shrink_ptr, b_gate_ptr, b_up_ptr, a_down_ptr,
     indices_ptr, weights_ptr, h_c_ptr, z_ptr,
@@ -83,28 +100,17 @@ def _expert_mix_fwd_dot_kernel(
     """As _expert_mix_fwd_kernel (h_c written once; z += w_k A_d h_k with atomics), with
     one-hot tl.dots. UP_OFFSET = E·R is also the number of stacked columns per matrix."""
     ACC_DTYPE = tl.float64 if ACC_FP64 else tl.float32
-    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_f = tl.program_id(1).to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F)
-    mask_t = offs_t < T
-    mask_f = offs_f < F
-    mask_tf = mask_t[:, None] & mask_f[None, :]
-    gate = tl.load(gate_base_ptr + offs_t[:, None] * stride_gb_t + offs_f[None, :] * stride_gb_f,
-                   mask=mask_tf, other=0.0).to(ACC_DTYPE)
-    up = tl.load(up_base_ptr + offs_t[:, None] * stride_ub_t + offs_f[None, :] * stride_ub_f,
-                 mask=mask_tf, other=0.0).to(ACC_DTYPE)
+    offs_t, offs_f, mask_t, mask_f, mask_tf = token_tile(T, F, BLOCK_T, BLOCK_F)
+    gate = load_tf(gate_base_ptr, offs_t, offs_f, mask_tf, stride_gb_t, stride_gb_f, ACC_DTYPE)
+    up = load_tf(up_base_ptr, offs_t, offs_f, mask_tf, stride_ub_t, stride_ub_f, ACC_DTYPE)
     h_c = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC_DTYPE)
     for k in range(K):
-        experts = tl.load(indices_ptr + offs_t * stride_idx_t + k * stride_idx_k,
-                          mask=mask_t, other=-1).to(tl.int64)
-        w = tl.load(weights_ptr + offs_t * stride_w_t + k * stride_w_k,
-                    mask=mask_t, other=0.0).to(ACC_DTYPE)
-        g = gate + _onehot_expand(shrink_ptr, 0, stride_sh_t, stride_sh_c, b_gate_ptr, stride_bg_e,
-                                  stride_bg_f, stride_bg_r, experts, offs_t, offs_f, mask_t, mask_f,
-                                  R, UP_OFFSET, ACC_DTYPE, DOT_DTYPE, BLOCK_T, BLOCK_F, BLOCK_C)
-        u = up + _onehot_expand(shrink_ptr, UP_OFFSET, stride_sh_t, stride_sh_c, b_up_ptr,
-                                stride_bu_e, stride_bu_f, stride_bu_r, experts, offs_t, offs_f,
-                                mask_t, mask_f, R, UP_OFFSET, ACC_DTYPE, DOT_DTYPE,
-                                BLOCK_T, BLOCK_F, BLOCK_C)
+        experts, w = load_slot(indices_ptr, weights_ptr, k, offs_t, mask_t, stride_idx_t,
+                               stride_idx_k, stride_w_t, stride_w_k, ACC_DTYPE)
+        g, u = _gate_up(gate, up, shrink_ptr, stride_sh_t, stride_sh_c, b_gate_ptr, stride_bg_e,
+                        stride_bg_f, stride_bg_r, b_up_ptr, stride_bu_e, stride_bu_f, stride_bu_r,
+                        experts, offs_t, offs_f, mask_t, mask_f, R, UP_OFFSET, ACC_DTYPE, DOT_DTYPE,
+                        BLOCK_T, BLOCK_F, BLOCK_C)
         h = tl.where(mask_tf, _act(g, ACTIVATION) * u, 0.0)
         h_c += w[:, None] * h
         # A_d (E, R, F) read as M[e, f, r]: a_d[t, e_t block] = sum_f h[t, f] A_d[e_t, r, f]
@@ -133,32 +139,20 @@ def _expert_mix_bwd_token_dot_kernel(
     """As _expert_mix_bwd_token_kernel (same outputs and maths), with one-hot tl.dots:
     q = dh_c + A_d^T b is an expand of grad_z through A_d, d(shrink) a reduce through B."""
     ACC_DTYPE = tl.float64 if ACC_FP64 else tl.float32
-    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_f = tl.program_id(1).to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F)
-    mask_t = offs_t < T
-    mask_f = offs_f < F
-    mask_tf = mask_t[:, None] & mask_f[None, :]
-    gate = tl.load(gate_base_ptr + offs_t[:, None] * stride_gb_t + offs_f[None, :] * stride_gb_f,
-                   mask=mask_tf, other=0.0).to(ACC_DTYPE)
-    up = tl.load(up_base_ptr + offs_t[:, None] * stride_ub_t + offs_f[None, :] * stride_ub_f,
-                 mask=mask_tf, other=0.0).to(ACC_DTYPE)
-    d_h_c = tl.load(grad_h_c_ptr + offs_t[:, None] * stride_dhc_t + offs_f[None, :] * stride_dhc_f,
-                    mask=mask_tf, other=0.0).to(ACC_DTYPE)
+    offs_t, offs_f, mask_t, mask_f, mask_tf = token_tile(T, F, BLOCK_T, BLOCK_F)
+    gate = load_tf(gate_base_ptr, offs_t, offs_f, mask_tf, stride_gb_t, stride_gb_f, ACC_DTYPE)
+    up = load_tf(up_base_ptr, offs_t, offs_f, mask_tf, stride_ub_t, stride_ub_f, ACC_DTYPE)
+    d_h_c = load_tf(grad_h_c_ptr, offs_t, offs_f, mask_tf, stride_dhc_t, stride_dhc_f, ACC_DTYPE)
     d_gate = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC_DTYPE)
     d_up = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC_DTYPE)
     ones = tl.full((BLOCK_T,), 1.0, ACC_DTYPE)
     for k in range(K):
-        experts = tl.load(indices_ptr + offs_t * stride_idx_t + k * stride_idx_k,
-                          mask=mask_t, other=-1).to(tl.int64)
-        w = tl.load(weights_ptr + offs_t * stride_w_t + k * stride_w_k,
-                    mask=mask_t, other=0.0).to(ACC_DTYPE)
-        g = gate + _onehot_expand(shrink_ptr, 0, stride_sh_t, stride_sh_c, b_gate_ptr, stride_bg_e,
-                                  stride_bg_f, stride_bg_r, experts, offs_t, offs_f, mask_t, mask_f,
-                                  R, UP_OFFSET, ACC_DTYPE, DOT_DTYPE, BLOCK_T, BLOCK_F, BLOCK_C)
-        u = up + _onehot_expand(shrink_ptr, UP_OFFSET, stride_sh_t, stride_sh_c, b_up_ptr,
-                                stride_bu_e, stride_bu_f, stride_bu_r, experts, offs_t, offs_f,
-                                mask_t, mask_f, R, UP_OFFSET, ACC_DTYPE, DOT_DTYPE,
-                                BLOCK_T, BLOCK_F, BLOCK_C)
+        experts, w = load_slot(indices_ptr, weights_ptr, k, offs_t, mask_t, stride_idx_t,
+                               stride_idx_k, stride_w_t, stride_w_k, ACC_DTYPE)
+        g, u = _gate_up(gate, up, shrink_ptr, stride_sh_t, stride_sh_c, b_gate_ptr, stride_bg_e,
+                        stride_bg_f, stride_bg_r, b_up_ptr, stride_bu_e, stride_bu_f, stride_bu_r,
+                        experts, offs_t, offs_f, mask_t, mask_f, R, UP_OFFSET, ACC_DTYPE, DOT_DTYPE,
+                        BLOCK_T, BLOCK_F, BLOCK_C)
         # A_d (E, R, F) read as M[e, f, r]; b = grad_z[t, e_t block]
         q = d_h_c + _onehot_expand(grad_z_ptr, 0, stride_dz_t, stride_dz_c, a_down_ptr, stride_ad_e,
                                    stride_ad_f, stride_ad_r, experts, offs_t, offs_f, mask_t, mask_f,

@@ -23,6 +23,34 @@ from ._activation_kernels import act_and_grad as _act_and_grad
 
 
 @triton.jit
+def token_tile(T, F, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr):
+    """Offsets and masks of this (token tile, F tile) program, offsets in int64."""
+    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_f = tl.program_id(1).to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F)
+    mask_t = offs_t < T
+    mask_f = offs_f < F
+    return offs_t, offs_f, mask_t, mask_f, mask_t[:, None] & mask_f[None, :]
+
+
+@triton.jit
+def load_tf(ptr, offs_t, offs_f, mask_tf, stride_t, stride_f, ACC_DTYPE: tl.constexpr):
+    """A (BLOCK_T, BLOCK_F) tile of a (T, F) tensor, converted to ACC_DTYPE."""
+    return tl.load(ptr + offs_t[:, None] * stride_t + offs_f[None, :] * stride_f,
+                   mask=mask_tf, other=0.0).to(ACC_DTYPE)
+
+
+@triton.jit
+def load_slot(indices_ptr, weights_ptr, k, offs_t, mask_t, stride_idx_t, stride_idx_k,
+              stride_w_t, stride_w_k, ACC_DTYPE: tl.constexpr):
+    """Slot k's expert (int64, -1 for rows past T) and weight (ACC_DTYPE) per token."""
+    experts = tl.load(indices_ptr + offs_t * stride_idx_t + k * stride_idx_k,
+                      mask=mask_t, other=-1).to(tl.int64)
+    w = tl.load(weights_ptr + offs_t * stride_w_t + k * stride_w_k,
+                mask=mask_t, other=0.0).to(ACC_DTYPE)
+    return experts, w
+
+
+@triton.jit
 def _gather_expand(shrink_ptr, col0, b_ptr, experts, offs_t, offs_f, offs_r, mask_t, mask_f,
                    mask_r, R, stride_sh_t, stride_sh_c, stride_b_e, stride_b_f, stride_b_r,
                    ACC_DTYPE: tl.constexpr):
@@ -60,26 +88,16 @@ def _expert_mix_fwd_kernel(
     expert's block of z (scaled by w_k).
     """
     ACC_DTYPE = tl.float64 if ACC_FP64 else tl.float32
-    pid_t = tl.program_id(0)
-    pid_f = tl.program_id(1)
-    offs_t = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_f = pid_f.to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F)
+    offs_t, offs_f, mask_t, mask_f, mask_tf = token_tile(T, F, BLOCK_T, BLOCK_F)
     offs_r = tl.arange(0, R_PAD)
-    mask_t = offs_t < T
-    mask_f = offs_f < F
     mask_r = offs_r < R
-    mask_tf = mask_t[:, None] & mask_f[None, :]
 
-    gate = tl.load(gate_base_ptr + offs_t[:, None] * stride_gb_t + offs_f[None, :] * stride_gb_f,
-                   mask=mask_tf, other=0.0).to(ACC_DTYPE)
-    up = tl.load(up_base_ptr + offs_t[:, None] * stride_ub_t + offs_f[None, :] * stride_ub_f,
-                 mask=mask_tf, other=0.0).to(ACC_DTYPE)
+    gate = load_tf(gate_base_ptr, offs_t, offs_f, mask_tf, stride_gb_t, stride_gb_f, ACC_DTYPE)
+    up = load_tf(up_base_ptr, offs_t, offs_f, mask_tf, stride_ub_t, stride_ub_f, ACC_DTYPE)
     h_c = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC_DTYPE)
     for k in range(K):
-        experts = tl.load(indices_ptr + offs_t * stride_idx_t + k * stride_idx_k,
-                          mask=mask_t, other=0).to(tl.int64)
-        w = tl.load(weights_ptr + offs_t * stride_w_t + k * stride_w_k,
-                    mask=mask_t, other=0.0).to(ACC_DTYPE)
+        experts, w = load_slot(indices_ptr, weights_ptr, k, offs_t, mask_t, stride_idx_t,
+                               stride_idx_k, stride_w_t, stride_w_k, ACC_DTYPE)
         eg, _, _ = _gather_expand(shrink_ptr, 0, b_gate_ptr, experts, offs_t, offs_f, offs_r,
                                   mask_t, mask_f, mask_r, R, stride_sh_t, stride_sh_c,
                                   stride_bg_e, stride_bg_f, stride_bg_r, ACC_DTYPE)
@@ -125,30 +143,19 @@ def _expert_mix_bwd_token_kernel(
     with dh_k = w_k q_k, dg_k = dh_k u_k act'(g_k), du_k = dh_k act(g_k).
     """
     ACC_DTYPE = tl.float64 if ACC_FP64 else tl.float32
-    pid_t = tl.program_id(0)
-    pid_f = tl.program_id(1)
-    offs_t = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_f = pid_f.to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F)
+    offs_t, offs_f, mask_t, mask_f, mask_tf = token_tile(T, F, BLOCK_T, BLOCK_F)
     offs_r = tl.arange(0, R_PAD)
-    mask_t = offs_t < T
-    mask_f = offs_f < F
     mask_r = offs_r < R
-    mask_tf = mask_t[:, None] & mask_f[None, :]
     mask_tr = mask_t[:, None] & mask_r[None, :]
 
-    gate = tl.load(gate_base_ptr + offs_t[:, None] * stride_gb_t + offs_f[None, :] * stride_gb_f,
-                   mask=mask_tf, other=0.0).to(ACC_DTYPE)
-    up = tl.load(up_base_ptr + offs_t[:, None] * stride_ub_t + offs_f[None, :] * stride_ub_f,
-                 mask=mask_tf, other=0.0).to(ACC_DTYPE)
-    d_h_c = tl.load(grad_h_c_ptr + offs_t[:, None] * stride_dhc_t + offs_f[None, :] * stride_dhc_f,
-                    mask=mask_tf, other=0.0).to(ACC_DTYPE)
+    gate = load_tf(gate_base_ptr, offs_t, offs_f, mask_tf, stride_gb_t, stride_gb_f, ACC_DTYPE)
+    up = load_tf(up_base_ptr, offs_t, offs_f, mask_tf, stride_ub_t, stride_ub_f, ACC_DTYPE)
+    d_h_c = load_tf(grad_h_c_ptr, offs_t, offs_f, mask_tf, stride_dhc_t, stride_dhc_f, ACC_DTYPE)
     d_gate = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC_DTYPE)
     d_up = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC_DTYPE)
     for k in range(K):
-        experts = tl.load(indices_ptr + offs_t * stride_idx_t + k * stride_idx_k,
-                          mask=mask_t, other=0).to(tl.int64)
-        w = tl.load(weights_ptr + offs_t * stride_w_t + k * stride_w_k,
-                    mask=mask_t, other=0.0).to(ACC_DTYPE)
+        experts, w = load_slot(indices_ptr, weights_ptr, k, offs_t, mask_t, stride_idx_t,
+                               stride_idx_k, stride_w_t, stride_w_k, ACC_DTYPE)
         eg, _, b_gate = _gather_expand(shrink_ptr, 0, b_gate_ptr, experts, offs_t, offs_f,
                                        offs_r, mask_t, mask_f, mask_r, R, stride_sh_t,
                                        stride_sh_c, stride_bg_e, stride_bg_f, stride_bg_r,
