@@ -34,6 +34,21 @@ def _check_routing(indices, num_tokens, num_experts, device):
         raise ValueError(f"K = {indices.shape[1]} must be in [1, E = {num_experts}]")
     if indices.device != device:
         raise ValueError(f"indices is on {indices.device} but x is on {device}")
+    _check_expert_range(indices, num_experts)
+
+
+def _check_expert_range(indices, num_experts):
+    """Expert ids in [0, E): checked on the host for CPU tensors; on a GPU with an async
+    device assertion (no host synchronisation); skipped while torch.compile traces."""
+    if indices.numel() == 0 or torch.compiler.is_compiling():
+        return
+    in_range = (indices.min() >= 0) & (indices.max() < num_experts)
+    if indices.device.type == "cpu":
+        if not bool(in_range):
+            raise ValueError(f"indices hold expert ids in [{int(indices.min())}, {int(indices.max())}]; "
+                             f"every id must be in [0, E = {num_experts})")
+    else:
+        torch._assert_async(in_range, f"indices must be expert ids in [0, E = {num_experts})")
 
 
 def check_activation(activation):

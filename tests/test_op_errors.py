@@ -22,6 +22,8 @@ MIX_ERRORS = {
     "indices_wrong_T": (lambda a: dict(indices=a["indices"][:3]), ValueError, r"indices must be \(T, K\)"),
     "K_above_E": (lambda a: dict(indices=torch.zeros(5, 4, dtype=torch.long), weights=torch.ones(5, 4)),
                   ValueError, r"K = 4 must be in \[1, E = 3\]"),
+    "expert_id_out_of_range": (lambda a: dict(indices=a["indices"].clone().fill_(3)), ValueError,
+                               r"every id must be in \[0, E = 3\)"),
     "x_3d": (lambda a: dict(x=a["x"][None]), ValueError, "flatten batch"),
     "lora_b_gate_shape": (lambda a: dict(lora_b_gate=a["lora_b_gate"][:, :6]), ValueError,
                           r"lora_b_gate must have shape \(3, 7, 2\)"),

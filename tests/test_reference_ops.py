@@ -160,3 +160,17 @@ def test_backend_selection(monkeypatch):
         resolve_backend("auto", torch.device("cpu"))
     monkeypatch.setenv("GMOE_BACKEND", "reference")
     assert resolve_backend("triton", torch.device("cpu")) == "reference"
+
+
+def test_repeated_expert_in_one_token_counts_twice():
+    """Not from top-k, but a caller may pass it: both slots contribute, as in the per-pair maths."""
+    x, frozen, lora, indices, weights = expert_problem(T=6, E=4, K=2)
+    indices = indices.clone()
+    indices[:, 1] = indices[:, 0]
+    y_fast = _ffn("fast", x, frozen, lora, indices, weights, "silu")
+    y_loop = _ffn("loop", x, frozen, lora, indices, weights, "silu")
+    assert_close(y_fast, y_loop, name="y")
+    inputs = [x, weights, *lora.values()]
+    for a, b in zip(torch.autograd.grad(y_fast.sum(), inputs),
+                    torch.autograd.grad(y_loop.sum(), inputs, allow_unused=True)):
+        assert_close(a, torch.zeros_like(a) if b is None else b, name="grad")

@@ -308,3 +308,29 @@ def test_expand_mode_choice(monkeypatch):
     monkeypatch.setenv("GMOE_EXPAND", "fused")
     with pytest.raises(ValueError, match="GMOE_EXPAND"):
         triton_expert_ffn.expand_mode(8, 16)
+
+
+def test_repeated_expert_in_one_token_matches_reference():
+    torch.manual_seed(5)
+    T, H, F, E, K, R = 8, 16, 24, 4, 2, 2
+    x = torch.randn(T, H, dtype=torch.float64, requires_grad=True)
+    gate_base, up_base = torch.randn(T, F, dtype=torch.float64), torch.randn(T, F, dtype=torch.float64)
+    lora = [torch.randn(*s, dtype=torch.float64, requires_grad=True)
+            for s in [(E, R, H), (E, F, R), (E, R, H), (E, F, R), (E, R, F)]]
+    indices = torch.randint(0, E, (T, 1)).repeat(1, K)
+    weights = torch.rand(T, K, dtype=torch.float64)
+    args = (x, gate_base, up_base, *lora, indices, weights, 0.5, "silu")
+    for a, b in zip(functional.expert_mix(*args, backend="triton"), functional.expert_mix(*args, backend="reference")):
+        assert_close(a, b, name="out")
+    got = torch.autograd.grad(sum(o.sum() for o in functional.expert_mix(*args, backend="triton")), [x, *lora])
+    want = torch.autograd.grad(sum(o.sum() for o in functional.expert_mix(*args, backend="reference")), [x, *lora])
+    for a, b in zip(got, want):
+        assert_close(a, b, name="grad")
+
+
+def test_auto_mode_uses_dot_only_for_matching_half_dtypes(monkeypatch):
+    monkeypatch.delenv("GMOE_EXPAND")
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert triton_expert_ffn.expand_mode(8, 16, (bf16, bf16, bf16, bf16)) == "dot"
+    assert triton_expert_ffn.expand_mode(8, 16, (bf16, fp32, fp32, fp32)) == "gather"
+    assert triton_expert_ffn.expand_mode(8, 16, (fp32,) * 4) == "gather"

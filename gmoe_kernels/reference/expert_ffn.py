@@ -25,6 +25,12 @@ def _shrink(x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
     return (x @ lora_a.reshape(num_experts * rank, hidden).t()).view(-1, num_experts, rank)
 
 
+def _add_rows(target, tok, e, rows):
+    """target[tok, e] += rows, summing repeats: a token that lists expert e in two slots
+    (never from top-k, possible from a caller) contributes twice, as in the per-pair maths."""
+    target.index_put_((tok, torch.full_like(tok, e)), rows, accumulate=True)
+
+
 def _expert_groups(indices: torch.Tensor, num_experts: int):
     """Yield (expert, token ids, pair ids) for every expert that received tokens."""
     plan = make_routing_plan(indices, num_experts)
@@ -67,7 +73,7 @@ class ExpertMixFunction(torch.autograd.Function):
             u = up_base[tok].to(f32) + scaling * shrink_u[tok, e] @ lora_b_up[e].to(f32).t()
             h = act(activation, g) * u
             h_c.index_add_(0, tok, w * h)
-            z[tok, e] = w * (h @ lora_a_down[e].to(f32).t())
+            _add_rows(z, tok, e, w * (h @ lora_a_down[e].to(f32).t()))
         ctx.save_for_backward(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up,
                               lora_b_up, lora_a_down, indices, weights)
         ctx.scaling, ctx.activation = scaling, activation
@@ -113,8 +119,8 @@ class ExpertMixFunction(torch.autograd.Function):
             d_up_base.index_add_(0, tok, du)
             d_b_g[e] = s * dg.t() @ sg
             d_b_u[e] = s * du.t() @ su
-            d_shrink_g[tok, e] = s * dg @ b_g[e]
-            d_shrink_u[tok, e] = s * du @ b_u[e]
+            _add_rows(d_shrink_g, tok, e, s * dg @ b_g[e])
+            _add_rows(d_shrink_u, tok, e, s * du @ b_u[e])
         flat_g = d_shrink_g.view(num_tokens, num_experts * rank)
         flat_u = d_shrink_u.view(num_tokens, num_experts * rank)
         d_x = flat_g @ a_g.reshape(num_experts * rank, -1) + flat_u @ a_u.reshape(num_experts * rank, -1)

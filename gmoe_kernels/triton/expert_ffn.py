@@ -34,8 +34,8 @@ Block sizes: R is padded inside the kernels with masks, to R_PAD = max(2, next_p
 token kernels and max(16, next_pow2(R)) in the per-expert kernel (tl.dot's smallest block).
 Under TRITON_INTERPRET=1 a single fixed config runs (BLOCK_T 16, BLOCK_F 32, BLOCK_P 16);
 on a GPU `triton.autotune` picks among configs keyed on (F, K, R_PAD), pruned so a token
-program's gathered [BLOCK_T, BLOCK_F, R_PAD] tile stays at most 8K elements (the smallest
-config when none fits), with the atomic buffers reset to zero between trials. The GPU
+program's gathered [BLOCK_T, BLOCK_F, R_PAD] tile stays within the spill-free sizes below (the
+smallest config when none fits), with the atomic buffers reset to zero between trials. The GPU
 configs are a first guess, not yet timed on a GPU.
 """
 import os
@@ -51,7 +51,10 @@ from . import _expert_ffn_dot_kernels as dot_kernels
 from . import _expert_ffn_kernels as kernels
 from .routing import make_routing_plan, new_output
 
-_MAX_GATHER_TILE = 8192  # elements of one gathered [BLOCK_T, BLOCK_F, R_PAD] tile
+# Elements of one gathered [BLOCK_T, BLOCK_F, R_PAD] tile that compile without register
+# spills at sm_90 per ptxas (bf16): about 2048 in the forward, 1024 in the backward.
+_MAX_GATHER_TILE_FWD = 2048
+_MAX_GATHER_TILE_BWD = 1024
 
 
 def _token_configs():
@@ -59,7 +62,7 @@ def _token_configs():
         return [triton.Config({"BLOCK_T": 16, "BLOCK_F": 32}, num_warps=4)]
     # Few configs: autotuning compiles each one, and a GPU check has minutes, not hours.
     return [triton.Config({"BLOCK_T": bt, "BLOCK_F": bf}, num_warps=4, num_stages=2)
-            for bt, bf in ((8, 32), (16, 32), (32, 16), (16, 64))]
+            for bt, bf in ((4, 16), (8, 16), (8, 32), (16, 32), (32, 16), (16, 64))]
 
 
 def _expert_configs():
@@ -69,63 +72,85 @@ def _expert_configs():
             for bp, bf in ((32, 64), (64, 64), (32, 128), (64, 32))]
 
 
-def _prune_token_configs(configs, named_args, **kwargs):
-    r_pad = kwargs.get("R_PAD", named_args.get("R_PAD"))
-    kept = [c for c in configs
-            if c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_F"] * r_pad <= _MAX_GATHER_TILE]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_F"])]
+def _gather_prune(limit):
+    """Keep configs whose gathered [BLOCK_T, BLOCK_F, R_PAD] tile fits `limit` elements."""
+    def prune(configs, named_args, **kwargs):
+        r_pad = kwargs.get("R_PAD", named_args.get("R_PAD"))
+        kept = [c for c in configs if c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_F"] * r_pad <= limit]
+        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_F"])]
+    return prune
 
 
 _fwd_kernel = triton.autotune(
     configs=_token_configs(), key=["F", "K", "R_PAD"], reset_to_zero=["z_ptr"],
-    prune_configs_by={"early_config_prune": _prune_token_configs},
+    prune_configs_by={"early_config_prune": _gather_prune(_MAX_GATHER_TILE_FWD)},
 )(kernels._expert_mix_fwd_kernel)
 
 _bwd_token_kernel = triton.autotune(
     configs=_token_configs(), key=["F", "K", "R_PAD"],
     reset_to_zero=["d_shrink_ptr", "d_weights_ptr"],
-    prune_configs_by={"early_config_prune": _prune_token_configs},
+    prune_configs_by={"early_config_prune": _gather_prune(_MAX_GATHER_TILE_BWD)},
 )(kernels._expert_mix_bwd_token_kernel)
 
 def _dot_configs():
     if interpreting():
         return [triton.Config({"BLOCK_T": 16, "BLOCK_F": 32, "BLOCK_C": 16}, num_warps=4)]
-    return [triton.Config({"BLOCK_T": 64, "BLOCK_F": bf, "BLOCK_C": bc}, num_warps=4, num_stages=2)
-            for bf in (64, 128) for bc in (32, 64)]
+    # Spill-free at sm_90 per ptxas (bf16): (32, 64, 32|16) with 8 warps; (64, 64, 32) spills little.
+    return [triton.Config({"BLOCK_T": bt, "BLOCK_F": 64, "BLOCK_C": bc}, num_warps=8, num_stages=2)
+            for bt, bc in ((32, 32), (32, 16), (64, 32))]
+
+
+def _prune_dot_configs(configs, named_args, **kwargs):
+    """No column chunk wider than the E·R columns there are (E 8, R 2 has 16)."""
+    widest = max(16, triton.next_power_of_2(kwargs.get("UP_OFFSET", named_args.get("UP_OFFSET"))))
+    kept = [c for c in configs if c.kwargs["BLOCK_C"] <= widest]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_C"])]
 
 
 _fwd_dot_kernel = triton.autotune(
     configs=_dot_configs(), key=["F", "K", "UP_OFFSET"], reset_to_zero=["z_ptr"],
+    prune_configs_by={"early_config_prune": _prune_dot_configs},
 )(dot_kernels._expert_mix_fwd_dot_kernel)
 
 _bwd_token_dot_kernel = triton.autotune(
     configs=_dot_configs(), key=["F", "K", "UP_OFFSET"],
     reset_to_zero=["d_shrink_ptr", "d_weights_ptr"],
+    prune_configs_by={"early_config_prune": _prune_dot_configs},
 )(dot_kernels._expert_mix_bwd_token_dot_kernel)
 
 EXPAND_MODES = ("gather", "dot")
 _DOT_MAX_COLUMNS = 512  # E·R above which the one-hot dots' extra FLOPs outweigh the gather
 
 
-def expand_mode(num_experts: int, rank: int) -> str:
+_HALF = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def expand_mode(num_experts: int, rank: int, dtypes=(torch.bfloat16,)) -> str:
     """Which token kernels run: "dot" (one-hot tl.dot against all experts' stacked LoRA
-    matrices) while E·R is small, else "gather" (per-token rows, CUDA-core reduction over R).
-    The env var GMOE_EXPAND=gather|dot forces one (benchmarks compare both). The threshold
-    is a first estimate from FLOP and byte counts, not yet timed on a GPU."""
+    matrices, on tensor cores) while E·R is small and x and the LoRA weights share one 16-bit
+    dtype; else "gather" (per-token rows, CUDA-core reduction over R, all in fp32). fp32 data
+    would either lose precision in 16-bit dots or pay E× the FLOPs in IEEE fp32 dots.
+    GMOE_EXPAND=gather|dot forces one (tests and benchmarks run both). The E·R threshold is a
+    first estimate from FLOP and byte counts, not yet timed on a GPU."""
     forced = os.environ.get("GMOE_EXPAND")
     if forced:
         if forced not in EXPAND_MODES:
             raise ValueError(f"GMOE_EXPAND={forced!r}; choose one of {EXPAND_MODES}")
         return forced
-    return "dot" if num_experts * rank <= _DOT_MAX_COLUMNS else "gather"
+    same_half = len(set(dtypes)) == 1 and next(iter(dtypes)) in _HALF
+    return "dot" if same_half and num_experts * rank <= _DOT_MAX_COLUMNS else "gather"
 
 
-def _token_kernel_launch(kernel_gather, kernel_dot, mode, x_dtype, acc):
-    """(kernel, extra constexprs) for the chosen token-kernel variant."""
+def _token_kernel_launch(kernel_gather, kernel_dot, mode, dtypes, acc):
+    """(kernel, extra constexprs) for the chosen token-kernel variant. The dots run in the
+    16-bit dtype only when every operand has it; otherwise in the accumulation dtype (IEEE)."""
     if mode == "gather":
         return kernel_gather, {}
-    dot_dtype = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(
-        x_dtype, tl.float64 if acc == torch.float64 else tl.float32)
+    dtypes = set(dtypes)
+    if len(dtypes) == 1 and next(iter(dtypes)) in _HALF:
+        dot_dtype = _HALF[next(iter(dtypes))]
+    else:
+        dot_dtype = tl.float64 if acc == torch.float64 else tl.float32
     return kernel_dot, {"DOT_DTYPE": dot_dtype}
 
 
@@ -199,8 +224,9 @@ def expert_mix_forward(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_u
     if num_tokens == 0 or size_f == 0 or top_k == 0:
         return h_c.zero_(), z.to(x.dtype)
     shrink = _scaled_shrink(x, lora_a_gate, lora_a_up, scaling, acc)
+    dtypes = (x.dtype, lora_b_gate.dtype, lora_b_up.dtype, lora_a_down.dtype)
     kernel, extra = _token_kernel_launch(_fwd_kernel, _fwd_dot_kernel,
-                                         expand_mode(num_experts, rank), x.dtype, acc)
+                                         expand_mode(num_experts, rank, dtypes), dtypes, acc)
     kernel[_token_grid(num_tokens, size_f)](
         gate_base, up_base, shrink, lora_b_gate, lora_b_up, lora_a_down, indices, weights,
         h_c, z,
@@ -241,8 +267,9 @@ def expert_mix_backward(grad_h_c, grad_z, x, gate_base, up_base, lora_a_gate, lo
     r_pad = _r_pad(rank)
     common = _common_args(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down)
     if num_tokens > 0 and size_f > 0 and top_k > 0:
+        dtypes = (x.dtype, lora_b_gate.dtype, lora_b_up.dtype, lora_a_down.dtype)
         kernel, extra = _token_kernel_launch(_bwd_token_kernel, _bwd_token_dot_kernel,
-                                             expand_mode(num_experts, rank), x.dtype, acc)
+                                             expand_mode(num_experts, rank, dtypes), dtypes, acc)
         kernel[_token_grid(num_tokens, size_f)](
             gate_base, up_base, shrink, lora_b_gate, lora_b_up, lora_a_down, indices, weights,
             grad_h_c, grad_z, d_gate_base, d_up_base, d_shrink, d_weights,
