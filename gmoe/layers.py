@@ -68,7 +68,7 @@ class GMoEMLP(nn.Module):
         self.activation = activation
         self.config = config
         self.scaling = config.scaling
-        gate, down = base_layer.gate_proj, base_layer.down_proj
+        gate = base_layer.gate_proj
         hidden, inter = gate.in_features, gate.out_features
         device = gate.weight.device
         E, r = config.num_experts, config.r

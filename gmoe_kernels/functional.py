@@ -6,7 +6,6 @@ R LoRA rank, G router width, L router layers. `backend` is "auto" | "reference" 
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from . import reference
