@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo bench bench-quick gpu-check clean
+.PHONY: install lint test demo bench bench-quick gpu-check clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,10 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-test: install
+lint: install
+	$(BIN)/python -m ruff check gmoe gmoe_kernels benchmarks tests examples
+
+test: install lint
 	$(BIN)/python -m pytest tests -n 2 --durations=15
 
 demo: install
