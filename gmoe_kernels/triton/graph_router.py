@@ -56,8 +56,8 @@ def _config(num_experts: int, width: int, num_tokens: int, device: torch.device)
 
     BLOCK_M rows hold floor(BLOCK_M / (E+1)) tokens' (E+1) nodes each: 64 rows for
     E+1 ≤ 32, 128 for E+1 ≤ 128 (≥ 2 tokens a tile up to E+1 = 64, one beyond), else
-    next_pow2(E+1). BLOCK_N = BLOCK_K tile G: min(64, next_pow2(G)) on a GPU, 16 under the
-    interpreter (so small test widths still take several column blocks). Programs: a
+    next_pow2(E+1). BLOCK_N = BLOCK_K = 16 tile G (spill-free at sm_90 per ptxas; small test widths
+    still take several column blocks under the interpreter). Programs: a
     persistent grid of min(#tiles, 2 × #SMs) (2 under the interpreter); scratch is
     #programs × slots × BLOCK_M × G in the compute dtype.
     """
@@ -69,9 +69,11 @@ def _config(num_experts: int, width: int, num_tokens: int, device: torch.device)
         max_programs = _INTERPRETER_PROGRAMS
         num_warps = 4
     else:
-        block_g = min(64, max(16, triton.next_power_of_2(width)))
+        # 16-wide column blocks and more warps: per ptxas at sm_90, 64-wide blocks spilled
+        # heavily and the E=32 backward asked for more shared memory than a block may have.
+        block_g = 16
         max_programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-        num_warps = 4 if block_m <= 64 else 8
+        num_warps = 8 if block_m <= 64 else 16
     tokens_per_tile = block_m // num_nodes
     num_tiles = triton.cdiv(num_tokens, tokens_per_tile)
     num_programs = max(1, min(num_tiles, max_programs))
