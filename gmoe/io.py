@@ -1,4 +1,9 @@
-"""Atomic writes: an interrupted save never leaves a half-written adapter file."""
+"""Adapter files on disk: atomic writes, and strict reads that either load everything or nothing.
+
+An interrupted save never leaves a half-written adapter file; a truncated, tampered or
+mismatched adapter file raises a ValueError naming the file and the problem, before any
+tensor of the model is touched.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -6,6 +11,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 
 @contextlib.contextmanager
@@ -32,3 +41,68 @@ def atomic_save_dir(path, file_names):
             os.replace(tmp / name, target / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_safetensors(path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file (on the CPU), or a ValueError saying the file is bad.
+
+    safetensors parses a JSON header and checks that the tensors' byte ranges tile the file
+    exactly, so a truncated file or a header whose shapes or dtypes disagree with the data
+    fails here; a header edited consistently (another dtype of the same width, a transposed
+    shape) loads and is caught by `check_adapter_state`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the adapter folder is incomplete; save it again")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{path} is corrupt or not a safetensors file ({err}); save the adapter again") from err
+
+
+def check_adapter_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise a ValueError unless `state` has exactly the keys of `expected`, each with the same
+    shape, the same kind of dtype (floating or bool) and, for floats, only finite values.
+
+    A float adapter may be stored in another float width (an adapter kept in the base dtype);
+    an integer tensor where a float is expected means the file was tampered with, and a
+    silent cast would load garbage.
+    """
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{source} does not fit this model: missing keys {missing[:5]}"
+                         f"{'…' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
+                         f"{'…' if len(unexpected) > 5 else ''}. Was it saved from the same base model "
+                         "and GMoE config?")
+    for key, want in expected.items():
+        value = state[key]
+        if value.shape != want.shape:
+            raise ValueError(f"{source}: {key} has shape {tuple(value.shape)} but this model expects "
+                             f"{tuple(want.shape)}; the adapter was made for another base model or config")
+        if _kind(value) != _kind(want):
+            raise ValueError(f"{source}: {key} has dtype {value.dtype} but this model expects {want.dtype}; "
+                             "the file is corrupt or was not written by save_pretrained")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(f"{source}: {key} holds NaN or infinite values; the adapter is corrupt")
+
+
+def _kind(tensor: torch.Tensor) -> str:
+    if tensor.dtype == torch.bool:
+        return "bool"
+    return "floating" if tensor.is_floating_point() else "integer"
+
+
+def load_adapter_into(model, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `state` into a GMoEModel's adapters, all or nothing.
+
+    Everything is checked first; if the copy still fails half-way (e.g. interrupted), the
+    adapters are put back as they were.
+    """
+    current = model.adapter_state_dict()
+    check_adapter_state(current, state, source)
+    snapshot = {k: v.clone() for k, v in current.items()}
+    try:
+        model.load_adapter_state_dict(state, source=source)
+    except BaseException:
+        model.load_adapter_state_dict(snapshot, source="the adapters before the failed load")
+        raise
