@@ -13,6 +13,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_TYPE = "GMOE"
 FORMAT_VERSION = 1
 ROUTERS = ("graph", "linear")
+ADAPTER_DTYPES = ("float32", "base")
 EXPERT_MODULES = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -42,6 +43,7 @@ class GMoEConfig:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     expert_modules: list[str] = field(default_factory=lambda: list(EXPERT_MODULES))
     token_init_gain: float = 100.0
+    adapter_dtype: str = "float32"
     backend: str = "auto"
     base_model_name_or_path: str | None = None
 
@@ -78,6 +80,8 @@ class GMoEConfig:
         for name in ("poisson_loss_coef", "normal_loss_coef", "aux_loss_coef"):
             number(name, 0.0)
         number("token_init_gain", 0.0, low_open=True)
+        if self.adapter_dtype not in ADAPTER_DTYPES:
+            _fail("adapter_dtype", self.adapter_dtype, f"choose one of {ADAPTER_DTYPES}")
         if self.backend not in BACKENDS:
             _fail("backend", self.backend, f"choose one of {BACKENDS}")
         for name in ("target_modules", "expert_modules"):

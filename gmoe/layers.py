@@ -1,10 +1,14 @@
 """Injected modules: a plain LoRA linear and the GMoE mixture-of-LoRA-experts MLP.
 
 Both hold references to the frozen base modules (never copies) and give them back on unload.
-Adapter parameters are kept in fp32 (as PEFT does) and cast to the activations' dtype per call.
+They call the base modules (never their raw weights), so quantized bases (bitsandbytes) and
+Accelerate's hooks on them work. Dtype policy (DESIGN.md, "Dtypes"): adapters are created in
+fp32 by default (`adapter_dtype="base"`: the base weights' dtype) and cast to the activations'
+dtype per call; the router, λ, σ and the running load stay fp32 under any `.to(dtype)`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -15,23 +19,57 @@ from gmoe_kernels import functional
 from .config import EXPERT_MODULES, GMoEConfig
 from .router import GraphRouter, LinearRouter
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def adapter_dtype(base_layer: nn.Module, config: GMoEConfig) -> torch.dtype:
+    """The dtype new adapter weights get: fp32, or the base weights' if floating (not quantized)."""
+    weight_dtype = base_layer.weight.dtype
+    if config.adapter_dtype == "base" and weight_dtype.is_floating_point:
+        return weight_dtype
+    return torch.float32
+
+
+def _autocast_off(device: torch.device):
+    """A region where autocast does not recast: the router and the fused mix choose their dtypes."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
 
 class LoRALinear(nn.Module):
     """y = base(x) + s · B A dropout(x), with lora_A (R, in) Kaiming-uniform and lora_B (out, R) zero."""
 
-    def __init__(self, base_layer: nn.Linear, r: int, lora_alpha: float, lora_dropout: float):
+    def __init__(self, base_layer: nn.Linear, r: int, lora_alpha: float, lora_dropout: float,
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
         self.base_layer = base_layer
         self.scaling = lora_alpha / r
-        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=base_layer.weight.device)
-        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=base_layer.weight.device)
+        device = base_layer.weight.device
+        self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=device, dtype=dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.disabled = False  # set by GMoEModel.disable_adapter()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.disabled:
+            return out
         lora = self.lora_B(self.lora_A(self.lora_dropout(x).to(self.lora_A.weight.dtype)))
-        return self.base_layer(x) + (self.scaling * lora).to(x.dtype)
+        return out + (self.scaling * lora).to(out.dtype)
+
+    def merged_base(self) -> nn.Linear:
+        """The base linear with s · B A added to its weight (in place), for merge_attention()."""
+        weight = self.base_layer.weight
+        if not weight.dtype.is_floating_point:
+            raise ValueError(f"cannot merge a LoRA into a {type(self.base_layer).__name__} with {weight.dtype} "
+                             "weights (quantized?): keep the adapter unmerged, or merge into a dequantized copy")
+        with torch.no_grad():
+            delta = self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+            weight.add_(delta.to(weight.dtype))
+        return self.base_layer
 
 
 class ExpertLoRA(nn.Module):
@@ -41,12 +79,14 @@ class ExpertLoRA(nn.Module):
     the fused op sees the same layout either way.
     """
 
-    def __init__(self, num_experts, r, in_features, out_features, trainable=True, device=None):
+    def __init__(self, num_experts, r, in_features, out_features, trainable=True, device=None,
+                 dtype=torch.float32):
         super().__init__()
         a = torch.empty(num_experts, r, in_features, device=device)
         for e in range(num_experts):
             nn.init.kaiming_uniform_(a[e], a=math.sqrt(5))
-        b = torch.zeros(num_experts, out_features, r, device=device)
+        a = a.to(dtype)
+        b = torch.zeros(num_experts, out_features, r, device=device, dtype=dtype)
         if trainable:
             self.lora_A, self.lora_B = nn.Parameter(a), nn.Parameter(b)
         else:
@@ -70,31 +110,41 @@ class GMoEMLP(nn.Module):
         self.scaling = config.scaling
         gate = base_layer.gate_proj
         hidden, inter = gate.in_features, gate.out_features
-        device = gate.weight.device
+        device, dtype = gate.weight.device, adapter_dtype(gate, config)
         E, r = config.num_experts, config.r
         shapes = {"gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
         self.experts = nn.ModuleDict({
-            name: ExpertLoRA(E, r, *shapes[name], trainable=name in config.expert_modules, device=device)
+            name: ExpertLoRA(E, r, *shapes[name], trainable=name in config.expert_modules, device=device,
+                             dtype=dtype)
             for name in EXPERT_MODULES})
+        coefs = dict(poisson_loss_coef=config.poisson_loss_coef, normal_loss_coef=config.normal_loss_coef)
         if config.router == "graph":
             self.router = GraphRouter(hidden, E, config.top_k, config.gcn_dim, config.gcn_layers,
                                       config.edge_density, activation, config.token_init_gain,
-                                      build_graph=build_graph).to(device)
+                                      build_graph=build_graph, **coefs).to(device)
         else:
-            self.router = LinearRouter(hidden, E, config.top_k).to(device)
+            self.router = LinearRouter(hidden, E, config.top_k, **coefs).to(device)
         self.register_buffer("expert_load", torch.zeros(E, device=device))
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.last_routing = None
+        self.disabled = False  # set by GMoEModel.disable_adapter()
 
     def _apply(self, fn, recurse=True):
-        # A running count must stay fp32: in bf16 it stops growing after a few hundred steps.
+        # The router (gain-100 token projection, λ, σ) loses top-k decisions in half precision,
+        # and a half-precision running count stops growing after a few hundred steps: both stay
+        # fp32 whatever `.to(dtype)` / `.half()` / `.bfloat16()` asked for (fp64 is kept).
         super()._apply(fn, recurse)
-        if self.expert_load.dtype != torch.float32:
-            self.expert_load = self.expert_load.float()
+        for tensor in (*self.router.parameters(), *self.router.buffers(), self.expert_load):
+            if tensor.dtype in HALF_DTYPES:
+                self.router.float()
+                self.expert_load = self.expert_load.float()
+                break
         return self
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
+        if self.disabled:
+            return base(hidden_states)
         shape = hidden_states.shape
         if shape[-1] != base.gate_proj.in_features:
             raise ValueError(f"GMoEMLP expects hidden size {base.gate_proj.in_features}, got input of shape {tuple(shape)}")
@@ -103,22 +153,27 @@ class GMoEMLP(nn.Module):
                              f"{base.gate_proj.weight.device}; move the model or the input")
         x = hidden_states.reshape(-1, shape[-1])
         backend = self.config.backend
-        # The router runs in fp32 on fp32 weights (the gain-100 token projection loses
-        # top-k decisions when rounded to bf16); it is a small part of the layer's cost.
-        logits, probs, indices, weights = self.router(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x,
-                                                      backend=backend)
+        with _autocast_off(x.device):
+            # The router runs in fp32 on fp32 weights (the gain-100 token projection loses
+            # top-k decisions when rounded to bf16); it is a small part of the layer's cost.
+            router_input = x.float() if x.dtype in HALF_DTYPES else x
+            logits, probs, indices, weights = self.router(router_input, backend=backend)
         # Checkpointing recomputes this forward inside backward: keep the first call's record.
         if torch._C._current_graph_task_id() == -1:
             self.last_routing = (probs, indices, weights)
-        dtype = x.dtype
+        # The frozen projections run as modules (quantized or hooked bases work, and under
+        # autocast they choose the compute dtype); everything in between is the fused mix.
+        gate_base, up_base = base.gate_proj(x), base.up_proj(x)
+        dtype = gate_base.dtype
         ex = self.experts
         lora_input = self.lora_dropout(x) if self.training else x
-        y = functional.expert_ffn(
-            x, base.gate_proj.weight, base.up_proj.weight, base.down_proj.weight,
-            ex["gate_proj"].lora_A.to(dtype), ex["gate_proj"].lora_B.to(dtype),
-            ex["up_proj"].lora_A.to(dtype), ex["up_proj"].lora_B.to(dtype),
-            ex["down_proj"].lora_A.to(dtype), ex["down_proj"].lora_B.to(dtype),
-            indices, weights, self.scaling, self.activation,
-            gate_bias=base.gate_proj.bias, up_bias=base.up_proj.bias, down_bias=base.down_proj.bias,
-            lora_input=lora_input, backend=backend)
-        return y.view(shape)
+        with _autocast_off(x.device):
+            h_c, z = functional.expert_mix(
+                lora_input.to(dtype), gate_base, up_base.to(dtype),
+                ex["gate_proj"].lora_A.to(dtype), ex["gate_proj"].lora_B.to(dtype),
+                ex["up_proj"].lora_A.to(dtype), ex["up_proj"].lora_B.to(dtype),
+                ex["down_proj"].lora_A.to(dtype), indices, weights, self.scaling, self.activation,
+                backend=backend)
+            down_lora = functional.stacked_down_lora(z, ex["down_proj"].lora_B.to(dtype), self.scaling)
+        y = base.down_proj(h_c)
+        return (y + down_lora.to(y.dtype)).view(*shape[:-1], y.shape[-1])

@@ -18,16 +18,28 @@ def poisson_target(num_experts: int, rate: torch.Tensor) -> torch.Tensor:
     return torch.softmax(log_pmf, dim=0)  # = pmf / sum(pmf), computed stably
 
 
-def poisson_distinction_loss(probs: torch.Tensor, rate: torch.Tensor, mask: torch.Tensor | None = None):
-    """D = mean over tokens of sum_i q_i |log(q_i / (p↓_i + 1e-16))|, p↓ each token's sorted probs."""
-    probs = probs.float()
-    if mask is not None:
-        probs = probs[mask]
-    if probs.shape[0] == 0:
-        return probs.sum() * 0.0
+def poisson_distinction_sum(probs: torch.Tensor, rate: torch.Tensor, mask: torch.Tensor | None = None):
+    """Sum over non-padding tokens of sum_i q_i |log(q_i / (p↓_i + 1e-16))|, p↓ each token's sorted probs.
+
+    A sum, not a mean, so that data-parallel ranks can add their parts before dividing by the
+    global token count. Returns a () fp32 tensor.
+    """
     q = poisson_target(probs.shape[1], rate)
-    p_sorted = torch.sort(probs, dim=1, descending=True).values
-    return (q * torch.log(q / (p_sorted + 1e-16)).abs()).sum(dim=1).mean()
+    p_sorted = torch.sort(probs.float(), dim=1, descending=True).values
+    per_token = (q * torch.log(q / (p_sorted + 1e-16)).abs()).sum(dim=1)
+    return per_token.sum() if mask is None else (per_token * mask.to(per_token.dtype)).sum()
+
+
+def poisson_distinction_loss(probs: torch.Tensor, rate: torch.Tensor, mask: torch.Tensor | None = None):
+    """D = mean over non-padding tokens of the per-token Poisson distinction (0 for no tokens)."""
+    return poisson_distinction_sum(probs, rate, mask) / token_count(probs, mask).clamp_min(1.0)
+
+
+def token_count(probs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """() fp32: the number of non-padding tokens."""
+    if mask is None:
+        return torch.tensor(float(probs.shape[0]), device=probs.device)
+    return mask.float().sum()
 
 
 def normal_target(num_experts: int, std: torch.Tensor) -> torch.Tensor:
@@ -48,13 +60,25 @@ def batch_load(probs_topk: torch.Tensor, indices: torch.Tensor, num_experts: int
     return load.index_add(0, indices.reshape(-1), p.reshape(-1))
 
 
-def global_load(local: torch.Tensor) -> torch.Tensor:
-    """Sum the batch load over data-parallel ranks, keeping the gradient of this rank's part."""
+def global_sums(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sum every tensor of `parts` over data-parallel ranks, in one all-reduce.
+
+    Value: the global sum, the same on every rank. Gradient: world_size × this rank's part.
+    A loss that is a nonlinear function of batch-global statistics (the Normal loss of the
+    global load, the Switch loss, a mean over the global token count) can differentiate only
+    this rank's share; the engine (DDP, FSDP, DeepSpeed, Accelerate) then averages gradients
+    over ranks, so the share's gradient is weighted by world_size to give exactly what one
+    process computes on the concatenated batch (DESIGN.md, "Data parallelism").
+    """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return local
-    total = local.detach().clone()
+        return parts
+    names = list(parts)
+    flat = torch.cat([parts[n].float().reshape(-1) for n in names])
+    total = flat.detach().clone()
     dist.all_reduce(total)
-    return local + (total - local.detach())
+    summed = total + dist.get_world_size() * (flat - flat.detach())
+    pieces = summed.split([parts[n].numel() for n in names])
+    return {n: piece.view(parts[n].shape) for n, piece in zip(names, pieces)}
 
 
 def normal_balance_loss(load_now: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -65,14 +89,21 @@ def normal_balance_loss(load_now: torch.Tensor, std: torch.Tensor) -> torch.Tens
     return (n * torch.log(n / (c_hat + 1e-8)).abs()).sum()
 
 
+def switch_stats(probs: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None = None):
+    """(2, E) fp32 sums over non-padding tokens: row 0 the routed slots per expert, row 1 the probabilities."""
+    probs = probs.float()
+    keep = torch.ones(probs.shape[0], device=probs.device) if mask is None else mask.float()
+    routed = torch.zeros(probs.shape[1], device=probs.device).index_add(
+        0, indices.reshape(-1), keep.repeat_interleave(indices.shape[1]))
+    return torch.stack([routed, (probs * keep.unsqueeze(1)).sum(0)])
+
+
+def switch_loss_from_stats(stats: torch.Tensor, tokens: torch.Tensor, top_k: int) -> torch.Tensor:
+    """E · sum_e f_e · P_e with f_e = routed_e / (tokens · K) and P_e = prob_sum_e / tokens (0 for no tokens)."""
+    tokens = tokens.clamp_min(1.0)
+    return stats.shape[1] * ((stats[0] / (tokens * top_k)) * (stats[1] / tokens)).sum()
+
+
 def switch_loss(probs: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None = None):
     """Switch/Mixtral load balancing: E · sum_e f_e · P_e (f_e: fraction of routed slots, P_e: mean prob)."""
-    probs = probs.float()
-    if mask is not None:
-        probs, indices = probs[mask], indices[mask]
-    if probs.shape[0] == 0:
-        return probs.sum() * 0.0
-    num_experts = probs.shape[1]
-    routed = torch.zeros(num_experts, device=probs.device).index_add(
-        0, indices.reshape(-1), torch.ones(indices.numel(), device=probs.device))
-    return num_experts * ((routed / indices.numel()) * probs.mean(0)).sum()
+    return switch_loss_from_stats(switch_stats(probs, indices, mask), token_count(probs, mask), indices.shape[1])

@@ -6,6 +6,7 @@ original modules back. Unknown attributes go to the wrapped model, as with PeftM
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import warnings
@@ -20,7 +21,7 @@ from gmoe_kernels.activations import ACTIVATIONS, act, canonical_activation
 
 from . import losses
 from .config import CONFIG_NAME, WEIGHTS_NAME, GMoEConfig
-from .layers import GMoEMLP, LoRALinear
+from .layers import GMoEMLP, LoRALinear, adapter_dtype
 from .topology import warn_if_twins
 
 SUPPORTED = "Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2 (any decoder whose MLP has gate_proj, up_proj, down_proj and act_fn)"
@@ -93,12 +94,15 @@ class GMoEModel(nn.Module):
         self._injected: list[tuple[str, nn.Module]] = []
         for name, mlp in mlps:
             layer = GMoEMLP(mlp, config, activation, build_graph=_build_graph)
+            layer.layer_name = name  # for messages
             _set_module(model, name, layer)
             self._injected.append((name, mlp))
         for name, linear in targets:
-            _set_module(model, name, LoRALinear(linear, config.r, config.lora_alpha, config.lora_dropout))
+            _set_module(model, name, LoRALinear(linear, config.r, config.lora_alpha, config.lora_dropout,
+                                                dtype=adapter_dtype(linear, config)))
             self._injected.append((name, linear))
         self._unloaded = False
+        self._adapters_disabled = False
         self.train(model.training)  # new modules start in the base model's mode
 
     # ----- attribute forwarding, as PeftModel does -----
@@ -125,7 +129,7 @@ class GMoEModel(nn.Module):
                      inputs_embeds=inputs_embeds)
         try:
             out = self.base_model(**{k: v for k, v in given.items() if v is not None}, return_dict=True, **kwargs)
-            if labels is not None or self.training:
+            if (labels is not None or self.training) and not self._adapters_disabled:
                 router_loss = self.router_loss(attention_mask)
                 out["router_loss"] = router_loss
                 if out.get("loss") is not None:
@@ -149,40 +153,59 @@ class GMoEModel(nn.Module):
         """Router loss of the last forward, summed over its terms and averaged over layers.
 
         In training mode this also advances every layer's running expert load (once per
-        forward), summed over data-parallel ranks in one all-reduce for all layers.
+        forward). The batch statistics the losses need (load, Poisson sums, Switch sums, token
+        count) are summed over data-parallel ranks in one all-reduce for all layers, so every
+        rank's router loss and gradients equal one process on the concatenated batch.
         """
         cfg = self.gmoe_config
         layers = [m for m in self.gmoe_layers() if m.last_routing is not None]
         if not layers:
             raise RuntimeError("router_loss() needs a forward pass first")
-        masks = [self._token_mask(attention_mask, layer.last_routing[0]) for layer in layers]
-        use_normal = cfg.router == "graph" and cfg.normal_loss_coef > 0
-        training = layers[0].training
-        batch_loads = None
-        if use_normal or training:
-            batch_loads = torch.stack([
-                losses.batch_load(probs.gather(1, indices), indices, cfg.num_experts, mask)
-                for (probs, indices, _), mask in zip((m.last_routing for m in layers), masks)])
-            if training:  # eval counts nothing, so it needs no collective (rank-0-only eval works)
-                batch_loads = losses.global_load(batch_loads)
-        terms = []
-        for i, (layer, mask) in enumerate(zip(layers, masks)):
-            probs, indices, _ = layer.last_routing
+        routings = [layer.last_routing for layer in layers]
+        masks = [self._token_mask(attention_mask, probs) for probs, _, _ in routings]
+        for layer, (probs, _, _) in zip(layers, routings):
             self._check_router_graph(layer, probs)
-            loss = probs.new_zeros((), dtype=torch.float32)
-            if cfg.router == "graph" and cfg.poisson_loss_coef > 0:
-                loss = loss + cfg.poisson_loss_coef * losses.poisson_distinction_loss(
-                    probs, layer.router.poisson_rate, mask)
-            if batch_loads is not None:
-                load_now = layer.expert_load.detach().float() + cfg.top_k * batch_loads[i]
-                if use_normal:
-                    loss = loss + cfg.normal_loss_coef * losses.normal_balance_loss(load_now, layer.router.normal_std)
-                if training:
-                    layer.expert_load.copy_(load_now.detach())
-            if cfg.aux_loss_coef > 0:
-                loss = loss + cfg.aux_loss_coef * losses.switch_loss(probs, indices, mask)
-            terms.append(loss)
-        return torch.stack(terms).mean()
+        training = layers[0].training
+        stats = {"tokens": losses.token_count(routings[0][0], masks[0]),
+                 "load": torch.stack([losses.batch_load(probs.gather(1, indices), indices, cfg.num_experts, mask)
+                                      for (probs, indices, _), mask in zip(routings, masks)])}
+        if cfg.poisson_loss_coef > 0:
+            stats["poisson"] = torch.stack([losses.poisson_distinction_sum(probs, layer.router.poisson_rate, mask)
+                                            for layer, (probs, _, _), mask in zip(layers, routings, masks)])
+        if cfg.aux_loss_coef > 0:
+            stats["switch"] = torch.stack([losses.switch_stats(probs, indices, mask)
+                                           for (probs, indices, _), mask in zip(routings, masks)])
+        if training:  # eval counts nothing, so it needs no collective (rank-0-only eval works)
+            stats = losses.global_sums(stats)
+        tokens = stats["tokens"]
+        load_now = torch.stack([layer.expert_load.detach().float() for layer in layers]) + cfg.top_k * stats["load"]
+        loss = torch.zeros(len(layers), dtype=torch.float32, device=load_now.device)
+        if cfg.poisson_loss_coef > 0:
+            loss = loss + cfg.poisson_loss_coef * stats["poisson"] / tokens.clamp_min(1.0)
+        if cfg.normal_loss_coef > 0:
+            loss = loss + cfg.normal_loss_coef * torch.stack([
+                losses.normal_balance_loss(load, layer.router.normal_std) for layer, load in zip(layers, load_now)])
+        if cfg.aux_loss_coef > 0:
+            loss = loss + cfg.aux_loss_coef * torch.stack([
+                losses.switch_loss_from_stats(switch, tokens, cfg.top_k) for switch in stats["switch"]])
+        if training:
+            self._advance_load(layers, load_now, stats["load"])
+        return loss.mean()
+
+    @staticmethod
+    def _advance_load(layers, load_now, batch_load):
+        """c_prev <- c_now, except for a layer whose batch load is non-finite (a NaN or inf
+        activation this step): its running load keeps its old value instead of turning NaN
+        for good. That step's loss is non-finite anyway, so the trainer's own guards act."""
+        finite = torch.isfinite(batch_load).all(dim=1)
+        with torch.no_grad():
+            for layer, ok, load in zip(layers, finite, load_now):
+                layer.expert_load.copy_(torch.where(ok, load, layer.expert_load))
+        if not bool(finite.all()):  # one host sync per step, only to name the layers
+            names = [layer.layer_name for layer, ok in zip(layers, finite.tolist()) if not ok]
+            warnings.warn(f"non-finite router probabilities in {names}: this step's expert load is not "
+                          "counted for them (the running load keeps its previous value)", RuntimeWarning,
+                          stacklevel=4)
 
     @staticmethod
     def _token_mask(attention_mask, probs):
@@ -206,6 +229,42 @@ class GMoEModel(nn.Module):
     def expert_load(self) -> torch.Tensor:
         """(num_layers, num_experts) fp32: each layer's running expert load."""
         return torch.stack([m.expert_load.detach().clone() for m in self.gmoe_layers()])
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Within this context the model computes exactly the base model: every GMoE MLP runs
+        its base MLP, every LoRA linear its base linear, and no router loss is added or counted."""
+        modules = [m for m in self.base_model.modules() if isinstance(m, (GMoEMLP, LoRALinear))]
+        previous = [m.disabled for m in modules]
+        self._adapters_disabled = True
+        try:
+            for m in modules:
+                m.disabled = True
+            yield
+        finally:
+            for m, flag in zip(modules, previous):
+                m.disabled = flag
+            self._adapters_disabled = False
+
+    def merge_attention(self) -> "GMoEModel":
+        """Fold every plain LoRA (the attention `target_modules`) into its base linear's weight,
+        in place, and remove the LoRA module. The GMoE experts stay: which experts run depends
+        on each token, so they have no single weight to merge into. Returns self."""
+        for name, module in list(self.base_model.named_modules()):
+            if isinstance(module, LoRALinear):
+                _set_module(self.base_model, name, module.merged_base())
+        return self
+
+    def merge_and_unload(self, drop_experts: bool = False) -> nn.Module:
+        """PEFT's merge_and_unload, where it can exist: with drop_experts=True, merge the
+        attention LoRAs into the base weights and remove the experts, returning the base model."""
+        if not drop_experts:
+            raise ValueError("GMoE experts cannot be merged into the base MLP: the experts a token uses depend "
+                             "on the token. Use merge_attention() to fold only the attention LoRAs into their "
+                             "base linears (the experts stay), or merge_and_unload(drop_experts=True) for the base "
+                             "model with the attention LoRAs merged and the experts removed")
+        self.merge_attention()
+        return self.unload()
 
     # ----- housekeeping -----
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):

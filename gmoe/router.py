@@ -1,7 +1,8 @@
 """Routers: the GMoE graph router and the linear (MixLoRA/Mixtral-style) baseline.
 
 Both return (logits (T,E) fp32, probs (T,E) fp32, indices (T,K) int64, weights (T,K) fp32)
-and own the per-layer loss parameters. They call gmoe_kernels.functional only.
+and own the per-layer loss parameters λ (`poisson_rate`) and σ (`normal_std`). They call
+gmoe_kernels.functional only.
 """
 from __future__ import annotations
 
@@ -18,6 +19,17 @@ def _glorot_(tensor: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
     return nn.init.xavier_uniform_(tensor, gain=gain)
 
 
+def _add_loss_parameters(router: nn.Module, num_experts: int, poisson_loss_coef: float,
+                         normal_loss_coef: float) -> None:
+    """λ (Poisson rate, init 1.5) and σ (Normal std, init E/2), one scalar each per layer.
+
+    A loss whose coefficient is 0 leaves its parameter frozen: a trainable parameter that
+    never gets a gradient stalls DDP's reducer (or silently skips its all-reduce).
+    """
+    router.poisson_rate = nn.Parameter(torch.tensor(1.5), requires_grad=poisson_loss_coef > 0)
+    router.normal_std = nn.Parameter(torch.tensor(num_experts / 2.0), requires_grad=normal_loss_coef > 0)
+
+
 class GraphRouter(nn.Module):
     """GCN over E expert nodes plus the token node (DESIGN.md, "Graph router").
 
@@ -28,7 +40,8 @@ class GraphRouter(nn.Module):
     """
 
     def __init__(self, hidden_size, num_experts, top_k, gcn_dim, gcn_layers, edge_density,
-                 activation, token_init_gain=100.0, build_graph=True):
+                 activation, token_init_gain=100.0, build_graph=True, poisson_loss_coef=1.0,
+                 normal_loss_coef=1.0):
         super().__init__()
         self.num_experts, self.top_k, self.activation = num_experts, top_k, activation
         self.token_weight = nn.Parameter(_glorot_(torch.empty(gcn_dim, hidden_size), token_init_gain))
@@ -36,8 +49,7 @@ class GraphRouter(nn.Module):
         self.gcn_weight = nn.Parameter(torch.stack(
             [_glorot_(torch.empty(gcn_dim, gcn_dim)) for _ in range(gcn_layers)]))
         self.score_weight = nn.Parameter(_glorot_(torch.empty(1, gcn_dim)).squeeze(0))
-        self.poisson_rate = nn.Parameter(torch.tensor(1.5))
-        self.normal_std = nn.Parameter(torch.tensor(num_experts / 2.0))
+        _add_loss_parameters(self, num_experts, poisson_loss_coef, normal_loss_coef)
         self.register_buffer("expert_features", _glorot_(torch.empty(num_experts, hidden_size)))
         adjacency = torch.zeros(num_experts, num_experts, dtype=torch.bool)
         if build_graph:
@@ -56,12 +68,20 @@ class GraphRouter(nn.Module):
 
 
 class LinearRouter(nn.Module):
-    """softmax(W x) over experts, top-K, renormalised: the MixLoRA/Mixtral gate."""
+    """softmax(W x) over experts, top-K, renormalised: the MixLoRA/Mixtral gate.
 
-    def __init__(self, hidden_size, num_experts, top_k, init_std=0.02):
+    With a GMoE loss switched on (the paper's "no graph" ablation) it owns λ and σ as the
+    graph router does; as the plain MixLoRA baseline (both coefficients 0) it has neither,
+    so its adapter holds `router.weight` only.
+    """
+
+    def __init__(self, hidden_size, num_experts, top_k, init_std=0.02, poisson_loss_coef=0.0,
+                 normal_loss_coef=0.0):
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
         self.weight = nn.Parameter(torch.randn(num_experts, hidden_size) * init_std)
+        if poisson_loss_coef > 0 or normal_loss_coef > 0:
+            _add_loss_parameters(self, num_experts, poisson_loss_coef, normal_loss_coef)
 
     def forward(self, x: torch.Tensor, backend: str | None = None):
         logits = (x @ self.weight.to(x.dtype).t()).to(compute_dtype(x))

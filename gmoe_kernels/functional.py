@@ -56,9 +56,17 @@ def expert_ffn(x, gate_weight, up_weight, down_weight, lora_a_gate, lora_b_gate,
     h_c, z = expert_mix(x if lora_input is None else lora_input, gate_base, up_base,
                         lora_a_gate, lora_b_gate, lora_a_up, lora_b_up, lora_a_down,
                         indices, weights, scaling, activation, backend)
+    return F.linear(h_c, down_weight, down_bias) + stacked_down_lora(z, lora_b_down, scaling)
+
+
+def stacked_down_lora(z, lora_b_down, scaling: float):
+    """s · [z_1 … z_E] [B_d^1 … B_d^E]^T: the down LoRA of every expert as one (T, E·R) × (E·R, H) GEMM.
+
+    z: (T, E·R) from `expert_mix`; lora_b_down: (E, H, R). Returns (T, H).
+    """
     num_experts, hidden, rank = lora_b_down.shape
     stacked_b_down = lora_b_down.permute(1, 0, 2).reshape(hidden, num_experts * rank)
-    return F.linear(h_c, down_weight, down_bias) + scaling * (z @ stacked_b_down.t())
+    return scaling * (z @ stacked_b_down.t())
 
 
 def graph_router(x, token_weight, expert_weight, expert_features, adjacency, gcn_weight,

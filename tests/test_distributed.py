@@ -20,23 +20,23 @@ def _worker(rank, world, port, results):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         local = torch.full((4,), float(rank + 1), requires_grad=True)
-        total = losses.global_load(local)
+        total = losses.global_sums({"load": local})["load"]
         (total * torch.arange(4.0)).sum().backward()
         results[rank] = (total.detach().tolist(), local.grad.tolist())
     finally:
         dist.destroy_process_group()
 
 
-def test_global_load_sums_ranks_and_keeps_local_gradient():
+def test_global_sums_sum_ranks_and_weight_local_gradient():
     manager = mp.Manager()
     results = manager.dict()
     mp.spawn(_worker, args=(2, _free_port(), results), nprocs=2, join=True)
     for rank in range(2):
         total, grad = results[rank]
         assert total == [3.0] * 4                      # 1 + 2 on every rank
-        assert grad == [0.0, 1.0, 2.0, 3.0]            # gradient through this rank's part only
+        assert grad == [0.0, 2.0, 4.0, 6.0]            # this rank's part, x world size (DDP averages)
 
 
-def test_global_load_is_identity_without_process_group():
-    local = torch.rand(4)
-    assert losses.global_load(local) is local
+def test_global_sums_are_identity_without_process_group():
+    parts = {"load": torch.rand(4)}
+    assert losses.global_sums(parts) is parts
