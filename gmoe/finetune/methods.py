@@ -1,0 +1,94 @@
+"""Method name -> adapter on a base model; everything else (data, steps, schedule, seed) is the
+caller's and identical across methods.
+
+- gmoe: graph router, Poisson distinction + Normal balance losses (default coefficients)
+- gmoe-no-graph: linear router, keeping both GMoE losses
+- gmoe-no-poisson / gmoe-no-normal: graph router without that loss
+- mixlora: linear router with the Switch load-balancing loss (MixLoRA's default coefficient 0.01)
+- lora: PEFT LoraConfig on the same seven projections with the same rank
+All put a LoRA of rank r on q/k/v/o_proj; the MoE methods put E LoRA experts of rank r on gate/up/down_proj.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ATTENTION_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLP_MODULES = ["gate_proj", "up_proj", "down_proj"]
+
+GMOE_LOSSES = {"poisson_loss_coef": 0.005, "normal_loss_coef": 8.0, "aux_loss_coef": 0.0}
+METHOD_OVERRIDES = {
+    "gmoe": {"router": "graph"},
+    "gmoe-no-graph": {"router": "linear"},
+    "gmoe-no-poisson": {"router": "graph", "poisson_loss_coef": 0.0},
+    "gmoe-no-normal": {"router": "graph", "normal_loss_coef": 0.0},
+    "mixlora": {"router": "linear", "poisson_loss_coef": 0.0, "normal_loss_coef": 0.0, "aux_loss_coef": 0.01},
+}
+METHODS = [*METHOD_OVERRIDES, "lora"]
+
+
+@dataclass
+class AdapterSpec:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    experts: int = 8
+    top_k: int = 2
+
+
+def check_method(name: str) -> str:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}: choose one of {', '.join(METHODS)}")
+    return name
+
+
+def gmoe_config(method: str, spec: AdapterSpec):
+    import gmoe
+
+    fields = {**GMOE_LOSSES, **METHOD_OVERRIDES[check_method(method)]}
+    return gmoe.GMoEConfig(num_experts=spec.experts, top_k=spec.top_k, r=spec.r, lora_alpha=spec.alpha,
+                           lora_dropout=spec.dropout, target_modules=list(ATTENTION_MODULES),
+                           expert_modules=list(MLP_MODULES), **fields)
+
+
+def lora_config(spec: AdapterSpec):
+    import peft
+
+    return peft.LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                           target_modules=ATTENTION_MODULES + MLP_MODULES, bias="none", task_type="CAUSAL_LM")
+
+
+def apply_method(model, method: str, spec: AdapterSpec):
+    """The base model with the method's adapter injected (base frozen)."""
+    if check_method(method) == "lora":
+        import peft
+
+        return peft.get_peft_model(model, lora_config(spec))
+    import gmoe
+
+    return gmoe.get_gmoe_model(model, gmoe_config(method, spec))
+
+
+def load_adapter(model, path: str, trainable: bool = False):
+    """A saved adapter (GMoE or PEFT LoRA folder) onto the base model."""
+    import json
+    import os
+
+    cfg_path = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"--adapter {path} has no adapter_config.json: pass a folder written by a "
+                                "training run (<run dir>/adapter)")
+    with open(cfg_path) as f:
+        peft_type = json.load(f).get("peft_type")
+    if peft_type == "GMOE":
+        import gmoe
+
+        return gmoe.GMoEModel.from_pretrained(model, path, is_trainable=trainable)
+    import peft
+
+    return peft.PeftModel.from_pretrained(model, path, is_trainable=trainable)
+
+
+def trainable_parameters(model) -> dict:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / total}

@@ -1,0 +1,119 @@
+"""Writing results: atomic JSON, the versions and machine stamp, peak memory, and the
+mean ± std summary table (Markdown + JSON) over seeds."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import tempfile
+
+import torch
+
+
+def write_json(path: str, data) -> None:
+    """Write via a temporary file in the same folder and rename: a reader never sees half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=False, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "accelerate", "datasets", "gguf", "gmoe-kernels"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(), "gpu": None}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def peak_memory_mib() -> dict:
+    """GPU: torch.cuda.max_memory_allocated since the last reset; CPU: the process's peak RSS
+    (ru_maxrss, which never goes down: in a multi-run process it is the peak so far)."""
+    if torch.cuda.is_available():
+        return {"kind": "cuda_max_memory_allocated", "mib": torch.cuda.max_memory_allocated() / 2**20}
+    return {"kind": "process_peak_rss", "mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n - 1); std is None for a single value."""
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _pm(mean, std, scale=100.0) -> str:
+    if mean is None:
+        return "–"
+    return f"{scale * mean:.1f}" + (f" ± {scale * std:.1f}" if std is not None else "")
+
+
+def summarize(task: str, zero_shot: dict, results: dict[str, list[dict]]) -> dict:
+    """Rows: zero-shot, then one per method (mean ± std over its seeds)."""
+    rows = [{"method": "zero-shot", "seeds": [], "acc_values": [zero_shot["acc"]],
+             "acc_norm_values": [zero_shot["acc_norm"]], "acc_mean": zero_shot["acc"], "acc_std": None,
+             "acc_norm_mean": zero_shot["acc_norm"], "acc_norm_std": None, "trainable_params": 0,
+             "train_tokens_per_s": None, "eval_tokens_per_s": zero_shot.get("tokens_per_s")}]
+    for method, runs in results.items():
+        acc = [r["finetuned"]["acc"] for r in runs]
+        accn = [r["finetuned"]["acc_norm"] for r in runs]
+        row = {"method": method, "seeds": [r["seed"] for r in runs], "acc_values": acc, "acc_norm_values": accn}
+        row["acc_mean"], row["acc_std"] = mean_std(acc)
+        row["acc_norm_mean"], row["acc_norm_std"] = mean_std(accn)
+        row["trainable_params"] = runs[0]["trainable_params"]["trainable"] if runs else None
+        row["train_tokens_per_s"] = mean_std([r["train"]["tokens_per_s"] for r in runs])[0]
+        row["eval_tokens_per_s"] = mean_std([r["finetuned"]["tokens_per_s"] for r in runs])[0]
+        row["train_seconds"] = mean_std([r["train"]["seconds"] for r in runs])[0]
+        rows.append(row)
+    return {"task": task, "rows": rows}
+
+
+def markdown_table(summary: dict, header: str) -> str:
+    lines = [header, "",
+             "| method | acc (%) | acc_norm (%) | seeds | trainable params | train tok/s | eval tok/s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in summary["rows"]:
+        seeds = "–" if r["method"] == "zero-shot" else str(len(r["seeds"]))
+        tps = f"{r['train_tokens_per_s']:.0f}" if r.get("train_tokens_per_s") else "–"
+        eps = f"{r['eval_tokens_per_s']:.0f}" if r.get("eval_tokens_per_s") else "–"
+        params = f"{r['trainable_params']:,}" if r["trainable_params"] is not None else "–"
+        lines.append(f"| {r['method']} | {_pm(r['acc_mean'], r['acc_std'])} | "
+                     f"{_pm(r['acc_norm_mean'], r['acc_norm_std'])} | {seeds} | {params} | {tps} | {eps} |")
+    lines.append("")
+    lines.append("mean ± sample std (n − 1) over seeds; zero-shot is the bare base model on the same held-out part.")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,91 @@
+"""Multiple-choice scoring by log-likelihood, as lm-evaluation-harness defines it.
+
+For each (context, continuation) request: the sum of the continuation tokens' log-probabilities
+given everything before them. `acc`: the choice with the largest sum is right; `acc_norm`: the
+largest sum divided by the choice's length in characters. Requests are batched (right-padded,
+longest first, so the order is fixed and deterministic), under `torch.no_grad()` in eval mode.
+Works with any module that maps (input_ids, attention_mask) to `.logits`: a bare Hugging Face
+model, a PEFT model, a GMoEModel.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .encoding import encode_pair, truncate_left
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_size: int = 8,
+                   max_length: int = 1024, pad_token_id: int = 0) -> list[float]:
+    """Summed log-likelihood of each request's continuation ids given its context ids."""
+    device = _device(model)
+    seqs = []
+    for ctx, cont in requests:
+        ctx, cont = truncate_left(ctx, cont, max_length + 1)  # the last token is never an input
+        if not ctx:  # a lone continuation: its first token would have no prediction to score
+            raise ValueError(f"a continuation of {len(cont)} tokens leaves no context within max_length="
+                             f"{max_length}; raise --max-length")
+        seqs.append((ctx + cont)[:-1])
+    order = sorted(range(len(requests)), key=lambda i: -len(seqs[i]))
+    out = [0.0] * len(requests)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                width = max(len(seqs[i]) for i in idx)
+                ids = torch.full((len(idx), width), pad_token_id, dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for row, i in enumerate(idx):
+                    ids[row, :len(seqs[i])] = torch.tensor(seqs[i])
+                    mask[row, :len(seqs[i])] = 1
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                for row, i in enumerate(idx):
+                    cont = requests[i][1]
+                    end = len(seqs[i])  # logits at end - len(cont) .. end - 1 predict the continuation
+                    logp = torch.log_softmax(logits[row, end - len(cont):end].float(), dim=-1)
+                    target = torch.tensor(cont, device=logp.device)
+                    out[i] = logp.gather(1, target[:, None]).sum().item()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def pick(scores: list[float]) -> int:
+    """The index of the largest score (the first on an exact tie, as numpy.argmax)."""
+    return max(range(len(scores)), key=lambda i: (scores[i], -i))
+
+
+def evaluate(model, tokenizer, examples, batch_size: int = 8, max_length: int = 1024) -> dict:
+    """acc, acc_norm, per-example predictions and throughput over `examples`."""
+    requests, owner = [], []
+    for e, ex in enumerate(examples):
+        for ctx, cont in zip(ex.contexts, ex.continuations):
+            requests.append(encode_pair(tokenizer, ctx, cont))
+            owner.append(e)
+    start = time.perf_counter()
+    lls = loglikelihoods(model, requests, batch_size=batch_size, max_length=max_length,
+                         pad_token_id=tokenizer.pad_token_id)
+    seconds = time.perf_counter() - start
+    tokens = sum(min(len(c) + len(k), max_length + 1) - 1 for c, k in requests)
+    per_ex = [[] for _ in examples]
+    for e, ll in zip(owner, lls):
+        per_ex[e].append(ll)
+    pred = [pick(s) for s in per_ex]
+    pred_norm = [pick([s / max(n, 1) for s, n in zip(scores, ex.norm_lengths)])
+                 for scores, ex in zip(per_ex, examples)]
+    n = len(examples)
+    return {
+        "acc": sum(p == ex.gold for p, ex in zip(pred, examples)) / n,
+        "acc_norm": sum(p == ex.gold for p, ex in zip(pred_norm, examples)) / n,
+        "n": n, "requests": len(requests), "tokens": tokens, "seconds": seconds,
+        "tokens_per_s": tokens / seconds if seconds > 0 else None,
+        "predictions": pred, "predictions_norm": pred_norm,
+        "loglikelihoods": per_ex,
+    }

@@ -1,0 +1,73 @@
+"""Training on `transformers.Trainer`: the logging of task loss, router loss and per-layer expert
+load, and the TrainingArguments the job uses (identical for every method)."""
+from __future__ import annotations
+
+import inspect
+
+import torch
+import transformers
+
+from ..model import GMoEModel
+from ..trainer import GMoETrainer
+
+
+class FinetuneTrainer(GMoETrainer):
+    """GMoETrainer (adapter checkpoints for GMoE models; plain Trainer behaviour otherwise) that
+    records, between two log steps, the mean task loss, the mean router loss, the non-padding
+    tokens seen, and each layer's expert load added in that window."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._window = {"task": 0.0, "router": 0.0, "n": 0}
+        self.train_tokens = 0
+        self.load_history: list[dict] = []  # {"step", "load": [layers][experts] added since the last log}
+        self._last_load = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        loss = outputs["loss"]
+        router = outputs.get("router_loss") if hasattr(outputs, "get") else None
+        router_value = float(router.detach()) if router is not None else 0.0
+        self._window["task"] += float(loss.detach()) - router_value
+        self._window["router"] += router_value
+        self._window["n"] += 1
+        if model.training and "attention_mask" in inputs:
+            self.train_tokens += int(inputs["attention_mask"].sum())
+        return (loss, outputs) if return_outputs else loss
+
+    def _expert_load(self):
+        model = self.accelerator.unwrap_model(self.model)
+        return model.expert_load() if isinstance(model, GMoEModel) else None
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs and self._window["n"]:
+            n = self._window["n"]
+            logs["task_loss"] = round(self._window["task"] / n, 6)
+            logs["router_loss"] = round(self._window["router"] / n, 6)
+            self._window = {"task": 0.0, "router": 0.0, "n": 0}
+            load = self._expert_load()
+            if load is not None:
+                added = load - self._last_load if self._last_load is not None else load
+                self._last_load = load
+                self.load_history.append({"step": self.state.global_step, "load": added.tolist()})
+                share = added / added.sum(dim=1, keepdim=True).clamp_min(1e-12)
+                logs["max_expert_share"] = round(float(share.max(dim=1).values.mean()), 4)
+        super().log(logs, *args, **kwargs)
+
+
+def training_arguments(output_dir: str, seed: int, epochs: float, lr: float, batch_size: int, grad_accum: int,
+                       warmup_ratio: float, max_steps: int = -1, log_steps: int = 5) -> transformers.TrainingArguments:
+    if not 0.0 <= warmup_ratio < 1.0:
+        raise ValueError(f"--warmup-ratio {warmup_ratio} must be in [0, 1)")
+    use_cpu = not torch.cuda.is_available()
+    # transformers 5 takes a ratio as a float warmup_steps < 1; 4.x has warmup_ratio
+    params = inspect.signature(transformers.TrainingArguments.__init__).parameters
+    warmup = {"warmup_ratio": warmup_ratio} if "warmup_ratio" in params else {"warmup_steps": float(warmup_ratio)}
+    return transformers.TrainingArguments(
+        output_dir=output_dir, seed=seed, data_seed=seed, num_train_epochs=epochs, max_steps=max_steps,
+        learning_rate=lr, lr_scheduler_type="linear", weight_decay=0.0, **warmup,
+        per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum, max_grad_norm=1.0,
+        logging_steps=log_steps, logging_first_step=True, save_strategy="no", eval_strategy="no",
+        report_to=[], use_cpu=use_cpu, dataloader_num_workers=0, remove_unused_columns=False,
+        disable_tqdm=False, bf16=False, fp16=False,
+    )
