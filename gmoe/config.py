@@ -17,6 +17,13 @@ ADAPTER_DTYPES = ("float32", "base")
 EXPERT_MODULES = ("gate_proj", "up_proj", "down_proj")
 
 
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
 def _fail(name, value, allowed):
     raise ValueError(f"GMoEConfig.{name}={value!r} is invalid: {allowed}")
 
@@ -57,7 +64,7 @@ class GMoEConfig:
 
         def number(name, low, high=None, low_open=False):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
                 _fail(name, value, "must be a finite number")
             if value < low or (low_open and value == low) or (high is not None and value > high):
                 bound = "(" if low_open else "["
@@ -86,7 +93,7 @@ class GMoEConfig:
             _fail("backend", self.backend, f"choose one of {BACKENDS}")
         for name in ("target_modules", "expert_modules"):
             value = getattr(self, name)
-            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
                 _fail(name, value, "must be a list of module names")
             setattr(self, name, list(value))
         unknown = [m for m in self.expert_modules if m not in EXPERT_MODULES]
@@ -97,6 +104,8 @@ class GMoEConfig:
         if clash:
             _fail("target_modules", self.target_modules,
                   f"{clash} belong to the MLP experts; list them in expert_modules instead")
+        if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
+            _fail("base_model_name_or_path", self.base_model_name_or_path, "must be a string or None")
 
     @property
     def scaling(self) -> float:
