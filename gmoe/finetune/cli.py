@@ -25,6 +25,11 @@ PRESETS = {
 }
 
 
+def _fail(message: str):
+    print(f"gmoe-finetune: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
@@ -81,23 +86,23 @@ def build_parser(compare: bool = False) -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace, compare: bool) -> JobConfig:
     preset_name = "quick" if args.quick else args.preset
     if args.quick and args.preset and args.preset != "quick":
-        raise SystemExit("gmoe-finetune: error: --quick and --preset table exclude each other")
+        _fail("--quick and --preset table exclude each other")
     values = dict(PRESETS.get(preset_name, {}))
     given = {k: v for k, v in vars(args).items() if v is not None and v is not False}
     values.update(given)
     n_seeds = values.pop("seeds", 1)
     first = values.pop("seed", 0)
     if n_seeds < 1:
-        raise SystemExit(f"gmoe-finetune: error: --seeds {n_seeds} must be at least 1")
+        _fail(f"--seeds {n_seeds} must be at least 1")
     method = values.pop("method", None)
     methods = values.pop("methods", None) or ([method] if method else (list(METHODS) if compare else ["gmoe"]))
     bad = [m for m in methods if m not in METHODS]
     if bad:
-        raise SystemExit(f"gmoe-finetune: error: unknown method(s) {bad}: choose from {', '.join(METHODS)}")
+        _fail(f"unknown method(s) {bad}: choose from {', '.join(METHODS)}")
     for k in ("quick",):
         values.pop(k, None)
     if values.get("adapter") and not values.get("eval_only"):
-        raise SystemExit("gmoe-finetune: error: --adapter is for --eval-only runs")
+        _fail("--adapter is for --eval-only runs")
     known = {f.name for f in dataclasses.fields(JobConfig)}
     cfg = JobConfig(**{k: v for k, v in values.items() if k in known},
                     methods=methods, seeds=list(range(first, first + n_seeds)), preset=preset_name)

@@ -59,6 +59,8 @@ def expert_load_heatmap(load_history: list[dict], path: str, title: str) -> str 
     axes[0].set(xlabel="step (end of logging window)", title=f"expert load share per layer ({experts} experts each)")
     fig.colorbar(im, ax=axes[0], fraction=0.03)
     im2 = axes[1].imshow(total_share, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0)
+    axes[1].set_xticks(range(experts))
+    axes[1].set_yticks(range(0, layers, step))
     axes[1].set(xlabel="expert", ylabel="layer", title="whole run")
     fig.colorbar(im2, ax=axes[1], fraction=0.08)
     fig.suptitle(title, fontsize=10)

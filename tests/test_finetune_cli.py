@@ -1,0 +1,110 @@
+"""The job end to end on a tiny Llama built from a config (no download): a two-step run per
+method writing results.json, the adapter and the PNG plots; resuming; eval-only; bad input."""
+import json
+import os
+
+import pytest
+
+from finetune_assets import task_rows, tiny_model_folder, write_jsonl
+from gmoe.finetune.cli import main
+
+TINY = ["--max-steps", "2", "--batch-size", "4", "--eval-batch-size", "8", "--r", "2", "--alpha", "4",
+        "--experts", "4", "--top-k", "2", "--log-steps", "1", "--max-length", "64"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    model = tiny_model_folder(root / "tiny")
+    data = write_jsonl(root / "obqa.jsonl", task_rows("obqa", 16))
+    return root, model, data
+
+
+def test_two_step_compare_writes_results_plots_and_resumes(setup, capsys):
+    root, model, data = setup
+    out = root / "runs"
+    argv = ["compare", "--model", model, "--task", "obqa", "--methods", "gmoe,lora", "--train-file", data,
+            "--output-dir", str(out), *TINY]
+    assert main(argv) == 0
+    for method in ("gmoe", "lora"):
+        run = out / "obqa" / method / "seed0"
+        res = json.loads((run / "results.json").read_text())
+        assert res["method"] == method and res["seed"] == 0 and res["train"]["steps"] == 2
+        assert res["split"]["train_size"] == 8 and res["split"]["eval_size"] == 8 and res["split"]["split_seed"] == 1234
+        for part in ("zero_shot", "finetuned"):
+            assert 0.0 <= res[part]["acc"] <= 1.0 and 0.0 <= res[part]["acc_norm"] <= 1.0
+        assert res["trainable_params"]["trainable"] > 0
+        assert res["train"]["tokens_per_s"] > 0 and res["finetuned"]["tokens_per_s"] > 0
+        assert res["peak_memory"]["mib"] > 0 and res["wall_seconds"] > 0
+        assert res["versions"]["torch"] and res["machine"]["cpu_count"]
+        rows = [r for r in res["train"]["log_history"] if "task_loss" in r]
+        assert len(rows) == 2 and all("router_loss" in r for r in rows)
+        assert (run / "loss.png").stat().st_size > 1000
+        assert (run / "adapter" / "adapter_config.json").is_file()
+        if method == "gmoe":
+            assert (run / "expert_load.png").stat().st_size > 1000
+            assert len(res["train"]["expert_load_history"]) == 2
+            assert rows[0]["router_loss"] > 0
+    summary = json.loads((out / "obqa" / "compare.json").read_text())
+    assert [r["method"] for r in summary["rows"]] == ["zero-shot", "gmoe", "lora"]
+    assert (out / "obqa" / "compare.png").stat().st_size > 1000
+    assert "| gmoe |" in (out / "obqa" / "compare.md").read_text()
+    capsys.readouterr()
+
+    # resumable: finished (method, seed) pairs are skipped, not retrained
+    stamp = os.path.getmtime(out / "obqa" / "gmoe" / "seed0" / "results.json")
+    assert main(argv) == 0
+    assert "already done" in capsys.readouterr().out
+    assert os.path.getmtime(out / "obqa" / "gmoe" / "seed0" / "results.json") == stamp
+    # other settings in the same folder: refused, naming the difference
+    assert main([*argv, "--lr", "0.1"]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+    # eval-only with the saved adapter gives the fine-tuned score again
+    adapter = out / "obqa" / "gmoe" / "seed0" / "adapter"
+    assert main(["--model", model, "--task", "obqa", "--train-file", data, "--output-dir", str(out),
+                 "--max-length", "64", "--eval-only", "--adapter", str(adapter)]) == 0
+    printed = capsys.readouterr().out
+    res = json.loads((out / "obqa" / "gmoe" / "seed0" / "results.json").read_text())
+    assert f"acc {res['finetuned']['acc']:.4f}" in printed
+
+
+def test_methods_configs_and_parameter_counts():
+    from finetune_assets import tiny_tokenizer  # noqa: F401  (keeps the import graph of the module light)
+    from gmoe.finetune.methods import METHODS, AdapterSpec, apply_method, gmoe_config, trainable_parameters
+    from models import tiny_model
+
+    spec = AdapterSpec(r=2, alpha=4, experts=4, top_k=2)
+    cfg = {m: gmoe_config(m, spec) for m in METHODS if m != "lora"}
+    assert cfg["gmoe"].router == "graph" and cfg["gmoe"].poisson_loss_coef == 0.005 and cfg["gmoe"].normal_loss_coef == 8.0
+    assert cfg["gmoe-no-graph"].router == "linear" and cfg["gmoe-no-graph"].normal_loss_coef == 8.0
+    assert cfg["gmoe-no-graph"].poisson_loss_coef == 0.005
+    assert cfg["gmoe-no-poisson"].poisson_loss_coef == 0 and cfg["gmoe-no-normal"].normal_loss_coef == 0
+    assert (cfg["mixlora"].router, cfg["mixlora"].aux_loss_coef, cfg["mixlora"].poisson_loss_coef,
+            cfg["mixlora"].normal_loss_coef) == ("linear", 0.01, 0.0, 0.0)
+    counts = {m: trainable_parameters(apply_method(tiny_model(), m, spec))["trainable"] for m in METHODS}
+    # hidden 32, inter 48, 2 layers, q/k/v/o with 4 heads / 2 kv heads of 8: in/out 32/32, 32/16, 32/16, 32/32
+    attention = 2 * 2 * ((32 + 32) + (32 + 16) + (32 + 16) + (32 + 32))
+    lora_mlp = 2 * 2 * 3 * (32 + 48)
+    assert counts["lora"] == attention + lora_mlp
+    assert counts["mixlora"] == attention + 4 * lora_mlp + 2 * 4 * 32  # E experts + linear router [E, H] per layer
+    assert counts["gmoe"] > counts["mixlora"]
+
+
+def test_bad_input_gives_named_errors(setup, capsys):
+    root, model, data = setup
+    with pytest.raises(SystemExit):
+        main(["--task", "nope"])
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+    assert main(["--model", model, "--task", "obqa", "--train-file", str(root / "missing.jsonl"),
+                 "--output-dir", str(root / "x")]) == 2
+    assert "missing.jsonl does not exist" in capsys.readouterr().err
+    wrong = write_jsonl(root / "wrong.jsonl", task_rows("piqa", 4))
+    assert main(["--model", model, "--task", "obqa", "--train-file", wrong, "--output-dir", str(root / "x")]) == 2
+    assert "lacks the field(s)" in capsys.readouterr().err
+    assert main(["--model", str(root / "no-model"), "--task", "obqa", "--train-file", data,
+                 "--output-dir", str(root / "x"), *TINY]) == 2
+    assert "neither a local folder nor a known alias" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["compare", "--methods", "gmoe,bogus"])
+    assert "unknown method(s) ['bogus']" in capsys.readouterr().err
