@@ -146,6 +146,8 @@ class GMoEConfig:
             raise FileNotFoundError(f"{path} not found: is {directory} a folder written by save_pretrained?")
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path} is not valid JSON ({err}); the adapter folder is corrupt") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}; the adapter folder is corrupt")
         return cls.from_dict(data)
