@@ -90,11 +90,28 @@ def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32):
     tok = load_tokenizer(name_or_path)
     kwargs = {"gguf_file": gguf} if gguf else {}
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    if gguf is not None:
+        _drop_dequantized_marker(model)
     model.config.pad_token_id = tok.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tok.pad_token_id
     model.eval()
     return model, tok
+
+
+def _drop_dequantized_marker(model) -> None:
+    """transformers dequantises a GGUF file to plain float weights (no `kernels` package) but keeps
+    the model marked as quantized, and Trainer then refuses to train any adapter on it that is not
+    PEFT's. Drop the marker once every parameter is a float tensor of a plain module."""
+    if not all(p.is_floating_point() for p in model.parameters()):
+        return
+    if any(type(m).__module__.startswith("transformers.integrations.gguf") for m in model.modules()):
+        return
+    model.hf_quantizer = None
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
 
 
 def dataset_root() -> str:
