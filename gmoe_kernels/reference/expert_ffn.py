@@ -7,15 +7,16 @@ this op does everything per (token, chosen expert) in between:
   h_c[t] = sum_k w_k h_k                         (fed to the frozen down projection once)
   z[t, e_k] = w_k A_d^e h_k                      (fed to one small GEMM with the stacked B_d)
 
-It runs grouped by expert (rows gathered per expert, one small GEMM each) and saves only
-x, G, U, the indices and weights: the per-pair [T·K, F] states are recomputed in backward,
-which is what makes it beat the per-expert loop on CPU as well (see DESIGN.md).
+It runs on the pairs sorted by expert (gathered once; one small GEMM per expert on a
+contiguous slice; elementwise work over all pairs at once) and saves only x, G, U, the
+indices and weights: the per-pair [T·K, F] states are recomputed in backward, which is what
+makes it beat the per-expert loop on CPU as well (see DESIGN.md).
 """
 from __future__ import annotations
 
 import torch
 
-from ..activations import act, act_grad, compute_dtype
+from ..activations import act, act_backward, compute_dtype
 from .routing import make_routing_plan
 
 
@@ -25,21 +26,60 @@ def _shrink(x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
     return (x @ lora_a.reshape(num_experts * rank, hidden).t()).view(-1, num_experts, rank)
 
 
-def _add_rows(target, tok, e, rows):
-    """target[tok, e] += rows, summing repeats: a token that lists expert e in two slots
-    (never from top-k, possible from a caller) contributes twice, as in the per-pair maths."""
-    target.index_put_((tok, torch.full_like(tok, e)), rows, accumulate=True)
+class _Pairs:
+    """The T·K (token, slot) pairs sorted by expert, so that expert e's pairs are the
+    contiguous rows lo:hi of every per-pair tensor: each per-pair state is gathered once for
+    all experts, the per-expert GEMMs work on slices in place, and the elementwise work runs
+    as one op over all pairs instead of E small ones (on a CPU at SmolLM2 size that per-op
+    overhead, not arithmetic, was most of this op's time; see benchmarks/NOTES.md)."""
 
+    def __init__(self, indices: torch.Tensor, num_experts: int, weights: torch.Tensor, f32):
+        plan = make_routing_plan(indices, num_experts)
+        self.num_tokens, self.top_k = plan.num_tokens, plan.top_k
+        self.order, self.inverse = plan.sorted_pairs, plan.inverse
+        self.token = plan.sorted_pairs // plan.top_k                 # (P,) token of each sorted pair
+        self.expert = indices.reshape(-1).index_select(0, plan.sorted_pairs)
+        self.weight = weights.to(f32).reshape(-1).index_select(0, plan.sorted_pairs).unsqueeze(1)
+        offsets = plan.expert_offsets.tolist()  # the reference path may synchronise; kernels do not
+        self.spans = [(e, offsets[e], offsets[e + 1]) for e in range(num_experts) if offsets[e] < offsets[e + 1]]
 
-def _expert_groups(indices: torch.Tensor, num_experts: int):
-    """Yield (expert, token ids, pair ids) for every expert that received tokens."""
-    plan = make_routing_plan(indices, num_experts)
-    offsets = plan.expert_offsets.tolist()  # the reference path may synchronise; kernels do not
-    for e in range(num_experts):
-        if offsets[e] == offsets[e + 1]:
-            continue
-        pairs = plan.sorted_pairs[offsets[e] : offsets[e + 1]]
-        yield e, pairs // plan.top_k, pairs
+    def rows(self, per_token: torch.Tensor, f32) -> torch.Tensor:
+        """(T, N) -> (P, N): a fresh copy, in sorted pair order (safe to update in place)."""
+        out = per_token.index_select(0, self.token)
+        return out if out.dtype == f32 else out.to(f32)
+
+    def blocks(self, per_token_expert: torch.Tensor) -> torch.Tensor:
+        """(T, E, R) -> (P, R): each pair's block of its own expert."""
+        return per_token_expert[self.token, self.expert]
+
+    def to_tokens(self, per_pair: torch.Tensor) -> torch.Tensor:
+        """(P, N) -> (T, N): sum over each token's K pairs."""
+        out = per_pair.new_zeros(self.num_tokens, per_pair.shape[1])
+        return out.index_add_(0, self.token, per_pair)
+
+    def to_blocks(self, per_pair: torch.Tensor, num_experts: int) -> torch.Tensor:
+        """(P, R) -> (T, E, R) with each pair's rows added into its (token, expert) block:
+        a token that lists expert e in two slots (never from top-k, possible from a caller)
+        contributes twice, as in the per-pair maths."""
+        out = per_pair.new_zeros(self.num_tokens, num_experts, per_pair.shape[1])
+        return out.index_put_((self.token, self.expert), per_pair, accumulate=True)
+
+    def per_expert_mm(self, a: torch.Tensor, weights: torch.Tensor, transpose_b: bool) -> torch.Tensor:
+        """(P, N) rows times expert e's matrix for its rows: weights (E, M, N) (transpose_b) or
+        (E, N, M). Returns (P, M)."""
+        cols = weights.shape[1] if transpose_b else weights.shape[2]
+        out = a.new_empty(a.shape[0], cols)
+        for e, lo, hi in self.spans:
+            torch.mm(a[lo:hi], weights[e].t() if transpose_b else weights[e], out=out[lo:hi])
+        return out
+
+    def gate_up(self, gate_base, up_base, shrink_g, shrink_u, b_g, b_u, scaling, f32):
+        """Per-pair g = G[t] + s B_g^e (A_g^e x_t) and u likewise, both (P, F)."""
+        g, u = self.rows(gate_base, f32), self.rows(up_base, f32)
+        for e, lo, hi in self.spans:
+            g[lo:hi].addmm_(shrink_g[lo:hi], b_g[e].t(), alpha=scaling)
+            u[lo:hi].addmm_(shrink_u[lo:hi], b_u[e].t(), alpha=scaling)
+        return g, u
 
 
 class ExpertMixFunction(torch.autograd.Function):
@@ -53,31 +93,29 @@ class ExpertMixFunction(torch.autograd.Function):
       dG[t]  = sum_k dg_k;               dU[t] = sum_k du_k
       d(A_g^e x_t) = s B_g^e^T dg_k;     dB_g^e = s sum_k dg_k (A_g^e x_t)^T   (likewise for up)
       dA_g^e = sum_t d(A_g^e x_t) x_t^T; dx = sum_e d(A_g^e x)^T A_g^e + (up)
-    All sums run in fp32 (fp64 for fp64 inputs) and are deterministic (index_add_ on CPU; per-expert GEMMs).
+    All sums run in fp32 (fp64 for fp64 inputs) and are deterministic (index_add_ and
+    index_put_ on CPU; per-expert GEMMs).
     """
 
     @staticmethod
     def forward(ctx, x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_b_up,
                 lora_a_down, indices, weights, scaling, activation):
         num_experts, rank, _ = lora_a_gate.shape
-        num_tokens = x.shape[0]
         f32 = compute_dtype(x)
-        shrink_g = _shrink(x.to(f32), lora_a_gate.to(f32))
-        shrink_u = _shrink(x.to(f32), lora_a_up.to(f32))
-        w_flat = weights.to(f32).reshape(-1)
-        h_c = torch.zeros(num_tokens, gate_base.shape[1], dtype=f32, device=x.device)
-        z = torch.zeros(num_tokens, num_experts, rank, dtype=f32, device=x.device)
-        for e, tok, pairs in _expert_groups(indices, num_experts):
-            w = w_flat[pairs].unsqueeze(1)
-            g = gate_base[tok].to(f32) + scaling * shrink_g[tok, e] @ lora_b_gate[e].to(f32).t()
-            u = up_base[tok].to(f32) + scaling * shrink_u[tok, e] @ lora_b_up[e].to(f32).t()
-            h = act(activation, g) * u
-            h_c.index_add_(0, tok, w * h)
-            _add_rows(z, tok, e, w * (h @ lora_a_down[e].to(f32).t()))
+        pairs = _Pairs(indices, num_experts, weights, f32)
+        xf = x.to(f32)
+        shrink_g = pairs.blocks(_shrink(xf, lora_a_gate.to(f32)))
+        shrink_u = pairs.blocks(_shrink(xf, lora_a_up.to(f32)))
+        g, u = pairs.gate_up(gate_base, up_base, shrink_g, shrink_u, lora_b_gate.to(f32),
+                             lora_b_up.to(f32), scaling, f32)
+        h = act(activation, g).mul_(u).mul_(pairs.weight)        # w_k h_k, (P, F)
+        del g, u
+        z = pairs.to_blocks(pairs.per_expert_mm(h, lora_a_down.to(f32), transpose_b=True), num_experts)
+        h_c = pairs.to_tokens(h)
         ctx.save_for_backward(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up,
                               lora_b_up, lora_a_down, indices, weights)
         ctx.scaling, ctx.activation = scaling, activation
-        return h_c.to(x.dtype), z.view(num_tokens, num_experts * rank).to(x.dtype)
+        return h_c.to(x.dtype), z.view(pairs.num_tokens, num_experts * rank).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_h_c, grad_z):
@@ -90,39 +128,36 @@ class ExpertMixFunction(torch.autograd.Function):
         xf = x.to(f32)
         a_g, b_g, a_u, b_u, a_d = (t.to(f32) for t in
                                    (lora_a_gate, lora_b_gate, lora_a_up, lora_b_up, lora_a_down))
-        grad_h_c = grad_h_c.to(f32)
-        grad_z = grad_z.to(f32).view(num_tokens, num_experts, rank)
-        shrink_g, shrink_u = _shrink(xf, a_g), _shrink(xf, a_u)
-        w_flat = weights.to(f32).reshape(-1)
-
-        d_gate_base = torch.zeros_like(gate_base, dtype=f32)
-        d_up_base = torch.zeros_like(up_base, dtype=f32)
-        d_shrink_g = torch.zeros_like(shrink_g)
-        d_shrink_u = torch.zeros_like(shrink_u)
-        d_b_g, d_b_u, d_a_d = torch.zeros_like(b_g), torch.zeros_like(b_u), torch.zeros_like(a_d)
-        d_w = torch.zeros(num_tokens * top_k, dtype=f32, device=x.device)
-        for e, tok, pairs in _expert_groups(indices, num_experts):
-            w = w_flat[pairs].unsqueeze(1)
-            sg, su = shrink_g[tok, e], shrink_u[tok, e]
-            g = gate_base[tok].to(f32) + s * sg @ b_g[e].t()
-            u = up_base[tok].to(f32) + s * su @ b_u[e].t()
-            act_g = act(name, g)
-            h = act_g * u
-            b = grad_z[tok, e]
-            dh_c = grad_h_c[tok]
-            d_w[pairs] = (h * dh_c).sum(1) + ((h @ a_d[e].t()) * b).sum(1)
-            d_a_d[e] = (w * b).t() @ h
-            dh = w * (dh_c + b @ a_d[e])
-            dg = dh * u * act_grad(name, g)
-            du = dh * act_g
-            d_gate_base.index_add_(0, tok, dg)
-            d_up_base.index_add_(0, tok, du)
-            d_b_g[e] = s * dg.t() @ sg
-            d_b_u[e] = s * du.t() @ su
-            _add_rows(d_shrink_g, tok, e, s * dg @ b_g[e])
-            _add_rows(d_shrink_u, tok, e, s * du @ b_u[e])
-        flat_g = d_shrink_g.view(num_tokens, num_experts * rank)
-        flat_u = d_shrink_u.view(num_tokens, num_experts * rank)
+        pairs = _Pairs(indices, num_experts, weights, f32)
+        sg, su = pairs.blocks(_shrink(xf, a_g)), pairs.blocks(_shrink(xf, a_u))
+        g, u = pairs.gate_up(gate_base, up_base, sg, su, b_g, b_u, s, f32)
+        act_g = act(name, g)
+        h = act_g * u                                               # unweighted h_k
+        b = pairs.blocks(grad_z.to(f32).view(num_tokens, num_experts, rank))   # (P, R)
+        dh = pairs.rows(grad_h_c, f32)                              # dh_c[t] per pair
+        d_w = torch.linalg.vecdot(h, dh) + torch.linalg.vecdot(
+            pairs.per_expert_mm(h, a_d, transpose_b=True), b)
+        wb = pairs.weight * b
+        d_a_d = torch.zeros_like(a_d)
+        for e, lo, hi in pairs.spans:
+            torch.mm(wb[lo:hi].t(), h[lo:hi], out=d_a_d[e])
+            dh[lo:hi].addmm_(b[lo:hi], a_d[e])
+        del h
+        dh.mul_(pairs.weight)                                       # dh_k
+        du = dh * act_g
+        del act_g
+        dg = act_backward(name, dh.mul_(u), g)                      # dh_k * u_k * act'(g_k)
+        del g, u, dh
+        d_b_g, d_b_u = torch.zeros_like(b_g), torch.zeros_like(b_u)
+        for e, lo, hi in pairs.spans:
+            torch.mm(dg[lo:hi].t(), sg[lo:hi], out=d_b_g[e])
+            torch.mm(du[lo:hi].t(), su[lo:hi], out=d_b_u[e])
+        d_b_g.mul_(s)
+        d_b_u.mul_(s)
+        flat_g = pairs.to_blocks(pairs.per_expert_mm(dg, b_g, transpose_b=False), num_experts)
+        flat_u = pairs.to_blocks(pairs.per_expert_mm(du, b_u, transpose_b=False), num_experts)
+        flat_g = flat_g.view(num_tokens, num_experts * rank).mul_(s)
+        flat_u = flat_u.view(num_tokens, num_experts * rank).mul_(s)
         d_x = flat_g @ a_g.reshape(num_experts * rank, -1) + flat_u @ a_u.reshape(num_experts * rank, -1)
         d_a_g = (flat_g.t() @ xf).view_as(a_g)
         d_a_u = (flat_u.t() @ xf).view_as(a_u)
@@ -131,11 +166,12 @@ class ExpertMixFunction(torch.autograd.Function):
             return grad.to(like.dtype) if needed else None
 
         need = ctx.needs_input_grad
-        return (cast(d_x, x, need[0]), cast(d_gate_base, gate_base, need[1]),
-                cast(d_up_base, up_base, need[2]), cast(d_a_g, lora_a_gate, need[3]),
+        return (cast(d_x, x, need[0]), cast(pairs.to_tokens(dg), gate_base, need[1]),
+                cast(pairs.to_tokens(du), up_base, need[2]), cast(d_a_g, lora_a_gate, need[3]),
                 cast(d_b_g, lora_b_gate, need[4]), cast(d_a_u, lora_a_up, need[5]),
                 cast(d_b_u, lora_b_up, need[6]), cast(d_a_d, lora_a_down, need[7]), None,
-                cast(d_w.view(num_tokens, top_k), weights, need[9]), None, None)
+                cast(d_w.index_select(0, pairs.inverse).view(num_tokens, top_k), weights, need[9]),
+                None, None)
 
 
 def expert_mix(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_b_up,

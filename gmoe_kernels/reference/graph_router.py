@@ -34,30 +34,63 @@ def normalized_adjacency(expert_adjacency: torch.Tensor) -> torch.Tensor:
     return d[:, None] * a * d[None, :]
 
 
+class _Mix(torch.autograd.Function):
+    """out = rows @ nodes for a small matrix of graph weights rows (n, m) and nodes (m, N).
+
+    Backward: d nodes = rows^T d out, d rows = d out nodes^T. The same as autograd's mm, but
+    with rows^T copied to a contiguous (m, n) matrix first: ATen's CPU GEMM with a transposed
+    tiny first operand ((9, 8)^T times (8, 131072), the router's graph mix at SmolLM2 size)
+    ran 5x slower than with a contiguous one.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, nodes):
+        ctx.save_for_backward(rows, nodes)
+        return rows @ nodes
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, nodes = ctx.saved_tensors
+        d_rows = grad @ nodes.t() if ctx.needs_input_grad[0] else None
+        d_nodes = rows.t().contiguous() @ grad if ctx.needs_input_grad[1] else None
+        return d_rows, d_nodes
+
+
+def _mix(rows, nodes):
+    return _Mix.apply(rows, nodes)
+
+
 def router_logits(x, token_weight, expert_weight, expert_features, adjacency, gcn_weight,
                   score_weight, activation: str) -> torch.Tensor:
-    """Expert logits (T, E) fp32 of the graph router; see `graph_router` for shapes."""
+    """Expert logits (T, E) fp32 of the graph router; see `graph_router` for shapes.
+
+    Nodes are held node-major, (nodes, T, G): the graph mix of a layer is then one 2-D GEMM
+    on a (nodes, T·G) view and the layer's weight one 2-D GEMM on (nodes·T, G), with no
+    transposed copies. The last layer computes the E expert rows only (the token node's own
+    row is scored by nobody), which saves 1/(E+1) of its GEMM.
+    """
     f32 = compute_dtype(x)
     num_experts = expert_features.shape[0]
+    num_layers = gcn_weight.shape[0]
     adj = adjacency.to(f32)
-    token_node = act(activation, x.to(f32) @ token_weight.to(f32).t())          # (T, G)
+    token_node = act(activation, x.to(f32) @ token_weight.to(f32).t())                 # (T, G)
     expert_nodes = act(activation, expert_features.to(f32) @ expert_weight.to(f32).t())  # (E, G)
+    num_tokens, width = token_node.shape
     nodes = None
-    for layer in range(gcn_weight.shape[0]):
+    for layer in range(num_layers):
         w = gcn_weight[layer].to(f32)
+        rows = adj[:num_experts] if layer == num_layers - 1 else adj  # which nodes this layer outputs
         if layer == 0:
-            constant = (adj[:, :num_experts] @ expert_nodes) @ w.t()            # (E+1, G)
-            nodes = constant + adj[:, num_experts, None] * (token_node @ w.t())[:, None, :]
+            constant = (rows[:, :num_experts] @ expert_nodes) @ w.t()                 # (n, G)
+            token_term = _mix(rows[:, num_experts:], (token_node @ w.t()).view(1, -1))  # (n, T·G)
+            pre = constant[:, None, :] + token_term.view(-1, num_tokens, width)          # (n, T, G)
         else:
             # 2-D GEMMs only: einsum/matmul on 3-D operands pick kernels by requires_grad,
             # which would make frozen and trainable copies of a router differ in the last bit.
-            num_tokens, num_nodes, width = nodes.shape
-            mixed = adj @ nodes.transpose(0, 1).reshape(num_nodes, num_tokens * width)
-            mixed = mixed.view(num_nodes, num_tokens, width).transpose(0, 1).reshape(-1, width)
-            nodes = (mixed @ w.t()).view(num_tokens, num_nodes, width)
-        nodes = act(activation, nodes)                                          # (T, E+1, G)
-    expert_rows = nodes[:, :num_experts].reshape(-1, nodes.shape[-1])
-    return (expert_rows @ score_weight.to(f32)).view(-1, num_experts)
+            mixed = _mix(rows, nodes.view(nodes.shape[0], num_tokens * width))        # (n, T·G)
+            pre = (mixed.view(-1, width) @ w.t()).view(rows.shape[0], num_tokens, width)
+        nodes = act(activation, pre)
+    return (nodes.view(-1, width) @ score_weight.to(f32)).view(num_experts, num_tokens).t()
 
 
 def graph_router(x, token_weight, expert_weight, expert_features, adjacency, gcn_weight,
