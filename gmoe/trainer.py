@@ -11,12 +11,18 @@ The hooks overridden, `_load_from_checkpoint(resume_from_checkpoint, model=None)
 `_load_best_model()`, have these names and signatures in transformers 4.46 to 5.24. Under FSDP
 and DeepSpeed Trainer loads checkpoints through the engine instead of these hooks.
 
+`GMoESFTTrainer` (needs `trl`) is TRL's `SFTTrainer` with the same checkpoints. TRL >= 1 computes
+the SFT loss itself from a fused LM head that it patches onto the model, so the model's own
+`loss` (where the router loss lives) is never used: this class puts the fused head on the wrapped
+Hugging Face model (under the GMoE layers) and adds `outputs["router_loss"]` to TRL's loss.
+
 Note: Trainer's label smoother and `compute_loss_func` compute the loss from the logits
 and never see `out.loss`; with them, add `outputs["router_loss"]` in your loss function.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import warnings
 from pathlib import Path
@@ -77,3 +83,66 @@ class GMoETrainer(transformers.Trainer):
         if gmoe_model is None:
             return super()._load_best_model()
         load_checkpoint_adapter(gmoe_model, self.state.best_model_checkpoint)
+
+
+@functools.cache
+def _gmoe_sft_trainer():
+    import trl
+    import trl.trainer.sft_trainer as sft_module
+
+    class GMoESFTTrainer(GMoETrainer, trl.SFTTrainer):
+        """trl.SFTTrainer for a GMoEModel: the router loss joins TRL's loss; checkpoints are adapters."""
+
+        def __init__(self, *args, **kwargs):
+            self._router_loss_outside = False  # True once TRL computes the loss from its fused head
+            fuse = getattr(sft_module, "add_fused_lm_head", None)  # TRL >= 1 patches the model's forward
+
+            def fuse_under_gmoe(model, *fuse_args, **fuse_kwargs):
+                if isinstance(model, GMoEModel):
+                    self._router_loss_outside = True
+                    model = model.base_model  # GMoEModel.forward passes fused_lm_head=True on to it
+                return fuse(model, *fuse_args, **fuse_kwargs)
+
+            if fuse is not None:
+                sft_module.add_fused_lm_head = fuse_under_gmoe
+            try:
+                super().__init__(*args, **kwargs)
+            finally:
+                if fuse is not None:
+                    sft_module.add_fused_lm_head = fuse
+            if self._router_loss_outside and (self.compute_loss_func is not None or self.label_smoother is not None):
+                # TRL then runs the model twice per batch (loss, then metrics): the load would count twice.
+                raise ValueError("GMoESFTTrainer does not support compute_loss_func or label_smoothing_factor > 0: "
+                                 "TRL runs the model a second time for its metrics, which would count the expert "
+                                 "load twice")
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not self._router_loss_outside:  # older TRL: the loss is the model's, router loss included
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            # The router loss of the forward that gives TRL's loss. (Asked for outputs, TRL runs the model
+            # once more without grad; that second router loss carries no gradient.)
+            router_losses = []
+            hook = self._gmoe_model(model).register_forward_hook(
+                lambda module, args, out: router_losses.append(out.get("router_loss")))
+            try:
+                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            finally:
+                hook.remove()
+            loss, outputs = result if return_outputs else (result, None)
+            if router_losses and router_losses[0] is not None:
+                router_loss = router_losses[0]
+                # A per-micro-batch mean, like TRL's MoE aux loss: when the SFT loss is normalised by the
+                # tokens of all accumulated micro-batches, Trainer no longer divides by their number.
+                steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+                loss = loss + router_loss.to(loss.dtype) / steps
+                mode = "train" if model.training else "eval"
+                self._metrics[mode]["router_loss"].append(router_loss.item())
+            return (loss, outputs) if return_outputs else loss
+
+    return GMoESFTTrainer
+
+
+def __getattr__(name):
+    if name == "GMoESFTTrainer":  # built on first use: trl is an optional dependency
+        return _gmoe_sft_trainer()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
