@@ -127,3 +127,22 @@ def test_same_seed_gives_bitwise_identical_adapters(tmp_path):
     third = _trainer(tmp_path / "c", init_seed=1)
     assert not torch.equal(third.model.adapter_state_dict()["model.layers.0.mlp.router.token_weight"],
                            first.model.adapter_state_dict()["model.layers.0.mlp.router.token_weight"])
+
+
+def test_load_best_model_at_end_loads_the_best_adapter(tmp_path):
+    from safetensors.torch import load_file
+    torch.manual_seed(0)
+    model = get_gmoe_model(tiny_model("llama"), GMoEConfig(**CONFIG))
+    # "best" = the highest eval loss, so that the best checkpoint is an early one, not the final state
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+        eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1, load_best_model_at_end=True,
+        metric_for_best_model="eval_loss", greater_is_better=True, report_to=[], use_cpu=True, disable_tqdm=True)
+    trainer = GMoETrainer(model=model, args=args, train_dataset=_Tokens(), eval_dataset=_Tokens(n=4))
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None and not best.endswith("checkpoint-3")
+    _assert_same_tensors(model.adapter_state_dict(), load_file(f"{best}/adapter_model.safetensors"))
+    last = load_file(str(tmp_path / "checkpoint-3" / "adapter_model.safetensors"))
+    assert not torch.equal(last["model.layers.0.mlp.experts.gate_proj.lora_B"],
+                           model.adapter_state_dict()["model.layers.0.mlp.experts.gate_proj.lora_B"])
