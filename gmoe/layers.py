@@ -159,7 +159,8 @@ class GMoEMLP(nn.Module):
             router_input = x.float() if x.dtype in HALF_DTYPES else x
             logits, probs, indices, weights = self.router(router_input, backend=backend)
         # Checkpointing recomputes this forward inside backward: keep the first call's record.
-        if torch._C._current_graph_task_id() == -1:
+        # (Dynamo cannot trace the graph-task query; a compiled forward is never a recompute.)
+        if torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1:
             self.last_routing = (probs, indices, weights)
         # The frozen projections run as modules (quantized or hooked bases work, and under
         # autocast they choose the compute dtype); everything in between is the fused mix.
