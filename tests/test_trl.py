@@ -36,10 +36,12 @@ def _tokenizer(texts):
                                                 unk_token="<unk>")
 
 
-def _train(out_dir, max_steps, save_steps=None, **overrides):
+def _train(out_dir, max_steps, save_steps=None, callbacks=(), resume=None, init_seed=0, **overrides):
     texts = _texts()
     torch.manual_seed(0)
-    model = get_gmoe_model(tiny_model("llama"), GMoEConfig(**{**CONFIG, **overrides}))
+    base = tiny_model("llama")
+    torch.manual_seed(init_seed)
+    model = get_gmoe_model(base, GMoEConfig(**{**CONFIG, **overrides}))
     calls = []  # forwards of the whole model (SFTConfig turns activation checkpointing on: layers run twice)
     model.register_forward_pre_hook(lambda *args: calls.append(1))
     args = trl.SFTConfig(
@@ -47,9 +49,9 @@ def _train(out_dir, max_steps, save_steps=None, **overrides):
         logging_steps=1, report_to=[], use_cpu=True, disable_tqdm=True, max_length=16, bf16=False, seed=3,
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500)
     trainer = GMoESFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict({"text": texts}),
-                             processing_class=_tokenizer(texts))
+                             processing_class=_tokenizer(texts), callbacks=list(callbacks))
     before = {k: v.clone() for k, v in model.adapter_state_dict().items()}
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     logs = [h for h in trainer.state.log_history if "loss" in h]
     return model, before, logs, calls
 
@@ -78,6 +80,18 @@ def test_sft_trainer_trains_with_the_router_loss(tmp_path):
     assert "router_loss" not in plain_logs[0] or plain_logs[0]["router_loss"] == 0.0
     torch.testing.assert_close(torch.tensor(logs[0]["loss"] - logs[0]["router_loss"]),
                                torch.tensor(plain_logs[0]["loss"]), atol=1e-4, rtol=1e-5)
+
+
+def test_sft_trainer_resumes_bitwise(tmp_path):
+    from tests.test_resume import _StopAt
+    straight, _, logs, _ = _train(tmp_path / "straight", max_steps=3)
+    _train(tmp_path / "run", max_steps=3, save_steps=500, callbacks=[_StopAt(2)])
+    resumed, _, resumed_logs, _ = _train(tmp_path / "run", max_steps=3, init_seed=5,
+                                         resume=str(tmp_path / "run" / "checkpoint-2"))
+    assert [h["loss"] for h in resumed_logs] == [h["loss"] for h in logs]
+    expected = straight.adapter_state_dict()
+    for key, value in resumed.adapter_state_dict().items():
+        assert torch.equal(value, expected[key]), key
 
 
 def test_sft_trainer_refuses_a_second_forward_per_batch(tmp_path):
