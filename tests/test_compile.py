@@ -89,11 +89,9 @@ def test_compiled_model_trains_like_eager():
 
 
 FULLGRAPH_BREAKS = (
-    "graph breaks inside GMoEMLP.forward: (1) gmoe/layers.py calls torch._C._current_graph_task_id(), which "
-    "dynamo cannot trace (use `torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1`); "
-    "(2) the reference expert mix groups pairs with data-dependent shapes (bincount in "
-    "reference/routing.py make_routing_plan, .tolist() in reference/expert_ffn.py): register it as a "
-    "torch.library.custom_op with fake and autograd registrations, as the triton backend does")
+    "graph breaks inside GMoEMLP.forward: the reference expert mix groups pairs with data-dependent shapes "
+    "(bincount in reference/routing.py make_routing_plan, .tolist() in reference/expert_ffn.py); register it as "
+    "a torch.library.custom_op with fake and autograd registrations, as the triton backend does")
 
 
 @pytest.mark.xfail(strict=True, reason=FULLGRAPH_BREAKS)
