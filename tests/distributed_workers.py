@@ -49,7 +49,7 @@ SCENARIOS = {
     "graph_padded": dict(router="graph", gas=1, padded=True),
     "linear": dict(router="linear", gas=1, padded=False),
 }
-ENGINES = ("ddp", "fsdp2", "accelerate", "trainer", "deepspeed")
+ENGINES = ("ddp", "fsdp2", "accelerate", "trainer", "deepspeed", "deepspeed_zero3")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -311,17 +311,17 @@ def run_trainer(spec, rank, out_dir):
     return rec
 
 
-def deepspeed_config(spec):
-    """examples/deepspeed/zero2.json with its "auto" values filled as Accelerate or Trainer would."""
+def deepspeed_config(spec, stage):
+    """examples/deepspeed/zero{stage}.json with its "auto" values filled as Accelerate or Trainer would."""
     import json
-    config = json.loads((ROOT / "examples" / "deepspeed" / "zero2.json").read_text())
+    config = json.loads((ROOT / "examples" / "deepspeed" / f"zero{stage}.json").read_text())
     config.update(train_micro_batch_size_per_gpu=BATCH // WORLD // spec["gas"],
                   gradient_accumulation_steps=spec["gas"], gradient_clipping=0.0)
     config["bf16"] = {"enabled": False}
     return config
 
 
-def run_deepspeed(spec, rank):
+def run_deepspeed(spec, rank, stage=2):
     import importlib
 
     import deepspeed
@@ -332,7 +332,7 @@ def run_deepspeed(spec, rank):
     deepspeed.init_distributed(dist_backend="gloo")
     model = build_model(spec)
     params = [p for _, p in trainable(model)]
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=deepspeed_config(spec),
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=deepspeed_config(spec, stage),
                                            optimizer=torch.optim.SGD(params, lr=LR))
     rec = new_record()
     for step in range(STEPS):
@@ -350,7 +350,8 @@ def run_deepspeed(spec, rank):
     return rec
 
 
-RUNNERS = {"ddp": run_ddp, "fsdp2": run_fsdp2, "accelerate": run_accelerate, "deepspeed": run_deepspeed}
+RUNNERS = {"ddp": run_ddp, "fsdp2": run_fsdp2, "accelerate": run_accelerate, "deepspeed": run_deepspeed,
+           "deepspeed_zero3": lambda spec, rank: run_deepspeed(spec, rank, stage=3)}
 
 
 def main(argv=None):

@@ -162,7 +162,7 @@ def xfail_known_blockers(ranks):
 
 DDP_SCENARIOS = ("graph", "graph_accum", "graph_padded", "linear")
 TORCHRUN_JOBS = {"ddp": DDP_SCENARIOS, "fsdp2": ("graph", "graph_accum"), "deepspeed": ("graph_accum",),
-                 "trainer": ("graph_accum",)}
+                 "deepspeed_zero3": ("graph_accum",), "trainer": ("graph_accum",)}
 
 
 @pytest.fixture(scope="module")
@@ -202,12 +202,13 @@ def test_fsdp2_matches_one_process(torchrun_runs, scenario):
     assert_matches_one_process(runs["fsdp2", scenario], scenario, output)
 
 
-def test_deepspeed_zero2_matches_one_process(torchrun_runs):
-    """DeepSpeed ZeRO-2 (examples/deepspeed/zero2.json) on its CPU accelerator (DS_ACCELERATOR=cpu)
-    over gloo, with the engine's own gradient accumulation; full gradients and fp32 parameters
-    through deepspeed.utils.safe_get_full_grad / safe_get_full_fp32_param."""
+@pytest.mark.parametrize("engine", ["deepspeed", "deepspeed_zero3"])
+def test_deepspeed_matches_one_process(torchrun_runs, engine):
+    """DeepSpeed ZeRO-2 and ZeRO-3 (examples/deepspeed/zero2.json, zero3.json) on DeepSpeed's CPU
+    accelerator (DS_ACCELERATOR=cpu) over gloo, with the engine's own gradient accumulation; full
+    gradients and fp32 parameters through deepspeed.utils.safe_get_full_grad / safe_get_full_fp32_param."""
     runs, output = torchrun_runs
-    ranks = runs["deepspeed", "graph_accum"]
+    ranks = runs[engine, "graph_accum"]
     if any("No module named 'deepspeed'" in rec.get("error", "") for rec in ranks):
         pytest.skip("deepspeed is not installed")
     xfail_known_blockers(ranks)
