@@ -66,9 +66,9 @@ def _argmax_with_margin(values):
     return order[0], values[order[0]] - values[order[1]]
 
 
-def check_against_brute_force(model, tok, examples, batch_size):
+def check_against_brute_force(model, tok, examples, batch_size, max_batch_tokens=2048):
     model.eval()
-    got = evaluate(model, tok, examples, batch_size=batch_size, max_length=128)
+    got = evaluate(model, tok, examples, batch_size=batch_size, max_length=128, max_batch_tokens=max_batch_tokens)
     want = brute_force(model, tok, examples)
     # fp32 forward of different batch shapes: each log-prob differs by ~1e-6 relative; a sum of
     # <= 20 terms of |log p| <= 10 stays well inside 1e-3.
@@ -115,6 +115,7 @@ def test_scorer_matches_brute_force_on_bare_model(tok, tmp_path):
     again = evaluate(model, tok, examples, batch_size=5, max_length=128)
     assert got["loglikelihoods"] == again["loglikelihoods"]  # deterministic
     check_against_brute_force(model, tok, examples[:4], batch_size=1)  # no padding at all
+    check_against_brute_force(model, tok, examples, batch_size=64, max_batch_tokens=60)  # batches cut by tokens
 
 
 def test_acc_norm_divides_by_choice_characters(tok):

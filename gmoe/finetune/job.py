@@ -32,7 +32,8 @@ class JobConfig:
     max_steps: int = -1
     lr: float = 5e-4
     batch_size: int = 8
-    eval_batch_size: int = 16
+    eval_batch_size: int = 64
+    eval_batch_tokens: int = 2048
     grad_accum: int = 1
     max_length: int = 256
     warmup_ratio: float = 0.1
@@ -48,7 +49,7 @@ class JobConfig:
     eval_size: int | None = None
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
-    output_dir: str = "finetune-runs"
+    output_dir: str = "outputs/finetune"
     eval_only: bool = False
     adapter: str | None = None
     preset: str | None = None
@@ -143,7 +144,8 @@ class Job:
         return self._base, self._tok
 
     def _evaluate(self, model, tok) -> dict:
-        res = evaluate(model, tok, self.data.eval, batch_size=self.cfg.eval_batch_size, max_length=self.cfg.max_length)
+        res = evaluate(model, tok, self.data.eval, batch_size=self.cfg.eval_batch_size,
+                       max_length=self.cfg.max_length, max_batch_tokens=self.cfg.eval_batch_tokens)
         return {k: v for k, v in res.items() if k not in ("loglikelihoods", "predictions_norm")}
 
     # ----- zero-shot, cached per task and split -----
@@ -250,7 +252,11 @@ class Job:
 
     # ----- several methods and seeds -----
     def compare(self) -> dict:
-        results = {m: [self.run(m, s) for s in self.cfg.seeds] for m in self.cfg.methods}
+        # seed-major order: a table stopped half-way has every method at its first seeds
+        results = {m: [] for m in self.cfg.methods}
+        for s in self.cfg.seeds:
+            for m in self.cfg.methods:
+                results[m].append(self.run(m, s))
         return self.write_summary(results)
 
     def write_summary(self, results: dict) -> dict:

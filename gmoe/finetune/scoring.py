@@ -20,9 +20,25 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_size: int = 8,
-                   max_length: int = 1024, pad_token_id: int = 0) -> list[float]:
-    """Summed log-likelihood of each request's continuation ids given its context ids."""
+def _batches(order: list[int], lengths: list[int], batch_size: int, max_batch_tokens: int):
+    """Consecutive runs of `order` (longest first) of at most `batch_size` requests and at most
+    `max_batch_tokens` padded tokens (at least one request each): short requests share a forward."""
+    batch: list[int] = []
+    for i in order:
+        width = lengths[batch[0]] if batch else lengths[i]
+        if batch and (len(batch) == batch_size or (len(batch) + 1) * width > max_batch_tokens):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_size: int = 64,
+                   max_length: int = 1024, pad_token_id: int = 0, max_batch_tokens: int = 2048) -> list[float]:
+    """Summed log-likelihood of each request's continuation ids given its context ids. A forward
+    holds at most `batch_size` requests and `max_batch_tokens` padded tokens (its logits are
+    max_batch_tokens × vocabulary floats)."""
     device = _device(model)
     seqs = []
     for ctx, cont in requests:
@@ -37,8 +53,7 @@ def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_siz
     model.eval()
     try:
         with torch.no_grad():
-            for start in range(0, len(order), batch_size):
-                idx = order[start:start + batch_size]
+            for idx in _batches(order, [len(q) for q in seqs], batch_size, max_batch_tokens):
                 width = max(len(seqs[i]) for i in idx)
                 ids = torch.full((len(idx), width), pad_token_id, dtype=torch.long)
                 mask = torch.zeros((len(idx), width), dtype=torch.long)
@@ -62,7 +77,8 @@ def pick(scores: list[float]) -> int:
     return max(range(len(scores)), key=lambda i: (scores[i], -i))
 
 
-def evaluate(model, tokenizer, examples, batch_size: int = 8, max_length: int = 1024) -> dict:
+def evaluate(model, tokenizer, examples, batch_size: int = 64, max_length: int = 1024,
+             max_batch_tokens: int = 2048) -> dict:
     """acc, acc_norm, per-example predictions and throughput over `examples`."""
     requests, owner = [], []
     for e, ex in enumerate(examples):
@@ -71,7 +87,7 @@ def evaluate(model, tokenizer, examples, batch_size: int = 8, max_length: int = 
             owner.append(e)
     start = time.perf_counter()
     lls = loglikelihoods(model, requests, batch_size=batch_size, max_length=max_length,
-                         pad_token_id=tokenizer.pad_token_id)
+                         pad_token_id=tokenizer.pad_token_id, max_batch_tokens=max_batch_tokens)
     seconds = time.perf_counter() - start
     tokens = sum(min(len(c) + len(k), max_length + 1) - 1 for c, k in requests)
     per_ex = [[] for _ in examples]
