@@ -31,6 +31,11 @@ from __future__ import annotations
 
 import functools
 import os
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: no lock, each xdist worker launches its own ranks
+    fcntl = None
 import socket
 import subprocess
 import sys
@@ -78,6 +83,11 @@ def launch(launcher, jobs, out_dir, env=None):
                     f"stdout:\n{_tail(err.stdout or '')}\nstderr:\n{_tail(err.stderr or '')}")
     output = f"command: {' '.join(cmd)}\nexit code {proc.returncode}\nstdout:\n{_tail(proc.stdout)}\n" \
              f"stderr:\n{_tail(proc.stderr)}"
+    (out_dir / "launch.log").write_text(output)
+    return collect(jobs, out_dir, output, proc.returncode)
+
+
+def collect(jobs, out_dir, output, returncode):
     runs = {}
     for engine, scenarios in jobs.items():
         for scenario in scenarios:
@@ -86,9 +96,25 @@ def launch(launcher, jobs, out_dir, env=None):
             if missing:
                 pytest.fail(f"no record {missing} from the ranks\n{output}")
             runs[engine, scenario] = [torch.load(f, weights_only=False) for f in files]
-    if proc.returncode != 0 and not any("error" in rec for recs in runs.values() for rec in recs):
+    if returncode != 0 and not any("error" in rec for recs in runs.values() for rec in recs):
         pytest.fail(f"the launcher failed\n{output}")
     return runs, output
+
+
+def launch_once(name, launcher, jobs, tmp_path_factory, env=None):
+    """`launch`, shared by the pytest-xdist workers of one session through a file lock: the first
+    worker runs the ranks, the others read the records it wrote."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    out_dir = shared / f"distributed-{name}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(shared / f"distributed-{name}.lock", "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        log = out_dir / "launch.log"
+        if not log.is_file():
+            return launch(launcher, jobs, out_dir, env)
+        return collect(jobs, out_dir, log.read_text(), returncode=0)
 
 
 def torchrun():
@@ -167,8 +193,9 @@ TORCHRUN_JOBS = {"ddp": DDP_SCENARIOS, "fsdp2": ("graph", "graph_accum"), "deeps
 
 @pytest.fixture(scope="module")
 def torchrun_runs(tmp_path_factory):
-    """One torchrun launch runs every engine's scenarios in the same 2 processes (one start-up)."""
-    return launch(torchrun(), TORCHRUN_JOBS, tmp_path_factory.mktemp("torchrun"), env=_env(DS_ACCELERATOR="cpu"))
+    """One torchrun launch runs every engine's scenarios in the same 2 processes (one start-up),
+    once per test session even when pytest-xdist spreads these tests over several workers."""
+    return launch_once("torchrun", torchrun(), TORCHRUN_JOBS, tmp_path_factory, env=_env(DS_ACCELERATOR="cpu"))
 
 
 @pytest.mark.parametrize("scenario", DDP_SCENARIOS)
