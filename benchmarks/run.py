@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from benchmarks import contenders as C  # noqa: E402
 from benchmarks import measure as M  # noqa: E402
 from benchmarks import report as R  # noqa: E402
-from benchmarks.shapes import PLANS, SHAPES, STEP_MODELS, Case, cases  # noqa: E402
+from benchmarks.shapes import PLANS, REAL_STEP_MODELS, SHAPES, STEP_MODELS, Case, cases  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -41,7 +41,11 @@ def parse_args(argv=None):
     p.add_argument("--variants", help="comma-separated E-K-R labels, e.g. E8-K2-R8,E32-K8-R8 (default: each shape's)")
     p.add_argument("--ops", default="ffn,router,step", help="subset of ffn,router,step")
     p.add_argument("--impls", help="comma-separated contenders to run (default: all)")
-    p.add_argument("--step-models", help=f"comma-separated ({', '.join(STEP_MODELS)}); default: the plan")
+    p.add_argument("--step-models", help=f"comma-separated ({', '.join([*STEP_MODELS, *REAL_STEP_MODELS])}); "
+                   "default: the plan. Real models (loaded from their package, seconds per step) time the "
+                   "whole training step with AdamW ('train' rows)")
+    p.add_argument("--step-rounds", type=int, default=None,
+                   help="interleaved rounds of a real-model step (default: the model's, 3)")
     p.add_argument("--model", default=os.environ.get("GMOE_BENCH_MODEL"),
                    help="a local Hugging Face causal-LM folder to time one step of (env GMOE_BENCH_MODEL)")
     p.add_argument("--model-batch", type=int, default=1)
@@ -91,7 +95,7 @@ class Runner:
         return [n for n in (*names, *C.EXTRA_IMPLS[op]) if n in self.impls]
 
     # ----- the contenders of one case, both modes, timed together
-    def measure(self, cs: list, base_row: dict, floor=None) -> None:
+    def measure(self, cs: list, base_row: dict, floor=None, modes=("fwd", "fwd_bwd"), settings=None) -> None:
         live, rows = [], {}
         for c in cs:
             if c.error:
@@ -106,8 +110,8 @@ class Runner:
             except Exception as err:  # noqa: BLE001
                 c.note = (c.note + f"; saved bytes failed: {err}").strip("; ")
             rows[c.impl] = []
-            for mode in (["fwd"] if c.inference_only else ["fwd", "fwd_bwd"]):
-                fn = c.fwd if mode == "fwd" else c.fwd_bwd
+            for mode in ([m for m in modes if m == "fwd"] if c.inference_only else modes):
+                fn = {"fwd": c.fwd, "fwd_bwd": c.fwd_bwd, "train": c.train}[mode]
                 row = {**base_row, "impl": c.impl, "mode": mode, "saved_bytes": saved, "note": c.note or None,
                        "error": None, "ms": None}
                 try:  # one call on its own first, so a failing contender cannot sink the others
@@ -120,17 +124,18 @@ class Runner:
                     if self.device.type == "cuda":
                         torch.cuda.empty_cache()
                 rows[c.impl].append(row)
-        for mode in ("fwd", "fwd_bwd"):
+        settings = settings or self.settings
+        for mode in modes:
             group = {impl: fn for impl, m, fn in live if m == mode}
             if not group:
                 continue
             try:
-                timed = M.time_group(group, self.device, self.settings)
+                timed = M.time_group(group, self.device, settings)
             except Exception:  # noqa: BLE001 - time them one by one, so only the culprit is lost
                 timed = {}
                 for impl, fn in group.items():
                     try:
-                        timed.update(M.time_group({impl: fn}, self.device, self.settings))
+                        timed.update(M.time_group({impl: fn}, self.device, settings))
                     except Exception as err:  # noqa: BLE001
                         row = next(r for r in rows[impl] if r["mode"] == mode)
                         row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
@@ -171,7 +176,9 @@ class Runner:
         del p
         gc.collect()
 
-    def run_step(self, name, base_model, batch, seq, variant) -> None:
+    def run_step(self, name, base_model, batch, seq, variant, real: bool = False, rounds: int = 3) -> None:
+        """One step model's contenders. `real`: a pretrained model, timed as whole training steps
+        (mode 'train': forward, loss, backward, AdamW step) in `rounds` interleaved rounds."""
         sp = C.make_step_problem(name, base_model, batch, seq, variant, self.device, self.args.seed)
         label = f"{name}/{variant.label}"
         print(f"[step] {label}  batch={batch} seq={seq}", flush=True)
@@ -179,8 +186,11 @@ class Runner:
         base = dict(shape=label, op="step", tokens=sp.tokens, hidden=cfg.hidden_size,
                     inter=cfg.intermediate_size, experts=variant.experts, top_k=variant.top_k,
                     rank=variant.rank, dtype=str(self.dtype)[6:])
-        self.measure(C.step_contenders(sp, self.wanted(C.STEP_IMPLS, 'step')), base,
-                     floor=lambda mode: (C.step_floor_flops(sp, mode), 0.0))
+        impls = self.wanted(C.REAL_STEP_IMPLS if real else C.STEP_IMPLS, "step")
+        settings = M.Settings(warmup=1, min_reps=rounds, min_time_s=0.0, warmup_ms=10, rep_ms=40, retries=1) \
+            if real else None
+        self.measure(C.step_contenders(sp, impls), base, floor=lambda mode: (C.step_floor_flops(sp, mode), 0.0),
+                     modes=("train",) if real else ("fwd", "fwd_bwd"), settings=settings)
 
     def check(self) -> None:
         """Agreement on tiny E8-K2-R8 (fp32 on CPU, fp32 on GPU): same function, same numbers."""
@@ -241,9 +251,12 @@ def run_cases(runner: Runner, todo, ops) -> None:
 def run_steps(runner: Runner, args, plan, device, dtype) -> None:
     names = args.step_models.split(",") if args.step_models else plan["step"]
     for name in names:
-        if name not in STEP_MODELS:
-            raise SystemExit(f"unknown step model {name!r}; known: {', '.join(STEP_MODELS)}")
+        if name not in STEP_MODELS and name not in REAL_STEP_MODELS:
+            raise SystemExit(f"unknown step model {name!r}; known: {', '.join([*STEP_MODELS, *REAL_STEP_MODELS])}")
         if runner.over_budget(f"step {name}"):
+            continue
+        if name in REAL_STEP_MODELS:
+            run_real_step(runner, REAL_STEP_MODELS[name], device, dtype)
             continue
         spec = STEP_MODELS[name]
         runner.run_step(name, C.build_llama(spec, device, dtype), spec.batch, spec.seq, spec.variant)
@@ -259,6 +272,22 @@ def run_steps(runner: Runner, args, plan, device, dtype) -> None:
             runner.run_step(Path(args.model).name, model, args.model_batch, args.model_seq,
                             STEP_MODELS["llama-tiny"].variant)
             runner.save(complete=False)
+
+
+def run_real_step(runner: Runner, spec, device, dtype) -> None:
+    """Load the pretrained model once (every contender deep-copies it) and time its training step."""
+    try:
+        from gmoe.finetune.assets import load_base_model
+        start = time.perf_counter()
+        model, _ = load_base_model(spec.name, dtype=dtype)
+        print(f"loaded {spec.name} in {time.perf_counter() - start:.0f} s", flush=True)
+    except Exception as err:  # noqa: BLE001 - a missing package must not sink the other rows
+        print(f"step {spec.name}: cannot load the model ({type(err).__name__}: {err}); skipped", flush=True)
+        runner.skipped.append(f"step {spec.name} ({type(err).__name__})")
+        return
+    runner.run_step(spec.name, model.to(device), spec.batch, spec.seq, spec.variant, real=True,
+                    rounds=runner.args.step_rounds or spec.rounds)
+    runner.save(complete=False)
 
 
 def main(argv=None) -> int:

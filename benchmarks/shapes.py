@@ -89,6 +89,28 @@ STEP_MODELS: dict[str, StepModel] = {m.name: m for m in (
 )}
 
 
+@dataclass(frozen=True)
+class RealStepModel:
+    """A real pretrained model loaded by `gmoe.finetune.assets.load_base_model(name)` (no hub):
+    one training step (forward, LM loss + router loss, backward, AdamW step) on batch × seq tokens."""
+    name: str
+    batch: int
+    seq: int
+    variant: Variant = Variant(8, 2, 8)
+    rounds: int = 3   # interleaved rounds (a step takes seconds on a CPU)
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+
+# The fine-tuning job's own step on this package's CPU model (issue 9): SmolLM2-135M-Instruct
+# (H 576, F 1536, 30 layers), fp32, batch 4 × 128 tokens.
+REAL_STEP_MODELS: dict[str, RealStepModel] = {m.name: m for m in (
+    RealStepModel("smollm2-135m", batch=4, seq=128),
+)}
+
+
 def cases(shape_names, all_variants: bool = True, variants: list[str] | None = None) -> list[Case]:
     """Cases for the named shapes: every variant, or only the first (E8-K2-R8), or `variants` labels."""
     out = []

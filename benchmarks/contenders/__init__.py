@@ -18,7 +18,8 @@ returned with `error` set, so the report shows why instead of dropping the row.
 Modules: `common` (the contender names, `Contender`, `Problem` and its builder, the agreement
 check), `ffn`, `router`, `step` (the contenders of each op). Everything is importable from here.
 """
-from .common import (ATTENTION, EXTRA_IMPLS, FFN_IMPLS, LORA_KEYS, MLP, ROUTER_IMPLS, STEP_IMPLS, Contender,
+from .common import (ATTENTION, EXTRA_IMPLS, FFN_IMPLS, LORA_KEYS, MLP, REAL_STEP_IMPLS, ROUTER_IMPLS,
+                     STEP_IMPLS, Contender,
                      Problem, check_agreement, collect, make_problem, package_missing, ring_adjacency,
                      triton_missing, unavailable)
 from .ffn import GatedFFN, ffn_contenders
@@ -27,7 +28,7 @@ from .step import (StepProblem, build_llama, export_mixlora_adapter, make_step_p
                    step_floor_flops)
 
 __all__ = [
-    "ATTENTION", "EXTRA_IMPLS", "FFN_IMPLS", "LORA_KEYS", "MLP", "ROUTER_IMPLS", "STEP_IMPLS",
+    "ATTENTION", "EXTRA_IMPLS", "FFN_IMPLS", "LORA_KEYS", "MLP", "REAL_STEP_IMPLS", "ROUTER_IMPLS", "STEP_IMPLS",
     "Contender", "GatedFFN", "Problem", "StepProblem", "block_diagonal_edges", "build_llama",
     "check_agreement", "collect", "export_mixlora_adapter", "ffn_contenders", "make_problem",
     "make_step_problem", "package_missing", "ring_adjacency", "router_contenders", "step_contenders",

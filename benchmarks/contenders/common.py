@@ -24,8 +24,11 @@ STEP_IMPLS = ("gmoe-triton", "gmoe-reference", "loop", "peft-lora", "dense-froze
               "gmoe-converted")
 # Run only when asked by name (--impls, micro-benchmarks): lora-plain stands in for peft-lora
 # when PEFT is not installed (the same LoRA maths in plain PyTorch); graph-loop is the
-# per-token oracle `graph_router_loop` (a Python loop over tokens: slow by design).
-EXTRA_IMPLS = {"ffn": ("lora-plain",), "router": ("graph-loop",), "step": ("lora-plain",)}
+# per-token oracle `graph_router_loop` (a Python loop over tokens: slow by design);
+# gmoe-linear is GMoE with the linear router (the real-model step names it).
+EXTRA_IMPLS = {"ffn": ("lora-plain",), "router": ("graph-loop",), "step": ("lora-plain", "gmoe-linear")}
+# The real-model training step (forward, loss, backward, AdamW step) of shapes.REAL_STEP_MODELS.
+REAL_STEP_IMPLS = ("dense-frozen", "peft-lora", "gmoe-reference", "gmoe-linear", "loop")
 LORA_KEYS = ("lora_a_gate", "lora_b_gate", "lora_a_up", "lora_b_up", "lora_a_down", "lora_b_down")
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -49,6 +52,7 @@ class Contender:
     error: str | None = None
     note: str = ""
     model: nn.Module | None = None   # step contenders: the model, for the agreement check
+    _optimizer: object = field(default=None, repr=False)  # train(): AdamW over `leaves`
 
     def fwd(self):
         if self.inference_only:
@@ -59,6 +63,16 @@ class Contender:
     def fwd_bwd(self):
         outs = self.forward()
         torch.autograd.grad(outs, self.leaves, self.grads(outs))
+
+    def train(self):
+        """One training step: forward, backward into the leaves' .grad, AdamW step, zero_grad.
+        (The optimizer is made on the first call; lr is small so routing stays put.)"""
+        if self._optimizer is None:
+            self._optimizer = torch.optim.AdamW(self.leaves, lr=1e-5)
+        outs = self.forward()
+        torch.autograd.backward(outs, self.grads(outs))
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
 
 
 def unavailable(impl, op, why) -> Contender:

@@ -11,7 +11,6 @@ import importlib.util
 import json
 import os
 import tempfile
-import types
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +19,7 @@ import torch.nn as nn
 from gmoe_kernels.reference import expert_ffn_loop
 
 from ..shapes import StepModel
-from .common import ATTENTION, MLP, STEP_IMPLS, Contender, collect, package_missing, triton_missing, unavailable
+from .common import ATTENTION, EXTRA_IMPLS, MLP, STEP_IMPLS, Contender, collect, package_missing, triton_missing, unavailable
 
 
 @dataclass
@@ -58,7 +57,7 @@ def make_step_problem(name, base, batch, seq, variant, device, seed=0) -> StepPr
 def step_floor_flops(sp: StepProblem, mode: str) -> float:
     """2·P·T per pass over the frozen linear layers (attention scores excluded); ×2 with backward."""
     per_pass = 2.0 * sp.linear_params * sp.tokens
-    return per_pass * (2 if mode == "fwd_bwd" else 1)
+    return per_pass * (2 if mode in ("fwd_bwd", "train") else 1)
 
 
 # --------------------------------------------------------------------------- models
@@ -76,12 +75,12 @@ def _loss_contender(impl, model, ids, trainable=None, note="", patch=None) -> Co
                      persistent=[ids, *model.parameters(), *model.buffers()], note=note)
 
 
-def _gmoe_model(sp: StepProblem, backend: str):
+def _gmoe_model(sp: StepProblem, backend: str, router: str = "graph"):
     from gmoe import GMoEConfig, get_gmoe_model
 
     v = sp.variant
     config = GMoEConfig(num_experts=v.experts, top_k=v.top_k, r=v.rank, lora_alpha=2.0 * v.rank,
-                        target_modules=ATTENTION, backend=backend)
+                        target_modules=ATTENTION, backend=backend, router=router)
     torch.manual_seed(1)
     model = get_gmoe_model(copy.deepcopy(sp.base), config)
     with torch.no_grad():  # non-zero B so the adapter is not a no-op (same cost either way)
@@ -115,16 +114,28 @@ def _peft_model(sp: StepProblem) -> nn.Module:
     return model
 
 
+def _loop_forward(layer, hidden_states):
+    """GMoEMLP.forward with the experts run by the published per-expert loop (router unchanged,
+    its routing recorded for the router losses as the layer does)."""
+    base, ex = layer.base_layer, layer.experts
+    x = hidden_states.reshape(-1, hidden_states.shape[-1])
+    _, probs, indices, weights = layer.router(x, backend=layer.config.backend)
+    if torch._C._current_graph_task_id() == -1:
+        layer.last_routing = (probs, indices, weights)
+    y = expert_ffn_loop(x, base.gate_proj.weight, base.up_proj.weight, base.down_proj.weight,
+                        *(getattr(ex[name], ab) for name in MLP for ab in ("lora_A", "lora_B")),
+                        indices, weights, layer.scaling, layer.activation, gate_bias=base.gate_proj.bias,
+                        up_bias=base.up_proj.bias, down_bias=base.down_proj.bias)
+    return y.view(*hidden_states.shape[:-1], y.shape[-1])
+
+
 def _loop_patch():
     """Run GMoEMLP's experts through the published per-expert loop (router unchanged)."""
     import unittest.mock
 
-    import gmoe.layers
+    from gmoe.layers import GMoEMLP
 
-    def expert_ffn(*args, lora_input=None, backend=None, **kwargs):
-        return expert_ffn_loop(*args, **kwargs)
-
-    return unittest.mock.patch.object(gmoe.layers, "functional", types.SimpleNamespace(expert_ffn=expert_ffn))
+    return unittest.mock.patch.object(GMoEMLP, "forward", _loop_forward)
 
 
 def _dense_step(sp: StepProblem) -> Contender:
@@ -247,6 +258,9 @@ def step_contenders(sp: StepProblem, impls=STEP_IMPLS) -> list[Contender]:
             return unavailable(impl, "step", why) if why else _loss_contender(impl, _gmoe_model(sp, "triton"), ids)
         if impl == "gmoe-reference":
             return _loss_contender(impl, gmoe_ref, ids, note="graph router")
+        if impl == "gmoe-linear":
+            return _loss_contender(impl, _gmoe_model(sp, "reference", router="linear"), ids,
+                                   note="linear router (GMoE losses), reference backend")
         if impl == "loop":
             return _loss_contender(impl, gmoe_ref, ids, note="gmoe-reference model, experts via expert_ffn_loop",
                                    patch=_loop_patch)
@@ -274,7 +288,7 @@ def step_contenders(sp: StepProblem, impls=STEP_IMPLS) -> list[Contender]:
             if not os.path.exists(os.path.join(tmp.name, "adapter_config.json")):
                 export_mixlora_adapter(gmoe_ref, sp, tmp.name)
             return _converted_step(sp, tmp.name)
-        raise ValueError(f"unknown step contender {impl!r}; known: {STEP_IMPLS}")
+        raise ValueError(f"unknown step contender {impl!r}; known: {STEP_IMPLS + EXTRA_IMPLS['step']}")
 
     rows = collect("step", impls, build)
     tmp.cleanup()  # both loaders hold the adapter in memory: the folder can go

@@ -45,7 +45,9 @@ class _Mix(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, nodes):
-        ctx.save_for_backward(rows, nodes)
+        # nodes (m, T·G) is kept only when the graph weights need a gradient (a fixed buffer
+        # in the model): it is the largest tensor a router layer could save.
+        ctx.save_for_backward(rows, nodes if ctx.needs_input_grad[0] else None)
         return rows @ nodes
 
     @staticmethod
