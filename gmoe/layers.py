@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from gmoe_kernels import functional
 
+from . import losses
 from .config import EXPERT_MODULES, GMoEConfig
 from .router import GraphRouter, LinearRouter
 
@@ -98,8 +99,9 @@ class GMoEMLP(nn.Module):
     """A decoder MLP turned into a graph-routed mixture of LoRA experts.
 
     Holds the base MLP (gate_proj, up_proj, down_proj, act_fn) as `base_layer`. Each forward
-    records the router's output of the last call (`last_routing`) so that GMoEModel can
-    compute the router losses after the whole model has run.
+    records the router's output of the last call (`last_routing`) and the loss targets
+    (`last_loss_targets`) so that GMoEModel can compute the router losses after the whole
+    model has run.
     """
 
     def __init__(self, base_layer: nn.Module, config: GMoEConfig, activation: str, build_graph=True):
@@ -126,7 +128,7 @@ class GMoEMLP(nn.Module):
             self.router = LinearRouter(hidden, E, config.top_k, **coefs).to(device)
         self.register_buffer("expert_load", torch.zeros(E, device=device))
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
-        self.last_routing = None
+        self.last_routing = self.last_loss_targets = None
         self.disabled = False  # set by GMoEModel.disable_adapter()
 
     def _apply(self, fn, recurse=True):
@@ -140,6 +142,22 @@ class GMoEMLP(nn.Module):
                 self.expert_load = self.expert_load.float()
                 break
         return self
+
+    def record_routing(self, probs, indices, weights) -> None:
+        """Keep what GMoEModel.router_loss needs of this forward: the routing, and the Poisson and
+        Normal targets computed from λ and σ now, while this layer's parameters are gathered
+        (FSDP2 and ZeRO-3 reshard them after the layer's forward).
+
+        Activation checkpointing recomputes the forward inside backward: the targets are computed
+        then too (the recomputation must save the same tensors), but only the first call is kept.
+        """
+        cfg, router = self.config, self.router
+        targets = (
+            losses.poisson_target(cfg.num_experts, router.poisson_rate) if cfg.poisson_loss_coef > 0 else None,
+            losses.normal_target(cfg.num_experts, router.normal_std) if cfg.normal_loss_coef > 0 else None)
+        # (Dynamo cannot trace the graph-task query; a compiled forward is never a recompute.)
+        if torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1:
+            self.last_routing, self.last_loss_targets = (probs, indices, weights), targets
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
@@ -158,10 +176,7 @@ class GMoEMLP(nn.Module):
             # top-k decisions when rounded to bf16); it is a small part of the layer's cost.
             router_input = x.float() if x.dtype in HALF_DTYPES else x
             logits, probs, indices, weights = self.router(router_input, backend=backend)
-        # Checkpointing recomputes this forward inside backward: keep the first call's record.
-        # (Dynamo cannot trace the graph-task query; a compiled forward is never a recompute.)
-        if torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1:
-            self.last_routing = (probs, indices, weights)
+        self.record_routing(probs, indices, weights)
         # The frozen projections run as modules (quantized or hooked bases work, and under
         # autocast they choose the compute dtype); everything in between is the fused mix.
         gate_base, up_base = base.gate_proj(x), base.up_proj(x)

@@ -18,13 +18,12 @@ def poisson_target(num_experts: int, rate: torch.Tensor) -> torch.Tensor:
     return torch.softmax(log_pmf, dim=0)  # = pmf / sum(pmf), computed stably
 
 
-def poisson_distinction_sum(probs: torch.Tensor, rate: torch.Tensor, mask: torch.Tensor | None = None):
+def poisson_distinction_sum(probs: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None = None):
     """Sum over non-padding tokens of sum_i q_i |log(q_i / (p↓_i + 1e-16))|, p↓ each token's sorted probs.
 
-    A sum, not a mean, so that data-parallel ranks can add their parts before dividing by the
-    global token count. Returns a () fp32 tensor.
+    q: (E,) the Poisson target (`poisson_target`). A sum, not a mean, so that data-parallel
+    ranks can add their parts before dividing by the global token count. Returns () fp32.
     """
-    q = poisson_target(probs.shape[1], rate)
     p_sorted = torch.sort(probs.float(), dim=1, descending=True).values
     per_token = (q * torch.log(q / (p_sorted + 1e-16)).abs()).sum(dim=1)
     return per_token.sum() if mask is None else (per_token * mask.to(per_token.dtype)).sum()
@@ -32,7 +31,8 @@ def poisson_distinction_sum(probs: torch.Tensor, rate: torch.Tensor, mask: torch
 
 def poisson_distinction_loss(probs: torch.Tensor, rate: torch.Tensor, mask: torch.Tensor | None = None):
     """D = mean over non-padding tokens of the per-token Poisson distinction (0 for no tokens)."""
-    return poisson_distinction_sum(probs, rate, mask) / token_count(probs, mask).clamp_min(1.0)
+    q = poisson_target(probs.shape[1], rate)
+    return poisson_distinction_sum(probs, q, mask) / token_count(probs, mask).clamp_min(1.0)
 
 
 def token_count(probs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -83,7 +83,11 @@ def global_sums(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def normal_balance_loss(load_now: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """B = sum_i n_i |log(n_i / (ĉ_i + 1e-8))|, ĉ = sort↓(load) / sum(load)."""
-    n = normal_target(load_now.shape[0], std)
+    return normal_balance(load_now, normal_target(load_now.shape[0], std))
+
+
+def normal_balance(load_now: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """The Normal balance loss against a given target n (E,) (`normal_target`)."""
     c = torch.sort(load_now.float(), descending=True).values
     c_hat = c / c.sum().clamp_min(1e-12)
     return (n * torch.log(n / (c_hat + 1e-8)).abs()).sum()

@@ -136,7 +136,7 @@ class GMoEModel(nn.Module):
                     out["loss"] = out["loss"] + router_loss.to(out["loss"].dtype)
         finally:
             for layer in self.gmoe_layers():
-                layer.last_routing = None
+                layer.last_routing = layer.last_loss_targets = None
         return out.to_tuple() if return_dict is False else out
 
     def _check_inputs(self, input_ids, inputs_embeds):
@@ -170,7 +170,7 @@ class GMoEModel(nn.Module):
                  "load": torch.stack([losses.batch_load(probs.gather(1, indices), indices, cfg.num_experts, mask)
                                       for (probs, indices, _), mask in zip(routings, masks)])}
         if cfg.poisson_loss_coef > 0:
-            stats["poisson"] = torch.stack([losses.poisson_distinction_sum(probs, layer.router.poisson_rate, mask)
+            stats["poisson"] = torch.stack([losses.poisson_distinction_sum(probs, layer.last_loss_targets[0], mask)
                                             for layer, (probs, _, _), mask in zip(layers, routings, masks)])
         if cfg.aux_loss_coef > 0:
             stats["switch"] = torch.stack([losses.switch_stats(probs, indices, mask)
@@ -184,7 +184,7 @@ class GMoEModel(nn.Module):
             loss = loss + cfg.poisson_loss_coef * stats["poisson"] / tokens.clamp_min(1.0)
         if cfg.normal_loss_coef > 0:
             loss = loss + cfg.normal_loss_coef * torch.stack([
-                losses.normal_balance_loss(load, layer.router.normal_std) for layer, load in zip(layers, load_now)])
+                losses.normal_balance(load, layer.last_loss_targets[1]) for layer, load in zip(layers, load_now)])
         if cfg.aux_loss_coef > 0:
             loss = loss + cfg.aux_loss_coef * torch.stack([
                 losses.switch_loss_from_stats(switch, tokens, cfg.top_k) for switch in stats["switch"]])
@@ -357,6 +357,9 @@ class GMoEModel(nn.Module):
                              f"{'…' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
                              f"{'…' if len(unexpected) > 5 else ''}. Was it saved from the same base model "
                              "and GMoE config?")
+        # Adapters of gmoe-kernels 0.1.0 hold λ and σ 0-dim: the same values, of shape (1,) now.
+        state = {k: v.reshape(own[k].shape) if k in own and v.numel() == 1 == own[k].numel() else v
+                 for k, v in state.items()}
         for key, value in state.items():
             if value.shape != own[key].shape:
                 raise ValueError(f"{source}: {key} has shape {tuple(value.shape)} but this model expects "

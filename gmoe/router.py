@@ -21,13 +21,14 @@ def _glorot_(tensor: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
 
 def _add_loss_parameters(router: nn.Module, num_experts: int, poisson_loss_coef: float,
                          normal_loss_coef: float) -> None:
-    """λ (Poisson rate, init 1.5) and σ (Normal std, init E/2), one scalar each per layer.
+    """λ (Poisson rate, init 1.5) and σ (Normal std, init E/2), one value each per layer.
 
-    A loss whose coefficient is 0 leaves its parameter frozen: a trainable parameter that
-    never gets a gradient stalls DDP's reducer (or silently skips its all-reduce).
+    Shape (1,), not 0-dim: FSDP2's fully_shard and DeepSpeed's broadcast refuse 0-dim
+    parameters. A loss whose coefficient is 0 leaves its parameter frozen: a trainable
+    parameter that never gets a gradient stalls DDP's reducer (or silently skips its all-reduce).
     """
-    router.poisson_rate = nn.Parameter(torch.tensor(1.5), requires_grad=poisson_loss_coef > 0)
-    router.normal_std = nn.Parameter(torch.tensor(num_experts / 2.0), requires_grad=normal_loss_coef > 0)
+    router.poisson_rate = nn.Parameter(torch.tensor([1.5]), requires_grad=poisson_loss_coef > 0)
+    router.normal_std = nn.Parameter(torch.tensor([num_experts / 2.0]), requires_grad=normal_loss_coef > 0)
 
 
 class GraphRouter(nn.Module):

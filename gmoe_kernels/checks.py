@@ -51,6 +51,13 @@ def _check_expert_range(indices, num_experts):
         torch._assert_async(in_range, f"indices must be expert ids in [0, E = {num_experts})")
 
 
+def check_routing_indices(indices, num_experts):
+    """(T, K) int64 expert ids in [0, E), for the routing-plan op."""
+    if indices.dim() != 2 or indices.dtype != torch.int64:
+        raise ValueError(f"indices must be a (T, K) int64 tensor, got {tuple(indices.shape)} {indices.dtype}")
+    _check_expert_range(indices, num_experts)
+
+
 def check_activation(activation):
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} is not one of {ACTIVATIONS}; map `transformers` "

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from . import reference
 from .backend import resolve_backend
-from .checks import check_expert_mix, check_graph_router
+from .checks import check_expert_mix, check_graph_router, check_routing_indices
 from .routing_plan import RoutingPlan
 
 
@@ -95,6 +95,7 @@ def topk_route(probs, top_k: int, backend: str | None = None):
 
 def make_routing_plan(indices, num_experts: int, backend: str | None = None) -> RoutingPlan:
     """Group (token, slot) pairs by expert: see `RoutingPlan`."""
+    check_routing_indices(indices, num_experts)
     impl = reference if resolve_backend(backend, indices.device) == "reference" else _triton()
     return impl.make_routing_plan(indices, num_experts)
 

@@ -23,8 +23,8 @@ def _layer(dtype, router="graph"):
     model = gmoe.get_gmoe_model(base, cfg).to(dtype)
     layer = model.gmoe_layers()[0]
     with torch.no_grad():
-        for p in layer.parameters():
-            if p.requires_grad and p.dim() > 0:
+        for name, p in layer.named_parameters():  # random weights; λ and σ keep their initial values
+            if p.requires_grad and not name.endswith(("poisson_rate", "normal_std")):
                 p.normal_(0, 0.3)
         if router == "graph":
             layer.router.token_weight.mul_(0.1)

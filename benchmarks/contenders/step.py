@@ -120,8 +120,7 @@ def _loop_forward(layer, hidden_states):
     base, ex = layer.base_layer, layer.experts
     x = hidden_states.reshape(-1, hidden_states.shape[-1])
     _, probs, indices, weights = layer.router(x, backend=layer.config.backend)
-    if torch._C._current_graph_task_id() == -1:
-        layer.last_routing = (probs, indices, weights)
+    layer.record_routing(probs, indices, weights)
     y = expert_ffn_loop(x, base.gate_proj.weight, base.up_proj.weight, base.down_proj.weight,
                         *(getattr(ex[name], ab) for name in MLP for ab in ("lora_A", "lora_B")),
                         indices, weights, layer.scaling, layer.activation, gate_bias=base.gate_proj.bias,

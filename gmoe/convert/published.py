@@ -142,8 +142,8 @@ def from_gmoe_reference(hf_model: nn.Module, path: str | os.PathLike, backend: s
             _Spec(pre + "gate.mlp.weight", ((G, hidden),), router + "token_weight"),
             _Spec(pre + "gate.mlp_struct.weight", ((G, hidden),), router + "expert_weight"),
             _Spec(pre + "gate.proj.weight", ((1, G),), router + "score_weight", None, lambda t: t.reshape(-1)),
-            _Spec(pre + "gate.lamb", ((), (1,)), router + "poisson_rate", None, lambda t: t.reshape(())),
-            _Spec(pre + "gate.theta", ((1,), ()), router + "normal_std", None, lambda t: t.reshape(())),
+            _Spec(pre + "gate.lamb", ((), (1,)), router + "poisson_rate", None, lambda t: t.reshape(1)),
+            _Spec(pre + "gate.theta", ((1,), ()), router + "normal_std", None, lambda t: t.reshape(1)),
         ]
         specs += [_Spec(pre + f"gate.convs.{l}.lin.weight", ((G, G),), router + "gcn_weight", l)
                   for l in range(gcn_layers)]

@@ -46,6 +46,7 @@ def combine(rows: torch.Tensor, weights: torch.Tensor, plan: RoutingPlan) -> tor
 
     rows: (T·K, H) in grouped order; weights: (T, K). Returns (T, H) in rows' dtype.
     """
-    per_pair = rows.index_select(0, plan.inverse).view(plan.num_tokens, plan.top_k, -1)
-    out = (per_pair.float() * weights.float().unsqueeze(-1)).sum(dim=1)
+    per_pair = rows.index_select(0, plan.inverse).view(plan.num_tokens, plan.top_k, rows.shape[1])
+    acc = compute_dtype(rows)  # fp32, or fp64 for fp64 rows, as the kernel accumulates
+    out = (per_pair.to(acc) * weights.to(acc).unsqueeze(-1)).sum(dim=1)
     return out.to(rows.dtype)
