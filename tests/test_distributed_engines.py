@@ -169,25 +169,6 @@ def assert_matches_one_process(ranks, scenario, output="", check_router_loss=Tru
     assert not problems, f"{scenario}: {len(problems)} mismatches with one process:\n" + "\n".join(problems[:40])
 
 
-# Known blockers in the package, recognised by the error they raise, so that these engines'
-# tests report them (xfail) until they are fixed and then compare everything like the others.
-KNOWN_BLOCKERS = {
-    "fully_shard doesn't support scalar parameters": "λ (poisson_rate) and σ (normal_std) are 0-dim parameters, "
-    "which FSDP2's fully_shard rejects",
-    "got mixed torch.Tensor and DTensor": "GMoEModel.router_loss reads λ and σ after the decoder layer's forward, "
-    "when FSDP2 has resharded them into DTensors",
-    "cannot be 0 to view Float as Byte": "λ (poisson_rate) and σ (normal_std) are 0-dim parameters, which "
-    "DeepSpeed's parameter broadcast cannot view as bytes",
-}
-
-
-def xfail_known_blockers(ranks):
-    for rec in ranks:
-        for needle, why in KNOWN_BLOCKERS.items():
-            if needle in rec.get("error", ""):
-                pytest.xfail(f"gmoe bug: {why}")
-
-
 # ----------------------------------------------------------------------------- torchrun: DDP, FSDP2, DeepSpeed, Trainer
 
 DDP_SCENARIOS = ("graph", "graph_accum", "graph_padded", "linear")
@@ -229,7 +210,6 @@ def test_fsdp2_matches_one_process(torchrun_runs, scenario):
     """FSDP2: `fully_shard` on every decoder layer, then on the model, on gloo; with gradient
     accumulation, `set_requires_gradient_sync(False)` on the first micro-batch."""
     runs, output = torchrun_runs
-    xfail_known_blockers(runs["fsdp2", scenario])
     assert_matches_one_process(runs["fsdp2", scenario], scenario, output)
 
 
@@ -242,7 +222,6 @@ def test_deepspeed_matches_one_process(torchrun_runs, engine):
     ranks = runs[engine, "graph_accum"]
     if any("No module named 'deepspeed'" in rec.get("error", "") for rec in ranks):
         pytest.skip("deepspeed is not installed")
-    xfail_known_blockers(ranks)
     assert_matches_one_process(ranks, "graph_accum", output)
 
 
