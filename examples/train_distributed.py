@@ -4,9 +4,11 @@
     torchrun --nproc_per_node 2 examples/train_distributed.py              # DDP (gloo on CPU, nccl on GPU)
     accelerate launch --config_file examples/accelerate/ddp.yaml examples/train_distributed.py
     accelerate launch --config_file examples/accelerate/fsdp.yaml examples/train_distributed.py
-    accelerate launch --config_file examples/accelerate/deepspeed_zero2.yaml examples/train_distributed.py
+    accelerate launch --use_deepspeed --deepspeed_config_file examples/deepspeed/zero2.json \
+        --num_processes 2 examples/train_distributed.py
 On a machine without a GPU, prefix `accelerate launch` with ACCELERATE_USE_CPU=1 and add
-`--num_processes 2` (torchrun needs nothing more: the script picks gloo itself).
+`--num_processes 2` (torchrun needs nothing more: the script picks gloo itself); Accelerate then
+runs DDP whatever the config says (it applies FSDP and DeepSpeed on GPUs only).
 
 By default it trains a tiny random Llama (no download) on the bundled text; `--model NAME`
 takes a Hugging Face causal LM instead (the text is then tokenized with its tokenizer).
