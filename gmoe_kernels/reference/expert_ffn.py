@@ -135,13 +135,13 @@ class ExpertMixFunction(torch.autograd.Function):
         h = act_g * u                                               # unweighted h_k
         b = pairs.blocks(grad_z.to(f32).view(num_tokens, num_experts, rank))   # (P, R)
         dh = pairs.rows(grad_h_c, f32)                              # dh_c[t] per pair
-        d_w = torch.linalg.vecdot(h, dh) + torch.linalg.vecdot(
-            pairs.per_expert_mm(h, a_d, transpose_b=True), b)
         wb = pairs.weight * b
         d_a_d = torch.zeros_like(a_d)
         for e, lo, hi in pairs.spans:
             torch.mm(wb[lo:hi].t(), h[lo:hi], out=d_a_d[e])
-            dh[lo:hi].addmm_(b[lo:hi], a_d[e])
+            dh[lo:hi].addmm_(b[lo:hi], a_d[e])                      # dh_c[t] + A_d^T b
+        # dw_k = <h_k, dh_c[t]> + <A_d h_k, b> = <h_k, dh_c[t] + A_d^T b>: one pass, no A_d h_k
+        d_w = torch.linalg.vecdot(h, dh)
         del h
         dh.mul_(pairs.weight)                                       # dh_k
         du = dh * act_g
