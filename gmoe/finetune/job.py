@@ -217,6 +217,10 @@ class Job:
         trainer = FinetuneTrainer(model=model, args=args, train_dataset=feats, data_collator=PadCollator(tok.pad_token_id))
         self.log(f"training {method} seed {seed} on {len(feats)} examples ...")
         metrics = trainer.train().metrics
+        if trainer.load_history:
+            from ..train import format_load
+
+            self.log(format_load(model))
         seconds = metrics.get("train_runtime")
         history = [dict(r) for r in trainer.state.log_history]
         return {"seconds": seconds, "steps": trainer.state.global_step, "examples": len(feats),

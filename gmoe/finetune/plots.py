@@ -25,7 +25,7 @@ def loss_curves(log_history: list[dict], path: str, title: str) -> str:
     axes[1].plot(steps, [r["router_loss"] for r in rows], marker="o", ms=3, color="tab:orange")
     axes[1].set(title="router loss", xlabel="step")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -64,7 +64,7 @@ def expert_load_heatmap(load_history: list[dict], path: str, title: str) -> str 
     axes[1].set(xlabel="expert", ylabel="layer", title="whole run")
     fig.colorbar(im2, ax=axes[1], fraction=0.08)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
