@@ -98,7 +98,7 @@ def test_resume_matches_an_uninterrupted_run_bitwise(tmp_path, stop):
 
     router = "model.layers.0.mlp.router."
     assert {router + "poisson_rate", router + "normal_std", "model.layers.0.mlp.expert_load"} <= set(adapters)
-    assert not torch.equal(adapters[router + "normal_std"], torch.tensor(CONFIG["num_experts"] / 2))  # σ trained
+    assert (adapters[router + "normal_std"] != CONFIG["num_experts"] / 2).all()  # σ trained (init E/2)
     _assert_same_tensors(r_adapters, adapters)  # adapters, λ, σ, graph and running load
     _assert_same_tensors(r_optimizer, optimizer)  # AdamW moments and step counts
     assert r_lr == lr
@@ -146,3 +146,29 @@ def test_load_best_model_at_end_loads_the_best_adapter(tmp_path):
     last = load_file(str(tmp_path / "checkpoint-3" / "adapter_model.safetensors"))
     assert not torch.equal(last["model.layers.0.mlp.experts.gate_proj.lora_B"],
                            model.adapter_state_dict()["model.layers.0.mlp.experts.gate_proj.lora_B"])
+
+
+def test_checkpoint_with_0dim_lambda_sigma_of_older_adapters_loads(tmp_path):
+    """Adapters of gmoe-kernels 0.1.0 hold λ and σ 0-dim; they are (1,) now."""
+    from safetensors.torch import load_file, save_file
+
+    from gmoe.trainer import load_checkpoint_adapter
+    torch.manual_seed(0)
+    model = get_gmoe_model(tiny_model("llama"), GMoEConfig(**CONFIG))
+    with torch.no_grad():
+        for layer in model.gmoe_layers():
+            layer.router.poisson_rate.fill_(1.75)
+            layer.router.normal_std.fill_(3.0)
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    state = load_file(path)
+    state = {k: v.reshape(()) if k.endswith(("poisson_rate", "normal_std")) else v for k, v in state.items()}
+    save_file(state, path)
+    with torch.no_grad():
+        for layer in model.gmoe_layers():
+            layer.router.poisson_rate.fill_(1.5)
+            layer.router.normal_std.fill_(2.0)
+    load_checkpoint_adapter(model, tmp_path)
+    for layer in model.gmoe_layers():
+        assert layer.router.poisson_rate.shape == (1,) and layer.router.poisson_rate.item() == 1.75
+        assert layer.router.normal_std.item() == 3.0
