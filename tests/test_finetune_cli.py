@@ -108,3 +108,16 @@ def test_bad_input_gives_named_errors(setup, capsys):
     with pytest.raises(SystemExit):
         main(["compare", "--methods", "gmoe,bogus"])
     assert "unknown method(s) ['bogus']" in capsys.readouterr().err
+
+
+def test_presets_fill_unset_flags_only():
+    from gmoe.finetune.cli import PRESETS, build_parser, config_from_args
+
+    args = build_parser(compare=True).parse_args(["--task", "obqa", "--preset", "table", "--lr", "0.001"])
+    cfg = config_from_args(args, compare=True)
+    assert cfg.preset == "table" and cfg.seeds == [0, 1, 2] and cfg.lr == 0.001
+    assert (cfg.epochs, cfg.batch_size, cfg.r, cfg.experts, cfg.split_seed) == (2.0, 8, 8, 8, 1234)
+    assert cfg.methods == ["gmoe", "gmoe-no-graph", "gmoe-no-poisson", "gmoe-no-normal", "mixlora", "lora"]
+    quick = config_from_args(build_parser().parse_args(["--quick", "--method", "lora"]), compare=False)
+    assert (quick.task, quick.methods, quick.max_train_examples) == ("obqa", ["lora"], PRESETS["quick"]["max_train_examples"])
+    assert config_from_args(build_parser().parse_args(["--seeds", "2", "--seed", "5"]), False).seeds == [5, 6]

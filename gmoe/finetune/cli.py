@@ -100,7 +100,7 @@ def config_from_args(args: argparse.Namespace, compare: bool) -> JobConfig:
     bad = [m for m in methods if m not in METHODS]
     if bad:
         _fail(f"unknown method(s) {bad}: choose from {', '.join(METHODS)}")
-    for k in ("quick",):
+    for k in ("quick", "preset"):
         values.pop(k, None)
     if values.get("adapter") and not values.get("eval_only"):
         _fail("--adapter is for --eval-only runs")
