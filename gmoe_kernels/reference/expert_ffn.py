@@ -64,13 +64,22 @@ class _Pairs:
         out = per_pair.new_zeros(self.num_tokens, num_experts, per_pair.shape[1])
         return out.index_put_((self.token, self.expert), per_pair, accumulate=True)
 
-    def per_expert_mm(self, a: torch.Tensor, weights: torch.Tensor, transpose_b: bool) -> torch.Tensor:
-        """(P, N) rows times expert e's matrix for its rows: weights (E, M, N) (transpose_b) or
-        (E, N, M). Returns (P, M)."""
-        cols = weights.shape[1] if transpose_b else weights.shape[2]
-        out = a.new_empty(a.shape[0], cols)
+    # The two per-expert products below are written in the GEMM orientation that ATen's CPU
+    # BLAS runs fastest for a rank-R side: (R, F) x (F, n) and (R, n) x (n, F), both 2-3x
+    # faster here than the same products as (n, F) x (F, R) and (F, n) x (n, R).
+    def project(self, rows: torch.Tensor, mats: torch.Tensor) -> torch.Tensor:
+        """(P, F) rows, mats (E, M, F) -> (P, M): each pair's row times its expert's mats[e]^T."""
+        out = rows.new_empty(rows.shape[0], mats.shape[1])
         for e, lo, hi in self.spans:
-            torch.mm(a[lo:hi], weights[e].t() if transpose_b else weights[e], out=out[lo:hi])
+            out[lo:hi] = (mats[e] @ rows[lo:hi].t()).t()
+        return out
+
+    def outer(self, small: torch.Tensor, rows: torch.Tensor, num_experts: int) -> torch.Tensor:
+        """(P, M), (P, F) -> (E, M, F): per expert, the sum over its pairs of small_p rows_p^T
+        (zero for an expert without pairs)."""
+        out = rows.new_zeros(num_experts, small.shape[1], rows.shape[1])
+        for e, lo, hi in self.spans:
+            torch.mm(small[lo:hi].t(), rows[lo:hi], out=out[e])
         return out
 
     def gate_up(self, gate_base, up_base, shrink_g, shrink_u, b_g, b_u, scaling, f32):
@@ -110,7 +119,7 @@ class ExpertMixFunction(torch.autograd.Function):
                              lora_b_up.to(f32), scaling, f32)
         h = act(activation, g).mul_(u).mul_(pairs.weight)        # w_k h_k, (P, F)
         del g, u
-        z = pairs.to_blocks(pairs.per_expert_mm(h, lora_a_down.to(f32), transpose_b=True), num_experts)
+        z = pairs.to_blocks(pairs.project(h, lora_a_down.to(f32)), num_experts)
         h_c = pairs.to_tokens(h)
         ctx.save_for_backward(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up,
                               lora_b_up, lora_a_down, indices, weights)
@@ -135,10 +144,8 @@ class ExpertMixFunction(torch.autograd.Function):
         h = act_g * u                                               # unweighted h_k
         b = pairs.blocks(grad_z.to(f32).view(num_tokens, num_experts, rank))   # (P, R)
         dh = pairs.rows(grad_h_c, f32)                              # dh_c[t] per pair
-        wb = pairs.weight * b
-        d_a_d = torch.zeros_like(a_d)
+        d_a_d = pairs.outer(pairs.weight * b, h, num_experts)
         for e, lo, hi in pairs.spans:
-            torch.mm(wb[lo:hi].t(), h[lo:hi], out=d_a_d[e])
             dh[lo:hi].addmm_(b[lo:hi], a_d[e])                      # dh_c[t] + A_d^T b
         # dw_k = <h_k, dh_c[t]> + <A_d h_k, b> = <h_k, dh_c[t] + A_d^T b>: one pass, no A_d h_k
         d_w = torch.linalg.vecdot(h, dh)
@@ -148,14 +155,10 @@ class ExpertMixFunction(torch.autograd.Function):
         del act_g
         dg = act_backward(name, dh.mul_(u), g)                      # dh_k * u_k * act'(g_k)
         del g, u, dh
-        d_b_g, d_b_u = torch.zeros_like(b_g), torch.zeros_like(b_u)
-        for e, lo, hi in pairs.spans:
-            torch.mm(dg[lo:hi].t(), sg[lo:hi], out=d_b_g[e])
-            torch.mm(du[lo:hi].t(), su[lo:hi], out=d_b_u[e])
-        d_b_g.mul_(s)
-        d_b_u.mul_(s)
-        flat_g = pairs.to_blocks(pairs.per_expert_mm(dg, b_g, transpose_b=False), num_experts)
-        flat_u = pairs.to_blocks(pairs.per_expert_mm(du, b_u, transpose_b=False), num_experts)
+        d_b_g = pairs.outer(sg, dg, num_experts).transpose(1, 2).contiguous().mul_(s)  # (E, F, R)
+        d_b_u = pairs.outer(su, du, num_experts).transpose(1, 2).contiguous().mul_(s)
+        flat_g = pairs.to_blocks(pairs.project(dg, b_g.transpose(1, 2).contiguous()), num_experts)
+        flat_u = pairs.to_blocks(pairs.project(du, b_u.transpose(1, 2).contiguous()), num_experts)
         flat_g = flat_g.view(num_tokens, num_experts * rank).mul_(s)
         flat_u = flat_u.view(num_tokens, num_experts * rank).mul_(s)
         d_x = flat_g @ a_g.reshape(num_experts * rank, -1) + flat_u @ a_u.reshape(num_experts * rank, -1)
