@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import hashlib
 import json
 import os
@@ -201,6 +202,8 @@ class Job:
         }
         result["plots"] = self._plots(result, train, out)
         report.write_json(path, result)
+        del model
+        gc.collect()  # Trainer, optimizer and adapter hold reference cycles: free them before the next run
         self.log(f"{method} seed {seed}: zero-shot acc {zero['acc']:.4f} -> fine-tuned acc {finetuned['acc']:.4f} "
                  f"(acc_norm {zero['acc_norm']:.4f} -> {finetuned['acc_norm']:.4f}); {path}")
         return result
