@@ -121,3 +121,16 @@ def test_presets_fill_unset_flags_only():
     quick = config_from_args(build_parser().parse_args(["--quick", "--method", "lora"]), compare=False)
     assert (quick.task, quick.methods, quick.max_train_examples) == ("obqa", ["lora"], PRESETS["quick"]["max_train_examples"])
     assert config_from_args(build_parser().parse_args(["--seeds", "2", "--seed", "5"]), False).seeds == [5, 6]
+
+
+def test_a_run_claimed_by_a_live_process_is_skipped(tmp_path):
+    from gmoe.finetune.job import _claim, _release
+
+    out = str(tmp_path / "run")
+    assert _claim(out) is None  # ours now
+    (tmp_path / "run" / ".running").write_text(str(os.getppid()))  # a live process holds it
+    assert _claim(out) == os.getppid()
+    (tmp_path / "run" / ".running").write_text("999999999")  # a dead one: taken over
+    assert _claim(out) is None and (tmp_path / "run" / ".running").read_text() == str(os.getpid())
+    _release(out)
+    assert not (tmp_path / "run" / ".running").exists()

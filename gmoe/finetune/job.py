@@ -178,6 +178,19 @@ class Job:
             raise ValueError(f"{path} holds a result with other settings; use another --output-dir or --force "
                              f"(differences: {_diff(done.get('budget', {}), budget)})")
         zero = self.zero_shot()
+        owner = _claim(out)
+        if owner is not None:
+            self.log(f"{method} seed {seed}: being run by process {owner} ({out}/.running), skipped")
+            return None
+        try:
+            if os.path.isfile(path) and not cfg.force:  # finished by another process meanwhile
+                return report.read_json(path)
+            return self._run(method, seed, out, path, budget, zero)
+        finally:
+            _release(out)
+
+    def _run(self, method, seed, out, path, budget, zero) -> dict:
+        cfg = self.cfg
         import transformers
 
         base, tok = self.base()
@@ -263,8 +276,10 @@ class Job:
         results = {m: [] for m in self.cfg.methods}
         for s in self.cfg.seeds:
             for m in self.cfg.methods:
-                results[m].append(self.run(m, s))
-        return self.write_summary(results)
+                res = self.run(m, s)
+                if res is not None:  # None: another process is running it
+                    results[m].append(res)
+        return self.write_summary({m: r for m, r in results.items() if r})
 
     def write_summary(self, results: dict) -> dict:
         cfg = self.cfg
@@ -301,3 +316,46 @@ def _adapter_config(model) -> dict:
 
 def _diff(a: dict, b: dict) -> dict:
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def _claim(out: str) -> int | None:
+    """Mark `out` as being run by this process; the id of another live process that holds it, else None."""
+    os.makedirs(out, exist_ok=True)
+    marker = os.path.join(out, ".running")
+    for _ in range(2):
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(marker) as f:
+                    pid = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _alive(pid):
+                return pid
+            try:  # left behind by a process that died: take it over
+                os.unlink(marker)
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return None
+    return None
+
+
+def _release(out: str) -> None:
+    try:
+        os.unlink(os.path.join(out, ".running"))
+    except FileNotFoundError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
