@@ -91,19 +91,3 @@ def _kind(tensor: torch.Tensor) -> str:
     if tensor.dtype == torch.bool:
         return "bool"
     return "floating" if tensor.is_floating_point() else "integer"
-
-
-def load_adapter_into(model, state: dict[str, torch.Tensor], source: str) -> None:
-    """Copy `state` into a GMoEModel's adapters, all or nothing.
-
-    Everything is checked first; if the copy still fails half-way (e.g. interrupted), the
-    adapters are put back as they were.
-    """
-    current = model.adapter_state_dict()
-    check_adapter_state(current, state, source)
-    snapshot = {k: v.clone() for k, v in current.items()}
-    try:
-        model.load_adapter_state_dict(state, source=source)
-    except BaseException:
-        model.load_adapter_state_dict(snapshot, source="the adapters before the failed load")
-        raise

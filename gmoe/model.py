@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from gmoe_kernels.activations import ACTIVATIONS, act, canonical_activation
 
 from . import losses
 from .config import CONFIG_NAME, WEIGHTS_NAME, GMoEConfig
+from .io import atomic_save_dir, check_adapter_state, read_safetensors
 from .layers import GMoEMLP, LoRALinear, adapter_dtype
 from .topology import warn_if_twins
 
@@ -319,7 +319,6 @@ class GMoEModel(nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write adapter_config.json and adapter_model.safetensors atomically to `path`."""
-        from .io import atomic_save_dir
         state = {k: v.cpu() for k, v in self.adapter_state_dict().items()}
         with atomic_save_dir(path, [WEIGHTS_NAME, CONFIG_NAME]) as tmp:
             save_file(state, str(Path(tmp, WEIGHTS_NAME)), metadata={"format": "pt", "peft_type": "GMOE"})
@@ -332,14 +331,16 @@ class GMoEModel(nn.Module):
         config = GMoEConfig.load(path)
         config.backend = backend or "auto"  # a runtime choice of this machine, not part of the adapter
         weights = Path(path, WEIGHTS_NAME)
-        if not weights.is_file():
-            raise FileNotFoundError(f"{weights} not found: the adapter folder is incomplete; save it again")
-        try:
-            state = load_file(str(weights))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise ValueError(f"{weights} is corrupt or not a safetensors file ({err}); save the adapter again") from err
+        state = read_safetensors(weights)
+        flags = [(p, p.requires_grad) for p in model.parameters()]
         wrapped = cls(model, config, _build_graph=False)
-        wrapped.load_adapter_state_dict(state, source=str(weights))
+        try:
+            wrapped.load_adapter_state_dict(state, source=str(weights))
+        except BaseException:  # give the base model back as it came
+            wrapped.unload()
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            raise
         for layer in wrapped.gmoe_layers():
             if config.router == "graph":
                 warn_if_twins(layer.router.expert_adjacency, f"adapter {path}")
@@ -349,26 +350,23 @@ class GMoEModel(nn.Module):
         return wrapped
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
-        """Copy adapter tensors in, checking that keys and shapes match this model exactly."""
+        """Copy adapter tensors in, all or nothing: keys, shapes, dtype kinds and finiteness are
+        checked first (`gmoe.io.check_adapter_state`), and a copy that still fails half-way (an
+        interrupt) puts every adapter tensor back as it was."""
         own = self.adapter_state_dict()
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"{source} does not fit this model: missing keys {missing[:5]}"
-                             f"{'…' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
-                             f"{'…' if len(unexpected) > 5 else ''}. Was it saved from the same base model "
-                             "and GMoE config?")
-        # Adapters of gmoe-kernels 0.1.0 hold λ and σ 0-dim: the same values, of shape (1,) now.
-        state = {k: v.reshape(own[k].shape) if k in own and v.numel() == 1 == own[k].numel() else v
-                 for k, v in state.items()}
-        for key, value in state.items():
-            if value.shape != own[key].shape:
-                raise ValueError(f"{source}: {key} has shape {tuple(value.shape)} but this model expects "
-                                 f"{tuple(own[key].shape)}; the adapter was made for another base model or config")
+        check_adapter_state(own, state, source)
         targets = dict(self.base_model.named_parameters())
         targets.update(dict(self.base_model.named_buffers()))
+        snapshot = {k: v.clone() for k, v in own.items()}
         with torch.no_grad():
-            for key, value in state.items():
-                targets[key].copy_(value.to(targets[key].dtype))
+            try:
+                for key, value in state.items():
+                    # reshape: adapters of gmoe-kernels 0.1.0 hold λ and σ 0-dim, (1,) now
+                    targets[key].copy_(value.reshape(own[key].shape).to(targets[key].dtype))
+            except BaseException:
+                for key, value in snapshot.items():
+                    targets[key].copy_(value)
+                raise
 
 
 def get_gmoe_model(model: nn.Module, config: GMoEConfig) -> GMoEModel:

@@ -31,7 +31,7 @@ import torch
 import transformers
 
 from .config import WEIGHTS_NAME, GMoEConfig
-from .io import load_adapter_into, read_safetensors
+from .io import read_safetensors
 from .model import GMoEModel
 
 # Fields that decide what the adapter computes: a checkpoint that differs in one of them is
@@ -55,7 +55,7 @@ def load_checkpoint_adapter(model: GMoEModel, checkpoint: str | os.PathLike) -> 
         warnings.warn(f"resuming from {checkpoint} with changed settings {changed}: this run's values are used",
                       stacklevel=2)
     weights = Path(checkpoint, WEIGHTS_NAME)
-    load_adapter_into(model, read_safetensors(weights), source=str(weights))
+    model.load_adapter_state_dict(read_safetensors(weights), source=str(weights))
 
 
 class GMoETrainer(transformers.Trainer):

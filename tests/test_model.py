@@ -217,7 +217,7 @@ def test_load_errors(tmp_path):
     other.save_pretrained(tmp_path / "r4")
     cfg = (tmp_path / "r4" / "adapter_config.json").read_text().replace('"r": 4', '"r": 2')
     (tmp_path / "r4" / "adapter_config.json").write_text(cfg)
-    with pytest.raises(ValueError, match=r"lora_A has shape \(4, 4, \d+\) but this model expects \(4, 2, \d+\)"):
+    with pytest.raises(ValueError, match=r"lora_A\S* has shape \((4, )?4, \d+\) but this model expects \((4, )?2, \d+\)"):
         GMoEModel.from_pretrained(base, tmp_path / "r4")
     # a base model with another hidden size
     with pytest.raises(ValueError, match="shape"):
