@@ -201,7 +201,8 @@ class GMoEModel(nn.Module):
         with torch.no_grad():
             for layer, ok, load in zip(layers, finite, load_now):
                 layer.expert_load.copy_(torch.where(ok, load, layer.expert_load))
-        if not bool(finite.all()):  # one host sync per step, only to name the layers
+        # One host sync per step, only to name the layers (skipped inside a compiled graph).
+        if not torch.compiler.is_compiling() and not bool(finite.all()):
             names = [layer.layer_name for layer, ok in zip(layers, finite.tolist()) if not ok]
             warnings.warn(f"non-finite router probabilities in {names}: this step's expert load is not "
                           "counted for them (the running load keeps its previous value)", RuntimeWarning,
