@@ -187,7 +187,7 @@ class Runner:
                     inter=cfg.intermediate_size, experts=variant.experts, top_k=variant.top_k,
                     rank=variant.rank, dtype=str(self.dtype)[6:])
         impls = self.wanted(C.REAL_STEP_IMPLS if real else C.STEP_IMPLS, "step")
-        settings = M.Settings(warmup=1, min_reps=rounds, min_time_s=0.0, warmup_ms=10, rep_ms=40, retries=1) \
+        settings = M.Settings(warmup=1, min_reps=rounds, min_time_s=0.0, warmup_ms=10, rep_ms=40, retries=0) \
             if real else None
         self.measure(C.step_contenders(sp, impls), base, floor=lambda mode: (C.step_floor_flops(sp, mode), 0.0),
                      modes=("train",) if real else ("fwd", "fwd_bwd"), settings=settings)
