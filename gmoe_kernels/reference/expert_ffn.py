@@ -91,8 +91,27 @@ class _Pairs:
         return g, u
 
 
-class ExpertMixFunction(torch.autograd.Function):
-    """Fused expert mix, reference backend.
+def expert_mix_forward(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_b_up,
+                       lora_a_down, indices, weights, scaling: float, activation: str):
+    """h_c (T, F) and z (T, E·R), in x's dtype; see the module docstring."""
+    num_experts, rank, _ = lora_a_gate.shape
+    f32 = compute_dtype(x)
+    pairs = _Pairs(indices, num_experts, weights, f32)
+    xf = x.to(f32)
+    shrink_g = pairs.blocks(_shrink(xf, lora_a_gate.to(f32)))
+    shrink_u = pairs.blocks(_shrink(xf, lora_a_up.to(f32)))
+    g, u = pairs.gate_up(gate_base, up_base, shrink_g, shrink_u, lora_b_gate.to(f32),
+                         lora_b_up.to(f32), scaling, f32)
+    h = act(activation, g).mul_(u).mul_(pairs.weight)        # w_k h_k, (P, F)
+    del g, u
+    z = pairs.to_blocks(pairs.project(h, lora_a_down.to(f32)), num_experts)
+    h_c = pairs.to_tokens(h)
+    return h_c.to(x.dtype), z.view(pairs.num_tokens, num_experts * rank).to(x.dtype)
+
+
+def expert_mix_backward(grad_h_c, grad_z, x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up,
+                        lora_b_up, lora_a_down, indices, weights, scaling: float, activation: str):
+    """Gradients of x, gate_base, up_base, the five LoRA tensors and weights (each in its input's dtype).
 
     Backward (dh_c = dL/dh_c, b = dL/dz[t, e_k]; per pair k of token t routed to expert e):
       dh_k   = w_k (dh_c[t] + A_d^e^T b)
@@ -105,81 +124,106 @@ class ExpertMixFunction(torch.autograd.Function):
     All sums run in fp32 (fp64 for fp64 inputs) and are deterministic (index_add_ and
     index_put_ on CPU; per-expert GEMMs).
     """
+    s, name = scaling, activation
+    f32 = compute_dtype(x)
+    num_experts, rank, _ = lora_a_gate.shape
+    num_tokens, top_k = indices.shape
+    xf = x.to(f32)
+    a_g, b_g, a_u, b_u, a_d = (t.to(f32) for t in
+                               (lora_a_gate, lora_b_gate, lora_a_up, lora_b_up, lora_a_down))
+    pairs = _Pairs(indices, num_experts, weights, f32)
+    sg, su = pairs.blocks(_shrink(xf, a_g)), pairs.blocks(_shrink(xf, a_u))
+    g, u = pairs.gate_up(gate_base, up_base, sg, su, b_g, b_u, s, f32)
+    act_g = act(name, g)
+    h = act_g * u                                               # unweighted h_k
+    b = pairs.blocks(grad_z.to(f32).view(num_tokens, num_experts, rank))   # (P, R)
+    dh = pairs.rows(grad_h_c, f32)                              # dh_c[t] per pair
+    d_a_d = pairs.outer(pairs.weight * b, h, num_experts)
+    for e, lo, hi in pairs.spans:
+        dh[lo:hi].addmm_(b[lo:hi], a_d[e])                      # dh_c[t] + A_d^T b
+    # dw_k = <h_k, dh_c[t]> + <A_d h_k, b> = <h_k, dh_c[t] + A_d^T b>: one pass, no A_d h_k
+    d_w = torch.linalg.vecdot(h, dh)
+    del h
+    dh.mul_(pairs.weight)                                       # dh_k
+    du = dh * act_g
+    del act_g
+    dg = act_backward(name, dh.mul_(u), g)                      # dh_k * u_k * act'(g_k)
+    del g, u, dh
+    d_b_g = pairs.outer(sg, dg, num_experts).transpose(1, 2).contiguous().mul_(s)  # (E, F, R)
+    d_b_u = pairs.outer(su, du, num_experts).transpose(1, 2).contiguous().mul_(s)
+    flat_g = pairs.to_blocks(pairs.project(dg, b_g.transpose(1, 2).contiguous()), num_experts)
+    flat_u = pairs.to_blocks(pairs.project(du, b_u.transpose(1, 2).contiguous()), num_experts)
+    flat_g = flat_g.view(num_tokens, num_experts * rank).mul_(s)
+    flat_u = flat_u.view(num_tokens, num_experts * rank).mul_(s)
+    d_x = flat_g @ a_g.reshape(num_experts * rank, -1) + flat_u @ a_u.reshape(num_experts * rank, -1)
+    d_a_g = (flat_g.t() @ xf).view_as(a_g)
+    d_a_u = (flat_u.t() @ xf).view_as(a_u)
 
-    @staticmethod
-    def forward(ctx, x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_b_up,
-                lora_a_down, indices, weights, scaling, activation):
-        num_experts, rank, _ = lora_a_gate.shape
-        f32 = compute_dtype(x)
-        pairs = _Pairs(indices, num_experts, weights, f32)
-        xf = x.to(f32)
-        shrink_g = pairs.blocks(_shrink(xf, lora_a_gate.to(f32)))
-        shrink_u = pairs.blocks(_shrink(xf, lora_a_up.to(f32)))
-        g, u = pairs.gate_up(gate_base, up_base, shrink_g, shrink_u, lora_b_gate.to(f32),
-                             lora_b_up.to(f32), scaling, f32)
-        h = act(activation, g).mul_(u).mul_(pairs.weight)        # w_k h_k, (P, F)
-        del g, u
-        z = pairs.to_blocks(pairs.project(h, lora_a_down.to(f32)), num_experts)
-        h_c = pairs.to_tokens(h)
-        ctx.save_for_backward(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up,
-                              lora_b_up, lora_a_down, indices, weights)
-        ctx.scaling, ctx.activation = scaling, activation
-        return h_c.to(x.dtype), z.view(pairs.num_tokens, num_experts * rank).to(x.dtype)
+    d_w = d_w.index_select(0, pairs.inverse).view(num_tokens, top_k)
+    grads = (d_x, pairs.to_tokens(dg), pairs.to_tokens(du), d_a_g, d_b_g, d_a_u, d_b_u, d_a_d, d_w)
+    likes = (x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_b_up, lora_a_down, weights)
+    return [grad.to(like.dtype) for grad, like in zip(grads, likes)]
 
-    @staticmethod
-    def backward(ctx, grad_h_c, grad_z):
-        (x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_b_up, lora_a_down,
-         indices, weights) = ctx.saved_tensors
-        s, name = ctx.scaling, ctx.activation
-        f32 = compute_dtype(x)
-        num_experts, rank, _ = lora_a_gate.shape
-        num_tokens, top_k = indices.shape
-        xf = x.to(f32)
-        a_g, b_g, a_u, b_u, a_d = (t.to(f32) for t in
-                                   (lora_a_gate, lora_b_gate, lora_a_up, lora_b_up, lora_a_down))
-        pairs = _Pairs(indices, num_experts, weights, f32)
-        sg, su = pairs.blocks(_shrink(xf, a_g)), pairs.blocks(_shrink(xf, a_u))
-        g, u = pairs.gate_up(gate_base, up_base, sg, su, b_g, b_u, s, f32)
-        act_g = act(name, g)
-        h = act_g * u                                               # unweighted h_k
-        b = pairs.blocks(grad_z.to(f32).view(num_tokens, num_experts, rank))   # (P, R)
-        dh = pairs.rows(grad_h_c, f32)                              # dh_c[t] per pair
-        d_a_d = pairs.outer(pairs.weight * b, h, num_experts)
-        for e, lo, hi in pairs.spans:
-            dh[lo:hi].addmm_(b[lo:hi], a_d[e])                      # dh_c[t] + A_d^T b
-        # dw_k = <h_k, dh_c[t]> + <A_d h_k, b> = <h_k, dh_c[t] + A_d^T b>: one pass, no A_d h_k
-        d_w = torch.linalg.vecdot(h, dh)
-        del h
-        dh.mul_(pairs.weight)                                       # dh_k
-        du = dh * act_g
-        del act_g
-        dg = act_backward(name, dh.mul_(u), g)                      # dh_k * u_k * act'(g_k)
-        del g, u, dh
-        d_b_g = pairs.outer(sg, dg, num_experts).transpose(1, 2).contiguous().mul_(s)  # (E, F, R)
-        d_b_u = pairs.outer(su, du, num_experts).transpose(1, 2).contiguous().mul_(s)
-        flat_g = pairs.to_blocks(pairs.project(dg, b_g.transpose(1, 2).contiguous()), num_experts)
-        flat_u = pairs.to_blocks(pairs.project(du, b_u.transpose(1, 2).contiguous()), num_experts)
-        flat_g = flat_g.view(num_tokens, num_experts * rank).mul_(s)
-        flat_u = flat_u.view(num_tokens, num_experts * rank).mul_(s)
-        d_x = flat_g @ a_g.reshape(num_experts * rank, -1) + flat_u @ a_u.reshape(num_experts * rank, -1)
-        d_a_g = (flat_g.t() @ xf).view_as(a_g)
-        d_a_u = (flat_u.t() @ xf).view_as(a_u)
 
-        def cast(grad, like, needed):
-            return grad.to(like.dtype) if needed else None
+# One opaque custom op (as the Triton backend is), so torch.compile traces a GMoE layer
+# whole: inside, the pairs are grouped with data-dependent shapes (bincount, .tolist()).
+@torch.library.custom_op("gmoe_kernels::reference_expert_mix", mutates_args=())
+def _expert_mix_op(x: torch.Tensor, gate_base: torch.Tensor, up_base: torch.Tensor,
+                   lora_a_gate: torch.Tensor, lora_b_gate: torch.Tensor, lora_a_up: torch.Tensor,
+                   lora_b_up: torch.Tensor, lora_a_down: torch.Tensor, indices: torch.Tensor,
+                   weights: torch.Tensor, scaling: float, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return expert_mix_forward(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_b_up,
+                              lora_a_down, indices, weights, scaling, activation)
 
-        need = ctx.needs_input_grad
-        return (cast(d_x, x, need[0]), cast(pairs.to_tokens(dg), gate_base, need[1]),
-                cast(pairs.to_tokens(du), up_base, need[2]), cast(d_a_g, lora_a_gate, need[3]),
-                cast(d_b_g, lora_b_gate, need[4]), cast(d_a_u, lora_a_up, need[5]),
-                cast(d_b_u, lora_b_up, need[6]), cast(d_a_d, lora_a_down, need[7]), None,
-                cast(d_w.index_select(0, pairs.inverse).view(num_tokens, top_k), weights, need[9]),
-                None, None)
+
+@_expert_mix_op.register_fake
+def _expert_mix_fake(x, gate_base, up_base, lora_a_gate, *rest):
+    num_experts, rank, _ = lora_a_gate.shape
+    return x.new_empty((x.shape[0], gate_base.shape[1])), x.new_empty((x.shape[0], num_experts * rank))
+
+
+@torch.library.custom_op("gmoe_kernels::reference_expert_mix_backward", mutates_args=())
+def _expert_mix_backward_op(grad_h_c: torch.Tensor, grad_z: torch.Tensor, x: torch.Tensor,
+                            gate_base: torch.Tensor, up_base: torch.Tensor, lora_a_gate: torch.Tensor,
+                            lora_b_gate: torch.Tensor, lora_a_up: torch.Tensor, lora_b_up: torch.Tensor,
+                            lora_a_down: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                            scaling: float, activation: str) -> list[torch.Tensor]:
+    return expert_mix_backward(grad_h_c, grad_z, x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up,
+                               lora_b_up, lora_a_down, indices, weights, scaling, activation)
+
+
+@_expert_mix_backward_op.register_fake
+def _expert_mix_backward_fake(grad_h_c, grad_z, *saved_and_settings):
+    saved = saved_and_settings[:10]
+    return [torch.empty_like(t) for i, t in enumerate(saved) if i != 8]  # no gradient for indices
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:10])
+    ctx.scaling, ctx.activation = inputs[10], inputs[11]
+
+
+def _backward(ctx, grad_h_c, grad_z):
+    saved = ctx.saved_tensors
+    if grad_h_c is None:
+        grad_h_c = saved[1].new_zeros(saved[1].shape, dtype=saved[0].dtype)
+    if grad_z is None:
+        num_experts, rank, _ = saved[3].shape
+        grad_z = saved[0].new_zeros((saved[0].shape[0], num_experts * rank))
+    grads = torch.ops.gmoe_kernels.reference_expert_mix_backward(grad_h_c, grad_z, *saved, ctx.scaling,
+                                                                 ctx.activation)
+    need = ctx.needs_input_grad
+    d = [g if needed else None for g, needed in zip(grads, need[:8] + need[9:10])]
+    return (*d[:8], None, d[8], None, None)
+
+
+_expert_mix_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def expert_mix(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_b_up,
                lora_a_down, indices, weights, scaling: float, activation: str):
-    """Reference backend of `gmoe_kernels.functional.expert_mix` (see there for shapes)."""
-    return ExpertMixFunction.apply(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up,
-                                   lora_b_up, lora_a_down, indices, weights, float(scaling),
-                                   activation)
+    """Reference backend of `gmoe_kernels.functional.expert_mix` (see there for shapes): the custom
+    op `torch.ops.gmoe_kernels.reference_expert_mix`, differentiable, traceable by torch.compile."""
+    return torch.ops.gmoe_kernels.reference_expert_mix(x, gate_base, up_base, lora_a_gate, lora_b_gate,
+                                                       lora_a_up, lora_b_up, lora_a_down, indices, weights,
+                                                       float(scaling), activation)
