@@ -5,7 +5,8 @@
 
 Ops: `ffn` (one GMoE FFN layer on given routing), `router` (routing T tokens), `step` (one
 training step, forward+loss+backward, of a small Llama built from a config; of a local model
-with --model). Every contender of a case runs on the same weights and inputs (benchmarks/contenders/),
+with --model; the whole step with AdamW of a real pretrained model with
+--step-models smollm2-135m, rows of mode `train`). Every contender of a case runs on the same weights and inputs (benchmarks/contenders/),
 timed the same way (measure.py). See benchmarks/README.md for every column.
 """
 from __future__ import annotations
