@@ -1,7 +1,7 @@
 """Routing metadata shared by every backend: which (token, slot) pairs go to which expert.
 
 A small dataclass that checks its own dtypes and shapes, so a kernel never receives
-metadata it would silently misread.
+metadata it would silently misread, and that every pair is placed (see `__post_init__`).
 """
 from __future__ import annotations
 
@@ -39,6 +39,15 @@ class RoutingPlan:
                 raise TypeError(f"RoutingPlan.{name} must be int64, got {t.dtype}")
             if t.shape != (n,):
                 raise ValueError(f"RoutingPlan.{name} must have shape ({n},), got {tuple(t.shape)}")
+        # The plan kernels skip expert ids outside [0, E): such a pair is never counted, so
+        # the offsets stop short of P and `inverse` keeps that pair's slot unwritten, which
+        # combine/dispatch would then read out of bounds. A device-side assertion (no host
+        # synchronisation on a GPU; an immediate RuntimeError on a CPU) catches exactly that.
+        if pairs > 0 and not torch.compiler.is_compiling():
+            first, last = self.expert_offsets[0], self.expert_offsets[-1]
+            torch._assert_async((first == 0) & (last == pairs),
+                                f"RoutingPlan: expert_offsets must run from 0 to T·K = {pairs}; a pair "
+                                f"was dropped (an expert id outside [0, E = {self.num_experts})?)")
 
     def expert_counts(self) -> torch.Tensor:
         """(E,) int64: how many pairs each expert received."""

@@ -6,7 +6,14 @@ from gmoe_kernels import functional
 from gmoe_kernels.reference import (combine, dispatch, expert_ffn_loop, graph_router,
                                     graph_router_loop, make_routing_plan, router_logits, topk_route)
 from tests.helpers import expert_problem, router_problem
-from tests.tolerances import assert_close
+from tests.tolerances import assert_close, assert_same_routing
+
+
+def python_topk(probs: torch.Tensor, top_k: int) -> torch.Tensor:
+    """(T, K) int64: each row's K largest entries by a plain Python sort (descending, ties to
+    the lower expert id), an oracle that shares nothing with torch.topk."""
+    rows = probs.tolist()
+    return torch.tensor([sorted(range(len(r)), key=lambda e: (-r[e], e))[:top_k] for r in rows])
 
 EXPERT_CASES = {
     "base": dict(),
@@ -97,7 +104,8 @@ def test_graph_router_matches_per_token_oracle(case, activation):
     logits, probs, indices, weights = graph_router(**p, top_k=top_k, activation=activation)
     oracle = graph_router_loop(**p, activation=activation)
     assert_close(logits, oracle, name="logits")
-    assert torch.equal(indices, torch.topk(torch.softmax(oracle, -1), top_k).indices)
+    oracle_probs = torch.softmax(oracle, -1)
+    assert_same_routing(indices, oracle_probs, python_topk(oracle_probs, top_k), torch.float64)
     params = ["x", "token_weight", "expert_weight", "gcn_weight", "score_weight"]
     d = torch.randn_like(logits)
     g_fast = torch.autograd.grad(logits, [p[n] for n in params], d)
@@ -117,11 +125,47 @@ def test_graph_router_gradcheck_fp64():
     assert torch.autograd.gradcheck(fn, tuple(p[n] for n in names))
 
 
-def test_topk_ties_follow_torch_topk():
-    probs = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.1, 0.4, 0.4, 0.1]])
-    indices, weights = topk_route(probs, 2)
-    assert torch.equal(indices, torch.topk(probs, 2).indices)
-    assert torch.allclose(weights.sum(-1), torch.ones(2))
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("top_k", [1, 2, 4, 6])
+def test_topk_route_chooses_the_k_largest(top_k, backend):
+    """Against independent computations: the chosen probabilities are the K largest (every
+    chosen p >= every unchosen p, in descending order, K distinct experts, a top-K of the
+    Python sort even where rows tie), and the weights are p_k / sum_k p_k summed by hand."""
+    probs = torch.softmax(torch.randn(23, 6, dtype=torch.float64), -1)
+    probs[:3] = 1.0 / 6                                  # whole rows of ties
+    probs[3:6, 1] = probs[3:6, 4] = 0.3                  # a tie inside a row
+    probs[6:9, 2] = 0.0                                  # an expert these rows never need
+    indices, weights = functional.topk_route(probs, top_k, backend=backend)
+    assert indices.dtype == torch.int64 and indices.shape == (23, top_k)
+    assert weights.dtype == torch.float64 and weights.shape == (23, top_k)
+    assert (indices.sort(1).values.diff(dim=1) != 0).all(), "an expert chosen twice"
+    chosen = probs.gather(1, indices)
+    assert (chosen.diff(dim=1) <= 0).all(), "slots not in descending probability"
+    if top_k < probs.shape[1]:
+        unchosen = probs.scatter(1, indices, -1.0).max(1).values
+        assert (chosen.min(1).values >= unchosen).all(), "a larger probability was left out"
+    assert_same_routing(indices, probs, python_topk(probs, top_k), torch.float64)
+    by_hand = [[probs[t, e].item() / sum(probs[t, j].item() for j in row) for e in row]
+               for t, row in enumerate(indices.tolist())]
+    torch.testing.assert_close(weights, torch.tensor(by_hand, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_topk_route_weights_are_fp32(dtype, backend):
+    probs = torch.softmax(torch.randn(5, 4), -1).to(dtype)
+    indices, weights = functional.topk_route(probs, 2, backend=backend)
+    assert weights.dtype == torch.float32
+    torch.testing.assert_close(weights.sum(-1), torch.ones(5))
+    assert (probs.float().gather(1, indices)[:, 0] == probs.float().max(1).values).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_topk_route_weights_gradcheck_fp64(backend):
+    """d weights / d probs against finite differences (distinct probabilities: the
+    selection stays put under gradcheck's perturbation)."""
+    probs = torch.softmax(torch.randn(7, 5, dtype=torch.float64), -1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda p: functional.topk_route(p, 3, backend=backend)[1], (probs,))
 
 
 @pytest.mark.parametrize("T,E,K", [(1, 3, 1), (10, 4, 2), (7, 4, 4), (16, 8, 3)], ids=["T=1", "base", "K=E", "E=8"])
@@ -148,6 +192,20 @@ def test_routing_plan_rejects_wrong_dtype():
     with pytest.raises(TypeError, match="int64"):
         RoutingPlan(torch.zeros(2, dtype=torch.int32), torch.zeros(3, dtype=torch.int64),
                     torch.zeros(2, dtype=torch.int64), 2, 1, 2)
+
+
+def test_routing_plan_refuses_offsets_that_drop_a_pair(monkeypatch):
+    """expert_offsets must run from 0 to T·K: anything else means a pair was never placed."""
+    from gmoe_kernels import RoutingPlan
+    pairs = torch.arange(4)                               # T 2, K 2, E 2
+    RoutingPlan(pairs, torch.tensor([0, 2, 4]), pairs, 2, 2, 2)
+    for bad in ([0, 2, 3], [1, 2, 4], [0, 0, 0]):
+        with pytest.raises(RuntimeError, match="dropped"):
+            RoutingPlan(pairs, torch.tensor(bad), pairs, 2, 2, 2)
+    empty = torch.zeros(0, dtype=torch.int64)             # P == 0: no pair to drop
+    RoutingPlan(empty, torch.zeros(3, dtype=torch.int64), empty, 0, 2, 2)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)   # not checked while tracing
+    RoutingPlan(pairs, torch.tensor([0, 2, 3]), pairs, 2, 2, 2)
 
 
 def test_backend_selection(monkeypatch):

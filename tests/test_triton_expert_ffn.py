@@ -7,7 +7,6 @@ tl.dot). GMOE_POISON=1 is set for every test, so every output the kernels must w
 as NaN and an unwritten element fails.
 """
 import dataclasses
-import pathlib
 
 import pytest
 import torch
@@ -290,15 +289,6 @@ def test_shape_errors():
         triton_expert_ffn.expert_mix(*tensors, indices.int(), weights, 2.0, "silu")
     with pytest.raises(ValueError, match="not supported"):
         triton_expert_ffn.expert_mix(*tensors, indices, weights, 2.0, "tanh")
-
-
-def test_no_host_sync_in_launchers():
-    """The Triton path never synchronises with the host (.item(), .tolist(), .cpu())."""
-    root = pathlib.Path(triton_expert_ffn.__file__).parent
-    for name in ("expert_ffn.py", "routing.py", "_expert_ffn_kernels.py", "_routing_kernels.py"):
-        text = (root / name).read_text()
-        for call in (".item(", ".tolist(", ".cpu(", ".numpy("):
-            assert call not in text, f"{name} calls {call}"
 
 
 def test_expand_mode_choice(monkeypatch):

@@ -1,6 +1,7 @@
 """Triton routing ops (gmoe_kernels.triton.routing) under the interpreter, against the
 reference twins: indices and plans compared exactly, every case with an empty expert,
-outputs poisoned (GMOE_POISON=1) so an unwritten element fails."""
+outputs poisoned (GMOE_POISON=1) so an unwritten element fails. (top-K has one
+implementation for both backends; tests/test_reference_ops.py checks it on each.)"""
 import dataclasses
 
 import pytest
@@ -70,24 +71,6 @@ def test_routing_plan_matches_reference_exactly(case):
     assert torch.equal(via_functional.sorted_pairs, want.sorted_pairs)
 
 
-@pytest.mark.parametrize("top_k", [1, 2, 4])
-def test_topk_route_matches_reference(top_k):
-    probs = torch.softmax(torch.randn(37, 6), dim=-1)
-    probs[:5] = 1.0 / 6                          # ties: broken as torch.topk breaks them
-    probs[5:9, 2] = 0.0                          # an expert nobody picks in these rows
-    p1 = probs.clone().requires_grad_()
-    p2 = probs.clone().requires_grad_()
-    got_i, got_w = functional.topk_route(p1, top_k, backend="triton")
-    want_i, want_w = reference.topk_route(p2, top_k)
-    assert got_i.dtype == torch.int64 and got_w.dtype == torch.float32
-    assert torch.equal(got_i, want_i)
-    assert_close(got_w, want_w, torch.float32, "weights")
-    g = torch.randn_like(got_w)
-    (d1,) = torch.autograd.grad((got_w * g).sum(), p1)
-    (d2,) = torch.autograd.grad((want_w * g).sum(), p2)
-    assert_close(d1, d2, torch.float32, "d_probs")
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("case", CASES, ids=ids(CASES))
 def test_dispatch_and_combine_match_reference(case, dtype):
@@ -149,3 +132,29 @@ def test_routing_errors():
         triton_routing.dispatch(torch.randn(5, 8), plan)
     with pytest.raises(ValueError):
         triton_routing.combine(torch.randn(8, 8), torch.ones(4, 3), plan)
+
+
+PLAN_BUILDERS = {
+    "functional_triton": lambda i, e: functional.make_routing_plan(i, e, backend="triton"),
+    "functional_reference": lambda i, e: functional.make_routing_plan(i, e, backend="reference"),
+    "triton_direct": triton_routing.make_routing_plan,
+    "reference_direct": reference.make_routing_plan,
+}
+
+
+@pytest.mark.parametrize("bad", [3, -1], ids=["id_eq_E", "id_minus_1"])
+@pytest.mark.parametrize("build", list(PLAN_BUILDERS), ids=list(PLAN_BUILDERS))
+def test_routing_plan_refuses_expert_ids_out_of_range(build, bad):
+    """The plan kernels skip such ids (leaving `inverse` unwritten): every entry point refuses them."""
+    indices = torch.tensor([[0, 1], [2, bad]])
+    with pytest.raises((ValueError, RuntimeError), match=r"\[0, E = 3\)"):
+        PLAN_BUILDERS[build](indices, 3)
+
+
+@pytest.mark.parametrize("bad", [3, -1], ids=["id_eq_E", "id_minus_1"])
+def test_plan_kernels_dropping_a_pair_fail_in_routing_plan(bad, monkeypatch):
+    """Without the launcher's id check, the pair the kernels skip still fails RoutingPlan's
+    offsets assertion, so no plan with an unwritten `inverse` slot ever leaves the launcher."""
+    monkeypatch.setattr(triton_routing, "_check_expert_range", lambda indices, num_experts: None)
+    with pytest.raises(RuntimeError, match="dropped"):
+        triton_routing.make_routing_plan(torch.tensor([[0, 1], [2, bad]]), 3)

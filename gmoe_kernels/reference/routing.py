@@ -4,11 +4,13 @@ from __future__ import annotations
 import torch
 
 from ..activations import compute_dtype
+from ..checks import _check_expert_range
 from ..routing_plan import RoutingPlan
 
 
 def topk_route(probs: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-K experts per token with renormalised weights.
+    """Top-K experts per token with renormalised weights: the one implementation, which the
+    Triton backend and its graph router use too (torch.topk is already one fused kernel).
 
     probs: (T, E) float  router probabilities (rows sum to 1)
     returns indices (T, K) int64 (ties broken as torch.topk does) and
@@ -24,6 +26,7 @@ def make_routing_plan(indices: torch.Tensor, num_experts: int) -> RoutingPlan:
 
     Histogram + prefix sum, with no host synchronisation.
     """
+    _check_expert_range(indices, num_experts)  # bincount would fail on them, unclearly
     num_tokens, top_k = indices.shape
     flat = indices.reshape(-1)
     # A stable sort keeps pairs of one expert in ascending pair (token) order.

@@ -32,6 +32,7 @@ import triton
 from ..activations import act, compute_dtype
 from ..checks import check_graph_router
 from ..backend import interpreting
+from ..reference.routing import topk_route
 from ._graph_router_kernels import _graph_router_bwd_kernel, _graph_router_fwd_kernel
 
 __all__ = ["GraphRouterGCN", "graph_router", "graph_router_gcn_backward",
@@ -64,7 +65,7 @@ def _config(num_experts: int, width: int, num_tokens: int, device: torch.device)
     num_nodes = num_experts + 1
     block_m = min(max(64, triton.next_power_of_2(2 * num_nodes)),
                   max(128, triton.next_power_of_2(num_nodes)))
-    if interpreting() or device.type != "cuda":
+    if interpreting() or device.type == "cpu":
         block_g = 16
         max_programs = _INTERPRETER_PROGRAMS
         num_warps = 4
@@ -72,13 +73,21 @@ def _config(num_experts: int, width: int, num_tokens: int, device: torch.device)
         # 16-wide column blocks and more warps: per ptxas at sm_90, 64-wide blocks spilled
         # heavily and the E=32 backward asked for more shared memory than a block may have.
         block_g = 16
-        max_programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        max_programs = 2 * _sm_count(device)
         num_warps = 8 if block_m <= 64 else 16
     tokens_per_tile = block_m // num_nodes
     num_tiles = triton.cdiv(num_tokens, tokens_per_tile)
     num_programs = max(1, min(num_tiles, max_programs))
     return dict(block_m=block_m, block_g=block_g, num_warps=num_warps,
                 tokens_per_tile=tokens_per_tile, num_tiles=num_tiles, num_programs=num_programs)
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of the device (an H100/H200's 132 for a `meta` tensor, which
+    benchmarks/compile_gate.py uses to capture GPU launches on a machine without one)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
 
 
 def _device_guard(device: torch.device):
@@ -291,6 +300,5 @@ def graph_router(x, token_weight, expert_weight, expert_features, adjacency, gcn
     c1 = (adj[:, :num_experts] @ expert_nodes) @ w1.t()                            # (E+1, G)
     logits, probs = _graph_router_gcn_op(c1.contiguous(), token_proj.contiguous(), adj,
                                          gcn_weight, score_weight, activation)
-    p_k, indices = torch.topk(probs, top_k, dim=-1)
-    weights = p_k / p_k.sum(dim=-1, keepdim=True)
+    indices, weights = topk_route(probs, top_k)
     return logits, probs, indices, weights

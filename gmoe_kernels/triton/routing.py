@@ -1,7 +1,9 @@
 """Triton backend of the routing ops: top-K, routing plan, dispatch (gather), combine.
 
-Same signatures and results as gmoe_kernels.reference.routing. Nothing here synchronises
-with the host: the plan's histogram, prefix sum and counting sort stay on the device.
+Same signatures and results as gmoe_kernels.reference.routing; top-K is the reference's own
+`topk_route` (torch.topk is one fused kernel already). Nothing here synchronises with the
+host: the plan's histogram, prefix sum and counting sort stay on the device, and expert ids
+are checked by device-side assertions.
 """
 from __future__ import annotations
 
@@ -12,8 +14,12 @@ import triton
 
 from ..activations import compute_dtype
 from ..backend import interpreting
+from ..checks import _check_expert_range
+from ..reference.routing import topk_route
 from ..routing_plan import RoutingPlan
 from . import _routing_kernels as kernels
+
+__all__ = ["combine", "dispatch", "make_routing_plan", "topk_route"]
 
 
 def poisoning() -> bool:
@@ -35,18 +41,6 @@ _ROWS_BLOCK_P = 16 if interpreting() else 32
 _ROWS_BLOCK_H = 32 if interpreting() else 128
 
 
-def topk_route(probs: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-K experts per token with renormalised weights (torch.topk: exactly its indices).
-
-    probs: (T, E) float  router probabilities
-    top_k: int           K
-    returns indices (T, K) int64 and weights (T, K) fp32 (fp64 for fp64 probs),
-            p_k / sum_k p_k, differentiable w.r.t. probs.
-    """
-    p_k, indices = torch.topk(probs.to(compute_dtype(probs)), top_k, dim=-1)
-    return indices, p_k / p_k.sum(dim=-1, keepdim=True)
-
-
 def make_routing_plan(indices: torch.Tensor, num_experts: int) -> RoutingPlan:
     """Group the (token, slot) pairs of `indices` by expert, with no host synchronisation.
 
@@ -54,10 +48,13 @@ def make_routing_plan(indices: torch.Tensor, num_experts: int) -> RoutingPlan:
     num_experts: int           E
     Histogram (int32 atomics), prefix sum (torch.cumsum on the device), then a stable
     counting sort: one program per expert places its pairs in ascending pair id.
+    The kernels skip ids outside [0, E), which would leave `inverse` unwritten: they are
+    refused here, and RoutingPlan asserts that no pair was dropped (both device-side).
     """
     if indices.dtype != torch.int64 or indices.dim() != 2:
         raise TypeError(f"indices must be a (T, K) int64 tensor, got {indices.dtype} "
                         f"{tuple(indices.shape)}")
+    _check_expert_range(indices, num_experts)
     num_tokens, top_k = indices.shape
     num_pairs = num_tokens * top_k
     device = indices.device
