@@ -242,8 +242,8 @@ def jobs(captured) -> list[tuple]:
     return out
 
 
-def run_gate(workers: int = 2) -> list[Row]:
-    todo = jobs(capture_all())
+def run_gate(workers: int = 2, only: str = "") -> list[Row]:
+    todo = [job for job in jobs(capture_all()) if only in job[0].__name__]
     with ThreadPoolExecutor(workers) as pool:   # ptxas runs as a subprocess: threads overlap it
         rows = list(pool.map(_compile, todo))
     return sorted(rows, key=lambda r: (r.kernel, r.target, r.dtype, r.config))
@@ -277,8 +277,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--only", default="", help="compile only kernels whose name contains this")
     args = parser.parse_args(argv)
-    rows = run_gate(args.workers)
+    rows = run_gate(args.workers, args.only)
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -13,21 +13,18 @@ strides. The E·R columns are walked in chunks of BLOCK_C. The extra FLOPs are E
 the gather (2·T·K·E·R·F per matrix), spent on tensor cores while each B tile is loaded once
 per token tile instead of once per token: the better trade while K·E·R is small against H.
 Operands are cast to DOT_DTYPE (the inputs' fp16/bf16, else the accumulation dtype with
-IEEE precision); accumulation is in ACC_DTYPE.
+IEEE precision); accumulation is in ACC_DTYPE. As in the gather kernels, a program walks the
+F tiles of its split and keeps the reductions over F per slot in registers (no atomics); a
+reduce's [BLOCK_T, BLOCK_C] columns fold into the token's own R columns by a reshape, which
+needs R to be a power of two (the launcher picks "gather" otherwise).
 """
 import triton
 import triton.language as tl
 
 from ._activation_kernels import act as _act
 from ._activation_kernels import act_and_grad as _act_and_grad
-from ._expert_ffn_kernels import load_slot, load_tf, token_tile
-
-
-@triton.jit
-def _dot(a, b, acc, DOT_DTYPE: tl.constexpr):
-    if DOT_DTYPE == tl.float32 or DOT_DTYPE == tl.float64:
-        return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision="ieee")
-    return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc)
+from ._expert_ffn_kernels import add_to_slot, f_tile, load_slot, load_tf, store_slots, token_tile
+from ._expert_ffn_kernels import dot_acc as _dot
 
 
 @triton.jit
@@ -51,12 +48,12 @@ def _onehot_expand(small_ptr, col0, stride_s_t, stride_s_c, m_ptr, stride_m_e, s
 
 
 @triton.jit
-def _onehot_reduce_add(x, scale, dst_ptr, col0, stride_d_t, stride_d_c, m_ptr, stride_m_e,
-                       stride_m_f, stride_m_r, experts, offs_t, offs_f, mask_t, mask_f, R,
-                       NUM_COLS, ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                       BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dst[t, col0 + e_t·R + r] += scale[t] · sum_f x[t, f] M[e_t, f, r] (this F tile's
-    partial sum, added with atomics; only each token's own expert block is written)."""
+def _onehot_reduce(x, m_ptr, stride_m_e, stride_m_f, stride_m_r, experts, offs_f, mask_t,
+                   mask_f, R, NUM_COLS, ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                   BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, R_PAD: tl.constexpr):
+    """(BLOCK_T, R_PAD): out[t, r] = sum_f x[t, f] M[e_t, f, r] over this F tile, as one-hot
+    tl.dots against all experts' columns folded onto each token's own block (R = R_PAD)."""
+    out = tl.zeros((BLOCK_T, R_PAD), dtype=ACC_DTYPE)
     for c0 in range(0, NUM_COLS, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         col_ok = cols < NUM_COLS
@@ -65,8 +62,10 @@ def _onehot_reduce_add(x, scale, dst_ptr, col0, stride_d_t, stride_d_c, m_ptr, s
                     mask=mask_f[:, None] & col_ok[None, :], other=0.0)
         part = _dot(x, m, tl.zeros((BLOCK_T, BLOCK_C), dtype=ACC_DTYPE), DOT_DTYPE)
         own = mask_t[:, None] & col_ok[None, :] & ((cols[None, :] // R) == experts[:, None])
-        tl.atomic_add(dst_ptr + offs_t[:, None] * stride_d_t + (col0 + cols[None, :]) * stride_d_c,
-                      part * scale[:, None], mask=own)
+        # column c0 + j·R + r holds rank r: fold the BLOCK_C columns onto R_PAD of them
+        out += tl.sum(tl.reshape(tl.where(own, part, 0.0), (BLOCK_T, BLOCK_C // R_PAD, R_PAD)),
+                      axis=1)
+    return out
 
 
 @triton.jit
@@ -88,91 +87,110 @@ def _gate_up(gate, up, shrink_ptr, stride_sh_t, stride_sh_c, b_gate_ptr, stride_
 @triton.jit
 def _expert_mix_fwd_dot_kernel(
     gate_base_ptr, up_base_ptr, shrink_ptr, b_gate_ptr, b_up_ptr, a_down_ptr,
-    indices_ptr, weights_ptr, h_c_ptr, z_ptr,
-    T, F, K, R, UP_OFFSET,
+    indices_ptr, weights_ptr, h_c_ptr, slot_a_d_ptr,
+    T, F, K, R, UP_OFFSET, T_BUCKET,
     stride_gb_t, stride_gb_f, stride_ub_t, stride_ub_f, stride_sh_t, stride_sh_c,
     stride_bg_e, stride_bg_f, stride_bg_r, stride_bu_e, stride_bu_f, stride_bu_r,
     stride_ad_e, stride_ad_r, stride_ad_f, stride_idx_t, stride_idx_k, stride_w_t, stride_w_k,
-    stride_hc_t, stride_hc_f, stride_z_t, stride_z_c,
-    ACTIVATION: tl.constexpr, R_PAD: tl.constexpr, ACC_FP64: tl.constexpr,
+    stride_hc_t, stride_hc_f,
+    ACTIVATION: tl.constexpr, R_PAD: tl.constexpr, K_PAD: tl.constexpr, ACC_FP64: tl.constexpr,
     DOT_DTYPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """As _expert_mix_fwd_kernel (h_c written once; z += w_k A_d h_k with atomics), with
-    one-hot tl.dots. UP_OFFSET = E·R is also the number of stacked columns per matrix."""
+    """As _expert_mix_fwd_kernel (same arguments and outputs), with one-hot tl.dots.
+    UP_OFFSET = E·R is also the number of stacked columns per matrix."""
     ACC_DTYPE = tl.float64 if ACC_FP64 else tl.float32
-    offs_t, offs_f, mask_t, mask_f, mask_tf = token_tile(T, F, BLOCK_T, BLOCK_F)
-    gate = load_tf(gate_base_ptr, offs_t, offs_f, mask_tf, stride_gb_t, stride_gb_f, ACC_DTYPE)
-    up = load_tf(up_base_ptr, offs_t, offs_f, mask_tf, stride_ub_t, stride_ub_f, ACC_DTYPE)
-    h_c = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC_DTYPE)
-    for k in range(K):
-        experts, w = load_slot(indices_ptr, weights_ptr, k, offs_t, mask_t, stride_idx_t,
-                               stride_idx_k, stride_w_t, stride_w_k, ACC_DTYPE)
-        g, u = _gate_up(gate, up, shrink_ptr, stride_sh_t, stride_sh_c, b_gate_ptr, stride_bg_e,
-                        stride_bg_f, stride_bg_r, b_up_ptr, stride_bu_e, stride_bu_f, stride_bu_r,
-                        experts, offs_t, offs_f, mask_t, mask_f, R, UP_OFFSET, ACC_DTYPE, DOT_DTYPE,
-                        BLOCK_T, BLOCK_F, BLOCK_C)
-        h = tl.where(mask_tf, _act(g, ACTIVATION) * u, 0.0)
-        h_c += w[:, None] * h
-        # A_d (E, R, F) read as M[e, f, r]: a_d[t, e_t block] = sum_f h[t, f] A_d[e_t, r, f]
-        _onehot_reduce_add(h, w, z_ptr, 0, stride_z_t, stride_z_c, a_down_ptr, stride_ad_e,
-                           stride_ad_f, stride_ad_r, experts, offs_t, offs_f, mask_t, mask_f, R,
-                           UP_OFFSET, ACC_DTYPE, DOT_DTYPE, BLOCK_T, BLOCK_C)
-    tl.store(h_c_ptr + offs_t[:, None] * stride_hc_t + offs_f[None, :] * stride_hc_f,
-             h_c.to(h_c_ptr.dtype.element_ty), mask=mask_tf)
+    split = tl.program_id(1)
+    offs_t, mask_t = token_tile(T, BLOCK_T)
+    a_d_acc = tl.zeros((BLOCK_T, K_PAD, R_PAD), dtype=ACC_DTYPE)
+    for f0 in range(split * BLOCK_F, F, tl.num_programs(1) * BLOCK_F):
+        offs_f, mask_f = f_tile(f0, F, BLOCK_F)
+        mask_tf = mask_t[:, None] & mask_f[None, :]
+        gate = load_tf(gate_base_ptr, offs_t, offs_f, mask_tf, stride_gb_t, stride_gb_f, ACC_DTYPE)
+        up = load_tf(up_base_ptr, offs_t, offs_f, mask_tf, stride_ub_t, stride_ub_f, ACC_DTYPE)
+        h_c = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC_DTYPE)
+        for k in range(K):
+            experts, w = load_slot(indices_ptr, weights_ptr, k, offs_t, mask_t, stride_idx_t,
+                                   stride_idx_k, stride_w_t, stride_w_k, ACC_DTYPE)
+            g, u = _gate_up(gate, up, shrink_ptr, stride_sh_t, stride_sh_c, b_gate_ptr,
+                            stride_bg_e, stride_bg_f, stride_bg_r, b_up_ptr, stride_bu_e,
+                            stride_bu_f, stride_bu_r, experts, offs_t, offs_f, mask_t, mask_f, R,
+                            UP_OFFSET, ACC_DTYPE, DOT_DTYPE, BLOCK_T, BLOCK_F, BLOCK_C)
+            h = tl.where(mask_tf, _act(g, ACTIVATION) * u, 0.0)
+            h_c += w[:, None] * h
+            # A_d (E, R, F) read as M[e, f, r]: a_d[t] = sum_f h[t, f] A_d[e_t, :, f]
+            a_d = _onehot_reduce(h, a_down_ptr, stride_ad_e, stride_ad_f, stride_ad_r, experts,
+                                 offs_f, mask_t, mask_f, R, UP_OFFSET, ACC_DTYPE, DOT_DTYPE,
+                                 BLOCK_T, BLOCK_C, R_PAD)
+            a_d_acc = add_to_slot(a_d_acc, k, w[:, None] * a_d, K_PAD)
+        tl.store(h_c_ptr + offs_t[:, None] * stride_hc_t + offs_f[None, :] * stride_hc_f,
+                 h_c.to(h_c_ptr.dtype.element_ty), mask=mask_tf)
+    store_slots(slot_a_d_ptr, a_d_acc, split, offs_t, mask_t, T, K, R, K_PAD, R_PAD)
 
 
 @triton.jit
 def _expert_mix_bwd_token_dot_kernel(
     gate_base_ptr, up_base_ptr, shrink_ptr, b_gate_ptr, b_up_ptr, a_down_ptr,
     indices_ptr, weights_ptr, grad_h_c_ptr, grad_z_ptr,
-    d_gate_base_ptr, d_up_base_ptr, d_shrink_ptr, d_weights_ptr,
-    T, F, K, R, UP_OFFSET,
+    d_gate_base_ptr, d_up_base_ptr, slot_d_shrink_gate_ptr, slot_d_shrink_up_ptr,
+    slot_d_weights_ptr,
+    T, F, K, R, UP_OFFSET, T_BUCKET,
     stride_gb_t, stride_gb_f, stride_ub_t, stride_ub_f, stride_sh_t, stride_sh_c,
     stride_bg_e, stride_bg_f, stride_bg_r, stride_bu_e, stride_bu_f, stride_bu_r,
     stride_ad_e, stride_ad_r, stride_ad_f, stride_idx_t, stride_idx_k, stride_w_t, stride_w_k,
     stride_dhc_t, stride_dhc_f, stride_dz_t, stride_dz_c,
-    stride_dgb_t, stride_dgb_f, stride_dub_t, stride_dub_f, stride_dsh_t, stride_dsh_c,
-    stride_dw_t, stride_dw_k,
-    ACTIVATION: tl.constexpr, R_PAD: tl.constexpr, ACC_FP64: tl.constexpr,
+    stride_dgb_t, stride_dgb_f, stride_dub_t, stride_dub_f,
+    ACTIVATION: tl.constexpr, R_PAD: tl.constexpr, K_PAD: tl.constexpr, ACC_FP64: tl.constexpr,
     DOT_DTYPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """As _expert_mix_bwd_token_kernel (same outputs and maths), with one-hot tl.dots:
     q = dh_c + A_d^T b is an expand of grad_z through A_d, d(shrink) a reduce through B."""
     ACC_DTYPE = tl.float64 if ACC_FP64 else tl.float32
-    offs_t, offs_f, mask_t, mask_f, mask_tf = token_tile(T, F, BLOCK_T, BLOCK_F)
-    gate = load_tf(gate_base_ptr, offs_t, offs_f, mask_tf, stride_gb_t, stride_gb_f, ACC_DTYPE)
-    up = load_tf(up_base_ptr, offs_t, offs_f, mask_tf, stride_ub_t, stride_ub_f, ACC_DTYPE)
-    d_h_c = load_tf(grad_h_c_ptr, offs_t, offs_f, mask_tf, stride_dhc_t, stride_dhc_f, ACC_DTYPE)
-    d_gate = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC_DTYPE)
-    d_up = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC_DTYPE)
-    ones = tl.full((BLOCK_T,), 1.0, ACC_DTYPE)
-    for k in range(K):
-        experts, w = load_slot(indices_ptr, weights_ptr, k, offs_t, mask_t, stride_idx_t,
-                               stride_idx_k, stride_w_t, stride_w_k, ACC_DTYPE)
-        g, u = _gate_up(gate, up, shrink_ptr, stride_sh_t, stride_sh_c, b_gate_ptr, stride_bg_e,
-                        stride_bg_f, stride_bg_r, b_up_ptr, stride_bu_e, stride_bu_f, stride_bu_r,
-                        experts, offs_t, offs_f, mask_t, mask_f, R, UP_OFFSET, ACC_DTYPE, DOT_DTYPE,
-                        BLOCK_T, BLOCK_F, BLOCK_C)
-        # A_d (E, R, F) read as M[e, f, r]; b = grad_z[t, e_t block]
-        q = d_h_c + _onehot_expand(grad_z_ptr, 0, stride_dz_t, stride_dz_c, a_down_ptr, stride_ad_e,
-                                   stride_ad_f, stride_ad_r, experts, offs_t, offs_f, mask_t, mask_f,
-                                   R, UP_OFFSET, ACC_DTYPE, DOT_DTYPE, BLOCK_T, BLOCK_F, BLOCK_C)
-        act_g, act_grad = _act_and_grad(g, ACTIVATION)
-        h = act_g * u
-        tl.atomic_add(d_weights_ptr + offs_t * stride_dw_t + k * stride_dw_k,
-                      tl.sum(tl.where(mask_tf, h * q, 0.0), axis=1), mask=mask_t)
-        dh = w[:, None] * q
-        dg = tl.where(mask_tf, dh * u * act_grad, 0.0)
-        du = tl.where(mask_tf, dh * act_g, 0.0)
-        d_gate += dg
-        d_up += du
-        _onehot_reduce_add(dg, ones, d_shrink_ptr, 0, stride_dsh_t, stride_dsh_c, b_gate_ptr,
-                           stride_bg_e, stride_bg_f, stride_bg_r, experts, offs_t, offs_f, mask_t,
-                           mask_f, R, UP_OFFSET, ACC_DTYPE, DOT_DTYPE, BLOCK_T, BLOCK_C)
-        _onehot_reduce_add(du, ones, d_shrink_ptr, UP_OFFSET, stride_dsh_t, stride_dsh_c, b_up_ptr,
-                           stride_bu_e, stride_bu_f, stride_bu_r, experts, offs_t, offs_f, mask_t,
-                           mask_f, R, UP_OFFSET, ACC_DTYPE, DOT_DTYPE, BLOCK_T, BLOCK_C)
-    tl.store(d_gate_base_ptr + offs_t[:, None] * stride_dgb_t + offs_f[None, :] * stride_dgb_f,
-             d_gate.to(d_gate_base_ptr.dtype.element_ty), mask=mask_tf)
-    tl.store(d_up_base_ptr + offs_t[:, None] * stride_dub_t + offs_f[None, :] * stride_dub_f,
-             d_up.to(d_up_base_ptr.dtype.element_ty), mask=mask_tf)
+    split = tl.program_id(1)
+    offs_t, mask_t = token_tile(T, BLOCK_T)
+    dw_acc = tl.zeros((BLOCK_T, K_PAD, 1), dtype=ACC_DTYPE)
+    dsg_acc = tl.zeros((BLOCK_T, K_PAD, R_PAD), dtype=ACC_DTYPE)
+    dsu_acc = tl.zeros((BLOCK_T, K_PAD, R_PAD), dtype=ACC_DTYPE)
+    for f0 in range(split * BLOCK_F, F, tl.num_programs(1) * BLOCK_F):
+        offs_f, mask_f = f_tile(f0, F, BLOCK_F)
+        mask_tf = mask_t[:, None] & mask_f[None, :]
+        gate = load_tf(gate_base_ptr, offs_t, offs_f, mask_tf, stride_gb_t, stride_gb_f, ACC_DTYPE)
+        up = load_tf(up_base_ptr, offs_t, offs_f, mask_tf, stride_ub_t, stride_ub_f, ACC_DTYPE)
+        d_h_c = load_tf(grad_h_c_ptr, offs_t, offs_f, mask_tf, stride_dhc_t, stride_dhc_f,
+                        ACC_DTYPE)
+        d_gate = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC_DTYPE)
+        d_up = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC_DTYPE)
+        for k in range(K):
+            experts, w = load_slot(indices_ptr, weights_ptr, k, offs_t, mask_t, stride_idx_t,
+                                   stride_idx_k, stride_w_t, stride_w_k, ACC_DTYPE)
+            g, u = _gate_up(gate, up, shrink_ptr, stride_sh_t, stride_sh_c, b_gate_ptr,
+                            stride_bg_e, stride_bg_f, stride_bg_r, b_up_ptr, stride_bu_e,
+                            stride_bu_f, stride_bu_r, experts, offs_t, offs_f, mask_t, mask_f, R,
+                            UP_OFFSET, ACC_DTYPE, DOT_DTYPE, BLOCK_T, BLOCK_F, BLOCK_C)
+            # A_d (E, R, F) read as M[e, f, r]; b = grad_z[t, e_t block]
+            q = d_h_c + _onehot_expand(grad_z_ptr, 0, stride_dz_t, stride_dz_c, a_down_ptr,
+                                       stride_ad_e, stride_ad_f, stride_ad_r, experts, offs_t,
+                                       offs_f, mask_t, mask_f, R, UP_OFFSET, ACC_DTYPE, DOT_DTYPE,
+                                       BLOCK_T, BLOCK_F, BLOCK_C)
+            act_g, act_grad = _act_and_grad(g, ACTIVATION)
+            dw = tl.sum(tl.where(mask_tf, act_g * u * q, 0.0), axis=1)
+            dw_acc = add_to_slot(dw_acc, k, dw[:, None], K_PAD)
+            dh = w[:, None] * q
+            dg = tl.where(mask_tf, dh * u * act_grad, 0.0)
+            du = tl.where(mask_tf, dh * act_g, 0.0)
+            d_gate += dg
+            d_up += du
+            dsg = _onehot_reduce(dg, b_gate_ptr, stride_bg_e, stride_bg_f, stride_bg_r, experts,
+                                 offs_f, mask_t, mask_f, R, UP_OFFSET, ACC_DTYPE, DOT_DTYPE,
+                                 BLOCK_T, BLOCK_C, R_PAD)
+            dsg_acc = add_to_slot(dsg_acc, k, dsg, K_PAD)
+            dsu = _onehot_reduce(du, b_up_ptr, stride_bu_e, stride_bu_f, stride_bu_r, experts,
+                                 offs_f, mask_t, mask_f, R, UP_OFFSET, ACC_DTYPE, DOT_DTYPE,
+                                 BLOCK_T, BLOCK_C, R_PAD)
+            dsu_acc = add_to_slot(dsu_acc, k, dsu, K_PAD)
+        tl.store(d_gate_base_ptr + offs_t[:, None] * stride_dgb_t + offs_f[None, :] * stride_dgb_f,
+                 d_gate.to(d_gate_base_ptr.dtype.element_ty), mask=mask_tf)
+        tl.store(d_up_base_ptr + offs_t[:, None] * stride_dub_t + offs_f[None, :] * stride_dub_f,
+                 d_up.to(d_up_base_ptr.dtype.element_ty), mask=mask_tf)
+    store_slots(slot_d_weights_ptr, dw_acc, split, offs_t, mask_t, T, K, 1, K_PAD, 1)
+    store_slots(slot_d_shrink_gate_ptr, dsg_acc, split, offs_t, mask_t, T, K, R, K_PAD, R_PAD)
+    store_slots(slot_d_shrink_up_ptr, dsu_acc, split, offs_t, mask_t, T, K, R, K_PAD, R_PAD)

@@ -51,10 +51,14 @@ from . import _expert_ffn_dot_kernels as dot_kernels
 from . import _expert_ffn_kernels as kernels
 from .routing import make_routing_plan, new_output
 
-# Elements of one gathered [BLOCK_T, BLOCK_F, R_PAD] tile that compile without register
-# spills at sm_90 per ptxas (bf16): about 2048 in the forward, 1024 in the backward.
+# Elements of one gathered [BLOCK_T, BLOCK_F, R_PAD] tile, and of the per-slot accumulators
+# [BLOCK_T, K_PAD, R_PAD], that compile without register spills at sm_90 and sm_80 per
+# benchmarks/compile_gate.py (bf16, fp16, fp32 data).
 _MAX_GATHER_TILE_FWD = 2048
 _MAX_GATHER_TILE_BWD = 1024
+_MAX_SLOT_TILE = 512
+_TARGET_PROGRAMS = 4 * 132   # about four programs per SM of an H100/H200
+_MAX_F_SPLIT = 64
 
 
 def _token_configs():
@@ -65,58 +69,73 @@ def _token_configs():
             for bt, bf in ((4, 16), (8, 16), (8, 32), (16, 32), (32, 16), (16, 64))]
 
 
-def _expert_configs():
-    if interpreting():
-        return [triton.Config({"BLOCK_P": 16, "BLOCK_F": 32}, num_warps=4)]
-    return [triton.Config({"BLOCK_P": bp, "BLOCK_F": bf}, num_warps=4, num_stages=2)
-            for bp, bf in ((32, 64), (64, 64), (32, 128), (64, 32))]
-
-
 def _gather_prune(limit):
-    """Keep configs whose gathered [BLOCK_T, BLOCK_F, R_PAD] tile fits `limit` elements."""
+    """Keep configs whose gathered [BLOCK_T, BLOCK_F, R_PAD] tile fits `limit` elements and
+    whose per-slot accumulators [BLOCK_T, K_PAD, R_PAD] fit _MAX_SLOT_TILE (the smallest
+    config when none fits)."""
     def prune(configs, named_args, **kwargs):
-        r_pad = kwargs.get("R_PAD", named_args.get("R_PAD"))
-        kept = [c for c in configs if c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_F"] * r_pad <= limit]
+        r_pad, k_pad = kwargs["R_PAD"], kwargs["K_PAD"]
+        kept = [c for c in configs if c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_F"] * r_pad <= limit
+                and c.kwargs["BLOCK_T"] * k_pad * r_pad <= _MAX_SLOT_TILE]
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_F"])]
     return prune
 
 
+# T_BUCKET (a power of two of the token count) is in every token kernel's key: decoding
+# (T of 1 to 64) and training (T in the thousands) tune apart.
+_TOKEN_KEY = ["F", "K", "R_PAD", "K_PAD", "T_BUCKET"]
+
 _fwd_kernel = triton.autotune(
-    configs=_token_configs(), key=["F", "K", "R_PAD"], reset_to_zero=["z_ptr"],
+    configs=_token_configs(), key=_TOKEN_KEY,
     prune_configs_by={"early_config_prune": _gather_prune(_MAX_GATHER_TILE_FWD)},
 )(kernels._expert_mix_fwd_kernel)
 
 _bwd_token_kernel = triton.autotune(
-    configs=_token_configs(), key=["F", "K", "R_PAD"],
-    reset_to_zero=["d_shrink_ptr", "d_weights_ptr"],
+    configs=_token_configs(), key=_TOKEN_KEY,
     prune_configs_by={"early_config_prune": _gather_prune(_MAX_GATHER_TILE_BWD)},
 )(kernels._expert_mix_bwd_token_kernel)
+
 
 def _dot_configs():
     if interpreting():
         return [triton.Config({"BLOCK_T": 16, "BLOCK_F": 32, "BLOCK_C": 16}, num_warps=4)]
-    # Spill-free at sm_90 per ptxas (bf16): (32, 64, 32|16) with 8 warps; (64, 64, 32) spills little.
     return [triton.Config({"BLOCK_T": bt, "BLOCK_F": 64, "BLOCK_C": bc}, num_warps=8, num_stages=2)
-            for bt, bc in ((32, 32), (32, 16), (64, 32))]
+            for bt, bc in ((32, 32), (32, 16), (16, 32))]
 
 
 def _prune_dot_configs(configs, named_args, **kwargs):
-    """No column chunk wider than the E·R columns there are (E 8, R 2 has 16)."""
-    widest = max(16, triton.next_power_of_2(kwargs.get("UP_OFFSET", named_args.get("UP_OFFSET"))))
-    kept = [c for c in configs if c.kwargs["BLOCK_C"] <= widest]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_C"])]
+    """No column chunk wider than the E·R columns there are (E 8, R 2 has 16), none narrower
+    than R (a chunk folds onto whole expert blocks), per-slot accumulators in budget."""
+    widest = max(16, triton.next_power_of_2(named_args["UP_OFFSET"]))
+    r_pad, k_pad = kwargs["R_PAD"], kwargs["K_PAD"]
+    kept = [c for c in configs if r_pad <= c.kwargs["BLOCK_C"] <= widest
+            and c.kwargs["BLOCK_T"] * k_pad * r_pad <= 2 * _MAX_SLOT_TILE]
+    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_T"], -c.kwargs["BLOCK_C"]))]
 
 
 _fwd_dot_kernel = triton.autotune(
-    configs=_dot_configs(), key=["F", "K", "UP_OFFSET"], reset_to_zero=["z_ptr"],
+    configs=_dot_configs(), key=_TOKEN_KEY + ["UP_OFFSET"],
     prune_configs_by={"early_config_prune": _prune_dot_configs},
 )(dot_kernels._expert_mix_fwd_dot_kernel)
 
 _bwd_token_dot_kernel = triton.autotune(
-    configs=_dot_configs(), key=["F", "K", "UP_OFFSET"],
-    reset_to_zero=["d_shrink_ptr", "d_weights_ptr"],
+    configs=_dot_configs(), key=_TOKEN_KEY + ["UP_OFFSET"],
     prune_configs_by={"early_config_prune": _prune_dot_configs},
 )(dot_kernels._expert_mix_bwd_token_dot_kernel)
+
+
+def _expert_configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_P": 16, "BLOCK_F": 32}, num_warps=4)]
+    return [triton.Config({"BLOCK_P": bp, "BLOCK_F": bf}, num_warps=w, num_stages=2)
+            for bp, bf, w in ((32, 64, 4), (64, 64, 8), (32, 128, 8), (64, 32, 4))]
+
+
+_bwd_expert_kernel = triton.autotune(
+    configs=_expert_configs(), key=["F", "K", "R_PAD", "CHUNK"],
+    prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: [
+        c for c in configs if c.kwargs["BLOCK_P"] <= named_args["CHUNK"]] or configs[:1]},
+)(kernels._expert_mix_bwd_expert_kernel)
 
 EXPAND_MODES = ("gather", "dot")
 _DOT_MAX_COLUMNS = 512  # E·R above which the one-hot dots' extra FLOPs outweigh the gather
@@ -127,36 +146,36 @@ _HALF = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 def expand_mode(num_experts: int, rank: int, dtypes=(torch.bfloat16,)) -> str:
     """Which token kernels run: "dot" (one-hot tl.dot against all experts' stacked LoRA
-    matrices, on tensor cores) while E·R is small and x and the LoRA weights share one 16-bit
-    dtype; else "gather" (per-token rows, CUDA-core reduction over R, all in fp32). fp32 data
-    would either lose precision in 16-bit dots or pay E× the FLOPs in IEEE fp32 dots.
-    GMOE_EXPAND=gather|dot forces one (tests and benchmarks run both). The E·R threshold is a
-    first estimate from FLOP and byte counts, not yet timed on a GPU."""
+    matrices, on tensor cores) while E·R is small, R is a power of two ≥ 2 and x and the LoRA
+    weights share one 16-bit dtype; else "gather" (per-token rows, CUDA-core reduction over
+    R, all in fp32). fp32 data would either lose precision in 16-bit dots or pay E× the FLOPs
+    in IEEE fp32 dots. GMOE_EXPAND=gather|dot forces one (tests and benchmarks run both; a
+    forced "dot" with another R runs "gather"). The E·R threshold is a first
+    estimate from FLOP and byte counts (benchmarks/NOTES.md), not yet timed on a GPU."""
     forced = os.environ.get("GMOE_EXPAND")
+    if forced and forced not in EXPAND_MODES:
+        raise ValueError(f"GMOE_EXPAND={forced!r}; choose one of {EXPAND_MODES}")
+    if rank < 2 or rank != triton.next_power_of_2(rank):  # the fold needs R = R_PAD
+        return "gather"
     if forced:
-        if forced not in EXPAND_MODES:
-            raise ValueError(f"GMOE_EXPAND={forced!r}; choose one of {EXPAND_MODES}")
         return forced
     same_half = len(set(dtypes)) == 1 and next(iter(dtypes)) in _HALF
     return "dot" if same_half and num_experts * rank <= _DOT_MAX_COLUMNS else "gather"
 
 
-def _token_kernel_launch(kernel_gather, kernel_dot, mode, dtypes, acc):
-    """(kernel, extra constexprs) for the chosen token-kernel variant. The dots run in the
-    16-bit dtype only when every operand has it; otherwise in the accumulation dtype (IEEE)."""
-    if mode == "gather":
-        return kernel_gather, {}
+def _dot_dtype(dtypes, acc):
+    """16-bit tl.dot operands when every operand has that dtype; else IEEE in `acc`."""
     dtypes = set(dtypes)
     if len(dtypes) == 1 and next(iter(dtypes)) in _HALF:
-        dot_dtype = _HALF[next(iter(dtypes))]
-    else:
-        dot_dtype = tl.float64 if acc == torch.float64 else tl.float32
-    return kernel_dot, {"DOT_DTYPE": dot_dtype}
+        return _HALF[next(iter(dtypes))]
+    return tl.float64 if acc == torch.float64 else tl.float32
 
 
-_bwd_expert_kernel = triton.autotune(
-    configs=_expert_configs(), key=["F", "K", "R_PAD"],
-)(kernels._expert_mix_bwd_expert_kernel)
+def _token_kernel_launch(kernel_gather, kernel_dot, mode, dtypes, acc):
+    """(kernel, extra constexprs) for the chosen token-kernel variant."""
+    if mode == "gather":
+        return kernel_gather, {}
+    return kernel_dot, {"DOT_DTYPE": _dot_dtype(dtypes, acc)}
 
 
 def _r_pad(rank: int) -> int:
@@ -170,9 +189,30 @@ def _r_pad_token(rank: int) -> int:
     return max(2, triton.next_power_of_2(rank))
 
 
-def _token_grid(num_tokens, size_f):
-    return lambda meta: (triton.cdiv(num_tokens, meta["BLOCK_T"]),
-                         triton.cdiv(size_f, meta["BLOCK_F"]))
+def _t_bucket(num_tokens: int) -> int:
+    return min(triton.next_power_of_2(max(num_tokens, 1)), 1 << 16)
+
+
+def _f_split(num_tokens: int, size_f: int) -> int:
+    """How many programs share one token tile's F range: enough that about _TARGET_PROGRAMS
+    programs run when T is small (decoding), one when T alone fills the GPU. Depends on the
+    shapes only (not on the tuned config), so results are the same run to run."""
+    if interpreting():
+        return min(2, triton.cdiv(size_f, 32))  # tests walk several F tiles and two splits
+    tiles = triton.cdiv(num_tokens, 16)
+    return max(1, min(_TARGET_PROGRAMS // tiles, triton.cdiv(size_f, 64), _MAX_F_SPLIT))
+
+
+def _chunk_size(num_pairs: int, num_experts: int) -> int:
+    """Pairs per chunk of the per-expert kernel: about an expert's fair share, so balanced
+    routing gives each expert one or two chunks and a hot expert up to ~E of them."""
+    if interpreting():
+        return 32  # tests see experts of several chunks and chunks of several blocks
+    return max(256, triton.cdiv(triton.cdiv(num_pairs, max(num_experts, 1)), 64) * 64)
+
+
+def _token_grid(num_tokens, split):
+    return lambda meta: (triton.cdiv(num_tokens, meta["BLOCK_T"]), split)
 
 
 def _stacked_a(lora_a_gate, lora_a_up, acc):
@@ -187,6 +227,22 @@ def _scaled_shrink(x, lora_a_gate, lora_a_up, scaling, acc):
     return (x.to(acc) @ _stacked_a(lora_a_gate, lora_a_up, acc).t()) * scaling
 
 
+def _slots_to_experts(per_slot: torch.Tensor, indices: torch.Tensor, num_experts: int):
+    """(T, K, R) per-slot rows -> (T, E·R) with slot k's row added into expert e_k's block.
+    One scatter per slot, in slot order: a token listing an expert twice gets both rows, in
+    a fixed order (no atomics race), so the result is reproducible bitwise."""
+    num_tokens, top_k, rank = per_slot.shape
+    out = per_slot.new_zeros(num_tokens, num_experts, rank)
+    for k in range(top_k):
+        out.scatter_add_(1, indices[:, k, None, None].expand(-1, 1, rank), per_slot[:, k, None])
+    return out.view(num_tokens, num_experts * rank)
+
+
+def _slot_buffer(split, num_tokens, top_k, width, acc, device):
+    """A (SPLIT, T, K, width) partial buffer the token kernels write in full."""
+    return new_output((split, num_tokens, top_k, width), acc, device)
+
+
 def _common_args(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down):
     return (gate_base.stride(0), gate_base.stride(1), up_base.stride(0), up_base.stride(1),
             shrink.stride(0), shrink.stride(1),
@@ -197,7 +253,7 @@ def _common_args(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down
 
 def expert_mix_forward(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_b_up,
                        lora_a_down, indices, weights, scaling, activation):
-    """Forward launcher: the shrink GEMM, then the fused token kernel.
+    """Forward launcher: the shrink GEMM, the fused token kernel, the per-slot a_d scatter.
 
     x:           (T, H) fp32/fp16/bf16/fp64   input of the LoRA shrinks
     gate_base:   (T, F) float                 W_g x (+ bias)
@@ -210,7 +266,7 @@ def expert_mix_forward(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_u
     scaling:     float                        s = lora_alpha / r
     activation:  str                          one of gmoe_kernels.activations.ACTIVATIONS
     returns h_c: (T, F) x.dtype and z: (T, E·R) x.dtype (w_k A_d^{e_k} h_k in block e_k).
-    Any strides; every sum in fp32 (fp64 for fp64 x).
+    Any strides; every sum in fp32 (fp64 for fp64 x), in a fixed order.
     """
     activation = canonical_activation(activation)
     check_expert_mix(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_b_up,
@@ -220,28 +276,68 @@ def expert_mix_forward(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_u
     top_k = indices.shape[1]
     acc = compute_dtype(x)
     h_c = new_output((num_tokens, size_f), x.dtype, x.device)
-    z = torch.zeros((num_tokens, num_experts * rank), dtype=acc, device=x.device)
     if num_tokens == 0 or size_f == 0 or top_k == 0:
-        return h_c.zero_(), z.to(x.dtype)
+        return h_c.zero_(), x.new_zeros((num_tokens, num_experts * rank))
     shrink = _scaled_shrink(x, lora_a_gate, lora_a_up, scaling, acc)
+    split = _f_split(num_tokens, size_f)
+    slot_a_d = _slot_buffer(split, num_tokens, top_k, rank, acc, x.device)
     dtypes = (x.dtype, lora_b_gate.dtype, lora_b_up.dtype, lora_a_down.dtype)
     kernel, extra = _token_kernel_launch(_fwd_kernel, _fwd_dot_kernel,
                                          expand_mode(num_experts, rank, dtypes), dtypes, acc)
-    kernel[_token_grid(num_tokens, size_f)](
+    kernel[_token_grid(num_tokens, split)](
         gate_base, up_base, shrink, lora_b_gate, lora_b_up, lora_a_down, indices, weights,
-        h_c, z,
-        num_tokens, size_f, top_k, rank, num_experts * rank,
+        h_c, slot_a_d,
+        num_tokens, size_f, top_k, rank, num_experts * rank, _t_bucket(num_tokens),
         *_common_args(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down),
         indices.stride(0), indices.stride(1), weights.stride(0), weights.stride(1),
-        h_c.stride(0), h_c.stride(1), z.stride(0), z.stride(1),
-        ACTIVATION=activation, R_PAD=_r_pad_token(rank), ACC_FP64=acc == torch.float64, **extra)
+        h_c.stride(0), h_c.stride(1),
+        ACTIVATION=activation, R_PAD=_r_pad_token(rank),
+        K_PAD=triton.next_power_of_2(top_k), ACC_FP64=acc == torch.float64, **extra)
+    z = _slots_to_experts(slot_a_d.sum(0), indices, num_experts)
     return h_c, z.to(x.dtype)
+
+
+def _expert_weight_grads(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down,
+                         indices, weights, grad_h_c, grad_z, activation, acc, dot_dtype):
+    """dB_g, dB_u, dA_d: the per-expert kernel over chunks of each expert's pairs, then the
+    chunk partials summed per expert in chunk order (deterministic; zeros for an empty expert)."""
+    num_tokens, size_f = gate_base.shape
+    num_experts, rank, _ = lora_a_down.shape
+    top_k = indices.shape[1]
+    device = gate_base.device
+    plan = make_routing_plan(indices, num_experts)
+    chunk = _chunk_size(num_tokens * top_k, num_experts)
+    chunk_offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
+    chunk_offsets[1:] = torch.cumsum((plan.expert_counts() + chunk - 1) // chunk, 0)
+    max_chunks = num_experts + num_tokens * top_k // chunk   # >= sum_e ceil(n_e / chunk)
+    parts = [new_output((max_chunks, size_f, rank), acc, device) for _ in range(2)]
+    parts.append(new_output((max_chunks, rank, size_f), acc, device))
+    _bwd_expert_kernel[lambda meta: (max_chunks, triton.cdiv(size_f, meta["BLOCK_F"]))](
+        gate_base, up_base, shrink, lora_b_gate, lora_b_up, lora_a_down,
+        plan.sorted_pairs, plan.expert_offsets, chunk_offsets, weights, grad_h_c, grad_z,
+        *parts, num_experts, size_f, top_k, rank, num_experts * rank, chunk,
+        *_common_args(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down),
+        weights.stride(0), weights.stride(1),
+        grad_h_c.stride(0), grad_h_c.stride(1), grad_z.stride(0), grad_z.stride(1),
+        ACTIVATION=activation, R_PAD=_r_pad(rank), E_PAD=triton.next_power_of_2(num_experts),
+        ACC_FP64=acc == torch.float64, DOT_DTYPE=dot_dtype)
+    grads = []
+    for part, like in zip(parts, (lora_b_gate, lora_b_up, lora_a_down)):
+        out = new_output(like.shape, like.dtype, device)
+        width = size_f * rank
+        kernels._sum_chunks_kernel[(num_experts, triton.cdiv(width, _SUM_BLOCK))](
+            part, chunk_offsets, out, width, BLOCK=_SUM_BLOCK)
+        grads.append(out)
+    return grads
+
+
+_SUM_BLOCK = 256 if interpreting() else 1024
 
 
 def expert_mix_backward(grad_h_c, grad_z, x, gate_base, up_base, lora_a_gate, lora_b_gate,
                         lora_a_up, lora_b_up, lora_a_down, indices, weights, scaling,
                         activation):
-    """Backward launcher: the token kernel, the per-expert kernel, then small torch GEMMs.
+    """Backward launcher: the token kernel, the per-expert kernels, then small torch GEMMs.
 
     grad_h_c: (T, F) float       dL/dh_c
     grad_z:   (T, E·R) float     dL/dz
@@ -249,6 +345,7 @@ def expert_mix_backward(grad_h_c, grad_z, x, gate_base, up_base, lora_a_gate, lo
     returns (dx (T, H), d_gate_base (T, F), d_up_base (T, F), d_lora_a_gate (E, R, H),
              d_lora_b_gate (E, F, R), d_lora_a_up (E, R, H), d_lora_b_up (E, F, R),
              d_lora_a_down (E, R, F), d_weights (T, K)), each in its input's dtype.
+    Every reduction runs in a fixed order: the same inputs give the same bits.
     """
     activation = canonical_activation(activation)
     num_tokens, size_f = gate_base.shape
@@ -256,56 +353,42 @@ def expert_mix_backward(grad_h_c, grad_z, x, gate_base, up_base, lora_a_gate, lo
     top_k = indices.shape[1]
     acc = compute_dtype(x)
     device = x.device
+    dtypes = (x.dtype, lora_b_gate.dtype, lora_b_up.dtype, lora_a_down.dtype)
+    if num_tokens == 0 or size_f == 0 or top_k == 0:
+        zeros = [torch.zeros_like(t) for t in (x, gate_base, up_base, lora_a_gate, lora_b_gate,
+                                               lora_a_up, lora_b_up, lora_a_down, weights)]
+        return tuple(zeros)
     d_gate_base = new_output((num_tokens, size_f), gate_base.dtype, device)
     d_up_base = new_output((num_tokens, size_f), up_base.dtype, device)
-    d_shrink = torch.zeros((num_tokens, 2 * num_experts * rank), dtype=acc, device=device)
-    d_weights = torch.zeros((num_tokens, top_k), dtype=acc, device=device)
-    d_b_gate = new_output(lora_b_gate.shape, lora_b_gate.dtype, device)
-    d_b_up = new_output(lora_b_up.shape, lora_b_up.dtype, device)
-    d_a_down = new_output(lora_a_down.shape, lora_a_down.dtype, device)
+    split = _f_split(num_tokens, size_f)
+    slot_dw = _slot_buffer(split, num_tokens, top_k, 1, acc, device)
+    slot_dsg = _slot_buffer(split, num_tokens, top_k, rank, acc, device)
+    slot_dsu = _slot_buffer(split, num_tokens, top_k, rank, acc, device)
     shrink = _scaled_shrink(x, lora_a_gate, lora_a_up, scaling, acc)
-    r_pad = _r_pad(rank)
     common = _common_args(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down)
-    if num_tokens > 0 and size_f > 0 and top_k > 0:
-        dtypes = (x.dtype, lora_b_gate.dtype, lora_b_up.dtype, lora_a_down.dtype)
-        kernel, extra = _token_kernel_launch(_bwd_token_kernel, _bwd_token_dot_kernel,
-                                             expand_mode(num_experts, rank, dtypes), dtypes, acc)
-        kernel[_token_grid(num_tokens, size_f)](
-            gate_base, up_base, shrink, lora_b_gate, lora_b_up, lora_a_down, indices, weights,
-            grad_h_c, grad_z, d_gate_base, d_up_base, d_shrink, d_weights,
-            num_tokens, size_f, top_k, rank, num_experts * rank, *common,
-            indices.stride(0), indices.stride(1), weights.stride(0), weights.stride(1),
-            grad_h_c.stride(0), grad_h_c.stride(1), grad_z.stride(0), grad_z.stride(1),
-            d_gate_base.stride(0), d_gate_base.stride(1), d_up_base.stride(0),
-            d_up_base.stride(1), d_shrink.stride(0), d_shrink.stride(1),
-            d_weights.stride(0), d_weights.stride(1),
-            ACTIVATION=activation, R_PAD=_r_pad_token(rank), ACC_FP64=acc == torch.float64, **extra)
-    else:
-        d_gate_base.zero_()
-        d_up_base.zero_()
-    if num_experts > 0 and size_f > 0 and top_k > 0 and num_tokens > 0:
-        plan = make_routing_plan(indices, num_experts)
-        _bwd_expert_kernel[lambda meta: (num_experts, triton.cdiv(size_f, meta["BLOCK_F"]))](
-            gate_base, up_base, shrink, lora_b_gate, lora_b_up, lora_a_down,
-            plan.sorted_pairs, plan.expert_offsets, weights, grad_h_c, grad_z,
-            d_b_gate, d_b_up, d_a_down,
-            size_f, top_k, rank, num_experts * rank, *common,
-            weights.stride(0), weights.stride(1),
-            grad_h_c.stride(0), grad_h_c.stride(1), grad_z.stride(0), grad_z.stride(1),
-            d_b_gate.stride(0), d_b_gate.stride(1), d_b_gate.stride(2),
-            d_b_up.stride(0), d_b_up.stride(1), d_b_up.stride(2),
-            d_a_down.stride(0), d_a_down.stride(1), d_a_down.stride(2),
-            ACTIVATION=activation, R_PAD=r_pad, ACC_FP64=acc == torch.float64)
-    else:
-        d_b_gate.zero_()
-        d_b_up.zero_()
-        d_a_down.zero_()
-    d_shrink.mul_(scaling)
+    kernel, extra = _token_kernel_launch(_bwd_token_kernel, _bwd_token_dot_kernel,
+                                         expand_mode(num_experts, rank, dtypes), dtypes, acc)
+    kernel[_token_grid(num_tokens, split)](
+        gate_base, up_base, shrink, lora_b_gate, lora_b_up, lora_a_down, indices, weights,
+        grad_h_c, grad_z, d_gate_base, d_up_base, slot_dsg, slot_dsu, slot_dw,
+        num_tokens, size_f, top_k, rank, num_experts * rank, _t_bucket(num_tokens), *common,
+        indices.stride(0), indices.stride(1), weights.stride(0), weights.stride(1),
+        grad_h_c.stride(0), grad_h_c.stride(1), grad_z.stride(0), grad_z.stride(1),
+        d_gate_base.stride(0), d_gate_base.stride(1), d_up_base.stride(0),
+        d_up_base.stride(1),
+        ACTIVATION=activation, R_PAD=_r_pad_token(rank), K_PAD=triton.next_power_of_2(top_k),
+        ACC_FP64=acc == torch.float64, **extra)
+    d_b_gate, d_b_up, d_a_down = _expert_weight_grads(
+        shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down, indices, weights,
+        grad_h_c, grad_z, activation, acc, _dot_dtype(dtypes, acc))
     n_cols = num_experts * rank
+    d_shrink = torch.cat([_slots_to_experts(slot_dsg.sum(0), indices, num_experts),
+                          _slots_to_experts(slot_dsu.sum(0), indices, num_experts)], 1) * scaling
     xf = x.to(acc)
     d_x = (d_shrink @ _stacked_a(lora_a_gate, lora_a_up, acc)).to(x.dtype)
     d_a_gate = (d_shrink[:, :n_cols].t() @ xf).view(num_experts, rank, hidden)
     d_a_up = (d_shrink[:, n_cols:].t() @ xf).view(num_experts, rank, hidden)
+    d_weights = slot_dw.sum(0).view(num_tokens, top_k)
     return (d_x, d_gate_base, d_up_base, d_a_gate.to(lora_a_gate.dtype), d_b_gate,
             d_a_up.to(lora_a_up.dtype), d_b_up, d_a_down, d_weights.to(weights.dtype))
 
