@@ -103,6 +103,7 @@ class GMoEModel(nn.Module):
             self._injected.append((name, linear))
         self._unloaded = False
         self._adapters_disabled = False
+        self._non_finite_steps: dict[tuple[str, ...], torch.Tensor] = {}  # see _advance_load
         self.train(model.training)  # new modules start in the base model's mode
 
     # ----- attribute forwarding, as PeftModel does -----
@@ -192,21 +193,39 @@ class GMoEModel(nn.Module):
             self._advance_load(layers, load_now, stats["load"])
         return loss.mean()
 
-    @staticmethod
-    def _advance_load(layers, load_now, batch_load):
+    def _advance_load(self, layers, load_now, batch_load):
         """c_prev <- c_now, except for a layer whose batch load is non-finite (a NaN or inf
         activation this step): its running load keeps its old value instead of turning NaN
-        for good. That step's loss is non-finite anyway, so the trainer's own guards act."""
+        for good. That step's loss is non-finite anyway, so the trainer's own guards act.
+
+        Naming those layers needs the flags on the host, a synchronisation the training step
+        must not have: the non-finite steps are counted per layer on the device, and
+        `report_non_finite()` warns later, where the host reads anyway."""
         finite = torch.isfinite(batch_load).all(dim=1)
         with torch.no_grad():
             for layer, ok, load in zip(layers, finite, load_now):
                 layer.expert_load.copy_(torch.where(ok, load, layer.expert_load))
-        # One host sync per step, only to name the layers (skipped inside a compiled graph).
-        if not torch.compiler.is_compiling() and not bool(finite.all()):
-            names = [layer.layer_name for layer, ok in zip(layers, finite.tolist()) if not ok]
-            warnings.warn(f"non-finite router probabilities in {names}: this step's expert load is not "
-                          "counted for them (the running load keeps its previous value)", RuntimeWarning,
-                          stacklevel=4)
+            if not torch.compiler.is_compiling():  # (a compiled graph keeps only the load update)
+                names = tuple(layer.layer_name for layer in layers)
+                pending = self._non_finite_steps.get(names)
+                bad = (~finite).long()
+                self._non_finite_steps[names] = bad if pending is None else pending.to(bad.device) + bad
+
+    def report_non_finite(self) -> None:
+        """Warn, naming the layers, if training forwards since the last report had non-finite
+        router probabilities (their expert load was not counted). Reads a small tensor: a host
+        synchronisation, so it runs where the host waits anyway: `expert_load()` and
+        GMoETrainer's logging call it."""
+        pending, self._non_finite_steps = self._non_finite_steps, {}
+        bad = {}
+        for names, steps in pending.items():
+            for name, n in zip(names, steps.tolist()):
+                if n:
+                    bad[name] = bad.get(name, 0) + n
+        if bad:
+            warnings.warn(f"non-finite router probabilities in {list(bad)} (in {list(bad.values())} training "
+                          "steps since the last report, per layer): those steps' expert load is not counted for "
+                          "them (the running load keeps its previous value)", RuntimeWarning, stacklevel=3)
 
     @staticmethod
     def _token_mask(attention_mask, probs):
@@ -228,7 +247,9 @@ class GMoEModel(nn.Module):
                                "model.gradient_checkpointing_enable() (non-reentrant) instead")
 
     def expert_load(self) -> torch.Tensor:
-        """(num_layers, num_experts) fp32: each layer's running expert load."""
+        """(num_layers, num_experts) fp32: each layer's running expert load. Gives the deferred
+        warning about non-finite router probabilities first (`report_non_finite`)."""
+        self.report_non_finite()
         return torch.stack([m.expert_load.detach().clone() for m in self.gmoe_layers()])
 
     @contextlib.contextmanager
@@ -320,6 +341,7 @@ class GMoEModel(nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write adapter_config.json and adapter_model.safetensors atomically to `path`."""
+        self.report_non_finite()  # copying to the host synchronises anyway
         state = {k: v.cpu() for k, v in self.adapter_state_dict().items()}
         with atomic_save_dir(path, [WEIGHTS_NAME, CONFIG_NAME]) as tmp:
             save_file(state, str(Path(tmp, WEIGHTS_NAME)), metadata={"format": "pt", "peft_type": "GMOE"})

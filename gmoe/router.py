@@ -59,12 +59,31 @@ class GraphRouter(nn.Module):
             adjacency = build_expert_graph(nodes, edge_density)
         self.register_buffer("expert_adjacency", adjacency)
 
+    def normalized_adjacency(self) -> torch.Tensor:
+        """Â (E+1, E+1) fp32 of the current `expert_adjacency`, computed once and cached.
+
+        The adjacency is fixed, so the ~10 small ops building Â need not run every step. The
+        cache is a plain attribute (not a buffer: it stays out of the adapter and of dtype casts)
+        keyed on the adjacency tensor's identity and version counter, so any change to the
+        buffer recomputes it: load_state_dict / load_adapter_state_dict (in-place copies bump
+        the version), `.to()` and other casts (a new tensor), or assigning a new buffer.
+        """
+        adjacency = self.expert_adjacency
+        # Traced into the graph under torch.compile. Not cached in inference mode: an inference
+        # tensor cannot be saved for a later training backward (and has no version counter).
+        if torch.compiler.is_compiling() or torch.is_inference_mode_enabled() or adjacency.is_inference():
+            return functional.normalized_adjacency(adjacency)
+        cached = self.__dict__.get("_normalized_adjacency")
+        if cached is None or cached[0] is not adjacency or cached[1] != adjacency._version:
+            cached = (adjacency, adjacency._version, functional.normalized_adjacency(adjacency))
+            self.__dict__["_normalized_adjacency"] = cached
+        return cached[2]
+
     def forward(self, x: torch.Tensor, backend: str | None = None):
         dtype = x.dtype  # fp32 from GMoEMLP for half-precision models; fp64 in gradchecks
-        adjacency = functional.normalized_adjacency(self.expert_adjacency)
         return functional.graph_router(
             x, self.token_weight.to(dtype), self.expert_weight.to(dtype),
-            self.expert_features.to(dtype), adjacency, self.gcn_weight.to(dtype),
+            self.expert_features.to(dtype), self.normalized_adjacency(), self.gcn_weight.to(dtype),
             self.score_weight.to(dtype), self.top_k, self.activation, backend=backend)
 
 

@@ -72,6 +72,12 @@ class GMoETrainer(transformers.Trainer):
             model.save_pretrained(output_dir)
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
+    def log(self, logs, *args, **kwargs) -> None:
+        model = self._gmoe_model()
+        if model is not None:  # the warning the training step defers (no host sync there); Trainer syncs here
+            model.report_non_finite()
+        return super().log(logs, *args, **kwargs)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         gmoe_model = self._gmoe_model(model)
         if gmoe_model is None:

@@ -38,17 +38,22 @@ def _check_routing(indices, num_tokens, num_experts, device):
 
 
 def _check_expert_range(indices, num_experts):
-    """Expert ids in [0, E): checked on the host for CPU tensors; on a GPU with an async
-    device assertion (no host synchronisation); skipped while torch.compile traces."""
+    """Expert ids in [0, E), by a device-side assertion: no host synchronisation on a GPU
+    (a failure surfaces at the next synchronising call, as torch's embedding reports a bad
+    id); on a CPU it fails at once and is reported as a ValueError. Skipped while
+    torch.compile traces."""
     if indices.numel() == 0 or torch.compiler.is_compiling():
         return
     in_range = (indices.min() >= 0) & (indices.max() < num_experts)
-    if indices.device.type == "cpu":
-        if not bool(in_range):
-            raise ValueError(f"indices hold expert ids in [{int(indices.min())}, {int(indices.max())}]; "
-                             f"every id must be in [0, E = {num_experts})")
-    else:
-        torch._assert_async(in_range, f"indices must be expert ids in [0, E = {num_experts})")
+    message = f"every expert id in indices must be in [0, E = {num_experts})"
+    try:
+        torch._assert_async(in_range, message)
+    except RuntimeError:
+        if indices.device.type != "cpu":
+            raise
+        # The error path only: reading the range here costs nothing that matters.
+        raise ValueError(f"indices hold expert ids in [{int(indices.min())}, {int(indices.max())}]; "
+                         f"every id must be in [0, E = {num_experts})") from None
 
 
 def check_routing_indices(indices, num_experts):

@@ -233,10 +233,12 @@ def test_non_finite_hidden_state_does_not_poison_the_running_load():
         model.get_input_embeddings().weight[5] = float("nan")
     batch = _batch(seed=3)
     batch["input_ids"][0, 2] = 5
-    with pytest.warns(RuntimeWarning, match=r"model\.layers\.0\.mlp"):
-        out = model(**batch)
+    out = model(**batch)
     assert not torch.isfinite(out.loss)  # the trainer's own guards see it
-    torch.testing.assert_close(model.expert_load(), load_before, atol=0, rtol=0)
+    # The warning naming the layer is deferred off the training step (no host sync there) to
+    # where the host reads anyway: expert_load(), save_pretrained, GMoETrainer's logging.
+    with pytest.warns(RuntimeWarning, match=r"model\.layers\.0\.mlp"):
+        torch.testing.assert_close(model.expert_load(), load_before, atol=0, rtol=0)
     with torch.no_grad():
         model.get_input_embeddings().weight[5] = 0.0
     out = model(**_batch(seed=4))
