@@ -6,24 +6,36 @@
 
 Groups are "<op> <case> <mode>", so each table compares the reference twin with the
 published loop (and Triton on a GPU) on identical inputs, built by benchmarks.contenders.
+Cases: E8-K2-R8 and E32-K8-R8 with the linear router's (balanced) routing, and E8-K2-R8 with
+skewed routings from `shapes.make_routing` (zipf; one hot expert with most tokens).
 """
 import pytest
 import torch
 
 from benchmarks import contenders as C
-from benchmarks.shapes import SHAPES, Case
+from benchmarks.shapes import SHAPES, Case, make_routing
 from gmoe_kernels import functional
 
 TINY = SHAPES["tiny"]
-CASES = [Case(TINY, TINY.variants[0]), Case(TINY, TINY.variants[1])]   # E8-K2-R8, E32-K8-R8
+CASES = [Case(TINY, TINY.variants[0]), Case(TINY, TINY.variants[1]),   # E8-K2-R8, E32-K8-R8
+         Case(TINY, TINY.variants[0], "zipf"), Case(TINY, TINY.variants[0], "hot")]
 MODES = ["fwd", "fwd_bwd"]
 _problems = {}
+
+
+def case_id(case):
+    return case.label.split("/", 1)[1]   # "E8-K2-R8", "E8-K2-R8/zipf"
 
 
 def problem(case, device):
     key = (case, device.type)
     if key not in _problems:
-        _problems[key] = C.make_problem(case, device, torch.float32 if device.type == "cpu" else torch.bfloat16)
+        p = C.make_problem(case, device, torch.float32 if device.type == "cpu" else torch.bfloat16)
+        if case.routing != "balanced":   # make_problem routes by its linear router (balanced)
+            v = case.variant
+            p.indices, weights = make_routing(case.shape.tokens, v.experts, v.top_k, case.routing, device=device)
+            p.weights = weights.requires_grad_(True)
+        _problems[key] = p
     return _problems[key]
 
 
@@ -43,7 +55,7 @@ def _run(benchmark, contender, group, mode, device):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.variant.label)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 @pytest.mark.parametrize("impl", ["gmoe-reference", "loop", "gmoe-triton"])
 def test_expert_ffn(benchmark, device, impl, case, mode):
     c = C.ffn_contenders(problem(case, device), [impl])[0]
@@ -51,7 +63,7 @@ def test_expert_ffn(benchmark, device, impl, case, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.variant.label)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_expert_mix(benchmark, device, backend, case, mode):
     """The fused op alone (frozen GEMMs outside): h_c and z from x, W_g x, W_u x."""
@@ -77,14 +89,14 @@ def test_expert_mix(benchmark, device, backend, case, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.variant.label)
+@pytest.mark.parametrize("case", CASES[:2], ids=case_id)   # routes itself
 @pytest.mark.parametrize("impl", ["graph-reference", "graph-loop", "graph-triton", "graph-pyg"])
 def test_graph_router(benchmark, device, impl, case, mode):
     c = C.router_contenders(problem(case, device), [impl])[0]
     _run(benchmark, c, f"graph_router {case.label} {mode}", mode, device)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.variant.label)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("op", ["topk_route", "make_routing_plan", "dispatch", "combine"])
 def test_routing(benchmark, device, op, backend, case):

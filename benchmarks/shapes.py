@@ -1,13 +1,16 @@
 """The registry of named benchmark shapes and the cases each run measures.
 
 A Shape fixes the frozen FFN (H hidden, F intermediate) and the token count T of one layer
-call; a Variant fixes the mixture (E experts, K top-k, R LoRA rank). A Case is one of each.
-Every size carries at least E8-K2 and E32-K8 (the issue's minimum). StepModel describes the
-small Llama built from a config for the end-to-end training step.
+call; a Variant fixes the mixture (E experts, K top-k, R LoRA rank). A Case is one of each,
+with a routing distribution (ROUTINGS; `make_routing` draws it). Every size carries at least
+E8-K2 and E32-K8 (the issue's minimum). StepModel describes the small Llama built from a
+config for the end-to-end training step.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -38,10 +41,56 @@ class Shape:
 class Case:
     shape: Shape
     variant: Variant
+    routing: str = "balanced"   # one of ROUTINGS
 
     @property
     def label(self) -> str:
-        return f"{self.shape.name}/{self.variant.label}"
+        tail = "" if self.routing == "balanced" else f"/{self.routing}"
+        return f"{self.shape.name}/{self.variant.label}{tail}"
+
+
+# Expert popularity of a routing. Trained routers are rarely balanced; skewed routings load
+# one expert with most pairs and leave others nearly idle, which is where per-expert tiles,
+# atomics and load imbalance between programs show.
+ROUTINGS = ("balanced", "zipf", "hot")
+
+
+def expert_popularity(kind: str, num_experts: int) -> torch.Tensor:
+    """(E,) float64 sampling weights of the experts, expert 0 the most popular.
+
+    balanced: uniform. zipf: ∝ 1 / (rank + 1)^1.2. hot: expert 0 weighs 9 times all the
+    others together, so it is the first draw of ~90% of the tokens.
+    """
+    if kind == "balanced":
+        return torch.ones(num_experts, dtype=torch.float64)
+    if kind == "zipf":
+        return 1.0 / torch.arange(1, num_experts + 1, dtype=torch.float64) ** 1.2
+    if kind == "hot":
+        pop = torch.ones(num_experts, dtype=torch.float64)
+        pop[0] = 9.0 * max(num_experts - 1, 1)
+        return pop
+    raise ValueError(f"routing {kind!r} is not one of {ROUTINGS}")
+
+
+def make_routing(num_tokens: int, num_experts: int, top_k: int, kind: str = "balanced", *,
+                 empty: int = 0, seed: int = 0, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """A routing drawn from an expert popularity: indices (T, K) int64 and weights (T, K) fp32.
+
+    Each token's K experts are distinct, drawn without replacement with probability ∝
+    `expert_popularity(kind)`; the last `empty` experts are never drawn (an empty expert).
+    Weights are random, positive, and sum to 1 per token, as renormalised top-K weights do.
+    """
+    pop = expert_popularity(kind, num_experts)
+    if empty:
+        pop[num_experts - empty:] = 0.0
+    if top_k > int((pop > 0).sum()):
+        raise ValueError(f"top_k = {top_k} needs {top_k} experts that can be drawn, "
+                         f"got {num_experts} with {empty} empty")
+    gen = torch.Generator().manual_seed(seed)
+    indices = torch.multinomial(pop.expand(num_tokens, -1), top_k, replacement=False, generator=gen)
+    weights = torch.rand(num_tokens, top_k, generator=gen) + 0.1
+    weights = weights / weights.sum(-1, keepdim=True)
+    return indices.to(device), weights.to(device)
 
 
 @dataclass(frozen=True)
