@@ -17,12 +17,23 @@ Node states of one tile live in a per-program scratch area of global memory (G c
 512: a tile's (E+1)·G states do not fit in registers); `tl.debug_barrier()` separates a
 layer's writes from the next layer's reads. Programs are persistent: each loops over
 tiles with stride num_programs, so scratch scales with the grid, not with T.
+
+The backward's sums over tokens (dC1, dW, dw_p) go to per-program partial rows: a program
+adds each tile's share to its own row (plain loads and stores; the barrier at the top of the
+tile loop orders them), and the launcher sums the rows in a fixed order. No atomics, so the
+result does not depend on the order programs run in.
 """
 import triton
 import triton.language as tl
 
 from ._activation_kernels import act as _act
 from ._activation_kernels import act_grad as _act_grad
+
+
+@triton.jit
+def _accumulate(ptr, value, mask):
+    """*ptr += value on this program's own partial row (no other program writes it)."""
+    tl.store(ptr, tl.load(ptr, mask=mask, other=0.0) + value, mask=mask)
 
 
 @triton.jit
@@ -164,7 +175,7 @@ def _emit_layer_grad(dz, LAYER: tl.constexpr, offs_n, n_ok, offs_m, node, local_
     """Consume dZ^{LAYER+1}[:, offs_n] (0-based LAYER).
 
     LAYER ≥ 1: store D = diag(Âᵀ) dZ to the D slot (the next layer down reads all of it).
-    LAYER = 0: dC1[i] += sum over the tile's rows of node i (atomic: tiles share C1);
+    LAYER = 0: dC1[i] += sum over the tile's rows of node i (this program's partial row);
                du[t] = sum over token t's rows of Â[node, E] dZ (each token in one tile).
     """
     if LAYER >= 1:
@@ -176,8 +187,8 @@ def _emit_layer_grad(dz, LAYER: tl.constexpr, offs_n, n_ok, offs_m, node, local_
     else:
         sel_node = (node[None, :] == offs_m[:, None]) & row_ok[None, :]
         d_c1 = tl.dot(sel_node.to(dz.dtype), dz, input_precision="ieee")
-        tl.atomic_add(d_c1_ptr + offs_m[:, None] * stride_d_c1_node + offs_n[None, :] * stride_d_c1_g,
-                      d_c1, mask=(offs_m < num_nodes)[:, None] & n_ok[None, :])
+        _accumulate(d_c1_ptr + offs_m[:, None] * stride_d_c1_node + offs_n[None, :] * stride_d_c1_g,
+                    d_c1, (offs_m < num_nodes)[:, None] & n_ok[None, :])
         sel_tok = tl.where((local_tok[None, :] == offs_m[:, None]) & row_ok[None, :],
                            adj_tok[None, :], 0.0)
         d_u = tl.dot(sel_tok, dz, input_precision="ieee")
@@ -200,10 +211,10 @@ def _graph_router_bwd_kernel(
     stride_adj_row, stride_adj_col,
     stride_w_layer, stride_w_out, stride_w_in,
     stride_score_g,
-    stride_d_c1_node, stride_d_c1_g,
+    stride_d_c1_prog, stride_d_c1_node, stride_d_c1_g,
     stride_d_u_t, stride_d_u_g,
-    stride_d_w_layer, stride_d_w_out, stride_d_w_in,
-    stride_d_score_g,
+    stride_d_w_prog, stride_d_w_layer, stride_d_w_out, stride_d_w_in,
+    stride_d_score_prog, stride_d_score_g,
     stride_scratch_prog, stride_scratch_slot, stride_scratch_row,
     NUM_LAYERS: tl.constexpr, ACTIVATION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -211,8 +222,8 @@ def _graph_router_bwd_kernel(
     """dC1, du, dW_2..dW_L, dw_p from d logits and d probs (maths: GraphRouterGCN).
 
     Scratch per program: slots 0..L-1 hold the recomputed Z^1..Z^L of the tile, slots L and
-    L+1 the ping-pong D^l = diag(Âᵀ) dZ^l. dC1, dW and dw_p are sums over all tokens:
-    fp32/fp64 atomics into zero-initialised buffers.
+    L+1 the ping-pong D^l = diag(Âᵀ) dZ^l. dC1, dW and dw_p are sums over all tokens: each
+    program accumulates into its own zero-initialised partial row (leading dim = program).
     """
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -226,12 +237,15 @@ def _graph_router_bwd_kernel(
     adj_tok = tl.load(adj_ptr + node * stride_adj_row + num_experts * stride_adj_col,
                       mask=in_tile, other=0.0)
     scratch = scratch_ptr + pid * stride_scratch_prog
+    d_c1_ptr += pid * stride_d_c1_prog
+    d_w_ptr += pid * stride_d_w_prog
+    d_score_ptr += pid * stride_d_score_prog
 
     for tile in range(pid, num_tiles, num_programs):
         tok = (tile * tokens_per_tile + local_tok).to(tl.int64)
         row_ok = in_tile & (tok < num_tokens)
         out_ok = row_ok & is_expert
-        tl.debug_barrier()
+        tl.debug_barrier()  # also orders the partial rows' updates of the previous tile
 
         # Recompute Z^1..Z^L of the tile into scratch slots 0..L-1.
         for n0 in range(0, width, BLOCK_N):
@@ -276,8 +290,8 @@ def _graph_router_bwd_kernel(
             n_ok = offs_n < width
             z = tl.load(z_top + offs_m[:, None] * stride_scratch_row + offs_n[None, :],
                         mask=n_ok[None, :], other=0.0)
-            tl.atomic_add(d_score_ptr + offs_n * stride_d_score_g,
-                          tl.sum(d_logit[:, None] * _act(z, ACTIVATION), axis=0), mask=n_ok)
+            _accumulate(d_score_ptr + offs_n * stride_d_score_g,
+                        tl.sum(d_logit[:, None] * _act(z, ACTIVATION), axis=0), n_ok)
             score = tl.load(score_ptr + offs_n * stride_score_g, mask=n_ok, other=0.0).to(dtype)
             dz = d_logit[:, None] * score[None, :] * _act_grad(z, ACTIVATION)
             _emit_layer_grad(dz, NUM_LAYERS - 1, offs_n, n_ok, offs_m, node, local_tok, row_ok,
@@ -311,9 +325,8 @@ def _graph_router_bwd_kernel(
                                 mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(dtype)
                     acc = tl.dot(d, w, acc, input_precision="ieee")
                     d_w = tl.dot(tl.trans(d), h_prev, input_precision="ieee")
-                    tl.atomic_add(d_w_ptr + layer * stride_d_w_layer + offs_n[:, None] * stride_d_w_out
-                                  + offs_k[None, :] * stride_d_w_in, d_w,
-                                  mask=n_ok[:, None] & k_ok[None, :])
+                    _accumulate(d_w_ptr + layer * stride_d_w_layer + offs_n[:, None] * stride_d_w_out
+                                + offs_k[None, :] * stride_d_w_in, d_w, n_ok[:, None] & k_ok[None, :])
                 dz = acc * _act_grad(z_prev, ACTIVATION)
                 _emit_layer_grad(dz, layer - 1, offs_k, k_ok, offs_m, node, local_tok, row_ok,
                                  adj_tok, tile, tokens_per_tile, num_tokens, num_nodes,

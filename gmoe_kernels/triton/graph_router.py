@@ -52,14 +52,16 @@ def _new_output(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _config(num_experts: int, width: int, num_tokens: int, device: torch.device):
+def _config(num_experts: int, width: int, num_tokens: int, device: torch.device,
+            backward: bool = False):
     """Block sizes, tokens per tile and grid size (one fixed config; no autotune).
 
     BLOCK_M rows hold floor(BLOCK_M / (E+1)) tokens' (E+1) nodes each: 64 rows for
     E+1 ≤ 32, 128 for E+1 ≤ 128 (≥ 2 tokens a tile up to E+1 = 64, one beyond), else
     next_pow2(E+1). BLOCK_N = BLOCK_K = 16 tile G (spill-free at sm_90 per ptxas; small test widths
     still take several column blocks under the interpreter). Programs: a
-    persistent grid of min(#tiles, 2 × #SMs) (2 under the interpreter); scratch is
+    persistent grid of min(#tiles, 2 × #SMs) (1 × #SMs in the backward; 2 under the
+    interpreter); scratch is
     #programs × slots × BLOCK_M × G in the compute dtype.
     """
     num_nodes = num_experts + 1
@@ -73,7 +75,8 @@ def _config(num_experts: int, width: int, num_tokens: int, device: torch.device)
         # 16-wide column blocks and more warps: per ptxas at sm_90, 64-wide blocks spilled
         # heavily and the E=32 backward asked for more shared memory than a block may have.
         block_g = 16
-        max_programs = 2 * _sm_count(device)
+        # the backward holds a partial row of dW (L·G²) per program: one program per SM
+        max_programs = (1 if backward else 2) * _sm_count(device)
         num_warps = 8 if block_m <= 64 else 16
     tokens_per_tile = block_m // num_nodes
     num_tiles = triton.cdiv(num_tokens, tokens_per_tile)
@@ -153,12 +156,14 @@ def graph_router_gcn_backward(grad_logits, grad_probs, probs, c1, token_proj, ad
     num_experts = c1.shape[0] - 1
     num_layers = gcn_weight.shape[0]
     dtype = c1.dtype
-    d_c1 = torch.zeros_like(c1)                       # atomics: sums over every token
-    d_gcn = torch.zeros(gcn_weight.shape, dtype=dtype, device=c1.device)
-    d_score = torch.zeros(score_weight.shape, dtype=dtype, device=c1.device)
     d_u = _new_output((num_tokens, width), dtype, c1.device)
+    cfg = _config(num_experts, width, max(num_tokens, 1), c1.device, backward=True)
+    # One partial row per program for the sums over tokens, summed below in a fixed order.
+    programs = cfg["num_programs"] if num_tokens > 0 else 1
+    d_c1 = torch.zeros((programs, *c1.shape), dtype=dtype, device=c1.device)
+    d_gcn = torch.zeros((programs, *gcn_weight.shape), dtype=dtype, device=c1.device)
+    d_score = torch.zeros((programs, *score_weight.shape), dtype=dtype, device=c1.device)
     if num_tokens > 0:
-        cfg = _config(num_experts, width, num_tokens, c1.device)
         scratch = _new_output((cfg["num_programs"], num_layers + 2, cfg["block_m"], width),
                               dtype, c1.device)
         with _device_guard(c1.device):
@@ -174,16 +179,17 @@ def graph_router_gcn_backward(grad_logits, grad_probs, probs, c1, token_proj, ad
                 adjacency.stride(0), adjacency.stride(1),
                 gcn_weight.stride(0), gcn_weight.stride(1), gcn_weight.stride(2),
                 score_weight.stride(0),
-                d_c1.stride(0), d_c1.stride(1),
+                d_c1.stride(0), d_c1.stride(1), d_c1.stride(2),
                 d_u.stride(0), d_u.stride(1),
-                d_gcn.stride(0), d_gcn.stride(1), d_gcn.stride(2),
-                d_score.stride(0),
+                d_gcn.stride(0), d_gcn.stride(1), d_gcn.stride(2), d_gcn.stride(3),
+                d_score.stride(0), d_score.stride(1),
                 scratch.stride(0), scratch.stride(1), scratch.stride(2),
                 NUM_LAYERS=num_layers, ACTIVATION=activation,
                 BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_g"], BLOCK_K=cfg["block_g"],
                 num_warps=cfg["num_warps"],
             )
-    return d_c1, d_u, d_gcn.to(gcn_weight.dtype), d_score.to(score_weight.dtype)
+    return (d_c1.sum(0), d_u, d_gcn.sum(0).to(gcn_weight.dtype),
+            d_score.sum(0).to(score_weight.dtype))
 
 
 # ---- torch.library registration ------------------------------------------------------
@@ -236,7 +242,8 @@ class GraphRouterGCN(torch.autograd.Function):
     and torch autograd carries dC1 and du on to W_1, W_tok, W_exp, X and x. Â gets none
     (frozen buffer). Saved: C1, u, Â, W, w_p and probs (T·E); Z^l and N^l are recomputed
     per token tile by the backward kernel rather than saved (T·(E+1)·G per layer).
-    dC1, dW and dw_p are reduced over tokens with atomics (summation order not fixed).
+    dC1, dW and dw_p are reduced over tokens per program, then over programs in a fixed order
+    (bitwise reproducible).
 
     The op `gmoe_kernels::graph_router_gcn` registers `setup_context` and `backward` of
     this class as its autograd formula; `graph_router` calls the op, and `apply` here is
