@@ -242,8 +242,9 @@ def jobs(captured) -> list[tuple]:
     return out
 
 
-def run_gate(workers: int = 2, only: str = "") -> list[Row]:
-    todo = [job for job in jobs(capture_all()) if only in job[0].__name__]
+def run_gate(workers: int = 2, only: str = "", target: str = "", dtype: str = "") -> list[Row]:
+    todo = [job for job in jobs(capture_all()) if only in job[0].__name__
+            and target in job[5] and dtype in job[6]]
     with ThreadPoolExecutor(workers) as pool:   # ptxas runs as a subprocess: threads overlap it
         rows = list(pool.map(_compile, todo))
     return sorted(rows, key=lambda r: (r.kernel, r.target, r.dtype, r.config))
@@ -278,8 +279,10 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--only", default="", help="compile only kernels whose name contains this")
+    parser.add_argument("--target", default="", help="only this target (sm_90 or sm_80)")
+    parser.add_argument("--dtype", default="", help="only this data dtype (bf16, fp16, fp32)")
     args = parser.parse_args(argv)
-    rows = run_gate(args.workers, args.only)
+    rows = run_gate(args.workers, args.only, args.target, args.dtype)
     print(table(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -2,8 +2,8 @@
 
 Compared against the reference twin (gmoe_kernels.reference.expert_mix) and against the
 per-expert oracle (expert_ffn_loop, through functional.expert_ffn), outputs and the
-gradient of every input, fp32 and fp16, for both token-kernel variants (gather and one-hot
-tl.dot). GMOE_POISON=1 is set for every test, so every output the kernels must write starts
+gradient of every input, fp32 and fp16, for every token-kernel variant (gather, one-hot
+tl.dot, expert-grouped). GMOE_POISON=1 is set for every test, so every output the kernels must write starts
 as NaN and an unwritten element fails.
 """
 import dataclasses
@@ -19,7 +19,7 @@ from gmoe_kernels.triton import expert_ffn as triton_expert_ffn
 DTYPES = [torch.float32, torch.float16]
 
 
-@pytest.fixture(autouse=True, params=["gather", "dot"])
+@pytest.fixture(autouse=True, params=["gather", "dot", "grouped"])
 def _poison(request, monkeypatch):
     """Every test runs once per token-kernel variant (GMOE_EXPAND), outputs poisoned."""
     monkeypatch.setenv("GMOE_POISON", "1")
@@ -292,12 +292,30 @@ def test_shape_errors():
 
 
 def test_expand_mode_choice(monkeypatch):
+    """The documented rule: least estimated cost among the eligible variants (bf16 data)."""
     monkeypatch.delenv("GMOE_EXPAND")
-    assert triton_expert_ffn.expand_mode(8, 16) == "dot"
-    assert triton_expert_ffn.expand_mode(64, 64) == "gather"
+    mode = triton_expert_ffn.expand_mode
+    assert mode(8, 16, top_k=2, hidden=4096) == "dot"          # K·E·R/H = 6 %
+    assert mode(64, 64, top_k=8, hidden=4096) == "grouped"     # E·R = 4096: no dot
+    assert mode(32, 16, top_k=8, hidden=4096) == "grouped"     # dot 100 % > grouped 78 %
+    assert mode(8, 6, top_k=2, hidden=4096) == "grouped"       # R not a power of two: no dot
     monkeypatch.setenv("GMOE_EXPAND", "fused")
     with pytest.raises(ValueError, match="GMOE_EXPAND"):
-        triton_expert_ffn.expand_mode(8, 16)
+        mode(8, 16)
+
+
+def test_grouped_is_never_chosen_under_deterministic_algorithms(monkeypatch):
+    """Its slot sums are atomics: deterministic mode falls back to a variant without them."""
+    mode = triton_expert_ffn.expand_mode
+    monkeypatch.delenv("GMOE_EXPAND")
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert mode(64, 64, top_k=8, hidden=4096) == "gather"
+        monkeypatch.setenv("GMOE_EXPAND", "grouped")
+        assert mode(64, 64, top_k=8, hidden=4096) == "gather"
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert mode(64, 64, top_k=8, hidden=4096) == "grouped"
 
 
 def test_repeated_expert_in_one_token_matches_reference():
@@ -318,9 +336,10 @@ def test_repeated_expert_in_one_token_matches_reference():
         assert_close(a, b, name="grad")
 
 
-def test_auto_mode_uses_dot_only_for_matching_half_dtypes(monkeypatch):
+def test_auto_mode_uses_tensor_core_variants_only_for_matching_half_dtypes(monkeypatch):
     monkeypatch.delenv("GMOE_EXPAND")
     bf16, fp32 = torch.bfloat16, torch.float32
     assert triton_expert_ffn.expand_mode(8, 16, (bf16, bf16, bf16, bf16)) == "dot"
     assert triton_expert_ffn.expand_mode(8, 16, (bf16, fp32, fp32, fp32)) == "gather"
     assert triton_expert_ffn.expand_mode(8, 16, (fp32,) * 4) == "gather"
+    assert triton_expert_ffn.expand_mode(64, 64, (fp32,) * 4, top_k=8) == "gather"

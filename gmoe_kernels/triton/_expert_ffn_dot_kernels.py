@@ -88,12 +88,12 @@ def _gate_up(gate, up, shrink_ptr, stride_sh_t, stride_sh_c, b_gate_ptr, stride_
 def _expert_mix_fwd_dot_kernel(
     gate_base_ptr, up_base_ptr, shrink_ptr, b_gate_ptr, b_up_ptr, a_down_ptr,
     indices_ptr, weights_ptr, h_c_ptr, slot_a_d_ptr,
-    T, F, K, R, UP_OFFSET, T_BUCKET,
+    T, F, UP_OFFSET, T_BUCKET,
     stride_gb_t, stride_gb_f, stride_ub_t, stride_ub_f, stride_sh_t, stride_sh_c,
     stride_bg_e, stride_bg_f, stride_bg_r, stride_bu_e, stride_bu_f, stride_bu_r,
     stride_ad_e, stride_ad_r, stride_ad_f, stride_idx_t, stride_idx_k, stride_w_t, stride_w_k,
     stride_hc_t, stride_hc_f,
-    ACTIVATION: tl.constexpr, R_PAD: tl.constexpr, K_PAD: tl.constexpr, ACC_FP64: tl.constexpr,
+    K: tl.constexpr, R: tl.constexpr, ACTIVATION: tl.constexpr, R_PAD: tl.constexpr, K_PAD: tl.constexpr, ACC_FP64: tl.constexpr,
     DOT_DTYPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """As _expert_mix_fwd_kernel (same arguments and outputs), with one-hot tl.dots.
@@ -108,7 +108,7 @@ def _expert_mix_fwd_dot_kernel(
         gate = load_tf(gate_base_ptr, offs_t, offs_f, mask_tf, stride_gb_t, stride_gb_f, ACC_DTYPE)
         up = load_tf(up_base_ptr, offs_t, offs_f, mask_tf, stride_ub_t, stride_ub_f, ACC_DTYPE)
         h_c = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC_DTYPE)
-        for k in range(K):
+        for k in tl.static_range(K):
             experts, w = load_slot(indices_ptr, weights_ptr, k, offs_t, mask_t, stride_idx_t,
                                    stride_idx_k, stride_w_t, stride_w_k, ACC_DTYPE)
             g, u = _gate_up(gate, up, shrink_ptr, stride_sh_t, stride_sh_c, b_gate_ptr,
@@ -124,7 +124,7 @@ def _expert_mix_fwd_dot_kernel(
             a_d_acc = add_to_slot(a_d_acc, k, w[:, None] * a_d, K_PAD)
         tl.store(h_c_ptr + offs_t[:, None] * stride_hc_t + offs_f[None, :] * stride_hc_f,
                  h_c.to(h_c_ptr.dtype.element_ty), mask=mask_tf)
-    store_slots(slot_a_d_ptr, a_d_acc, split, offs_t, mask_t, T, K, R, K_PAD, R_PAD)
+    store_slots(slot_a_d_ptr, a_d_acc, T, K, R, K_PAD, R_PAD, BLOCK_T)
 
 
 @triton.jit
@@ -133,13 +133,13 @@ def _expert_mix_bwd_token_dot_kernel(
     indices_ptr, weights_ptr, grad_h_c_ptr, grad_z_ptr,
     d_gate_base_ptr, d_up_base_ptr, slot_d_shrink_gate_ptr, slot_d_shrink_up_ptr,
     slot_d_weights_ptr,
-    T, F, K, R, UP_OFFSET, T_BUCKET,
+    T, F, UP_OFFSET, T_BUCKET,
     stride_gb_t, stride_gb_f, stride_ub_t, stride_ub_f, stride_sh_t, stride_sh_c,
     stride_bg_e, stride_bg_f, stride_bg_r, stride_bu_e, stride_bu_f, stride_bu_r,
     stride_ad_e, stride_ad_r, stride_ad_f, stride_idx_t, stride_idx_k, stride_w_t, stride_w_k,
     stride_dhc_t, stride_dhc_f, stride_dz_t, stride_dz_c,
     stride_dgb_t, stride_dgb_f, stride_dub_t, stride_dub_f,
-    ACTIVATION: tl.constexpr, R_PAD: tl.constexpr, K_PAD: tl.constexpr, ACC_FP64: tl.constexpr,
+    K: tl.constexpr, R: tl.constexpr, ACTIVATION: tl.constexpr, R_PAD: tl.constexpr, K_PAD: tl.constexpr, ACC_FP64: tl.constexpr,
     DOT_DTYPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """As _expert_mix_bwd_token_kernel (same outputs and maths), with one-hot tl.dots:
@@ -159,7 +159,7 @@ def _expert_mix_bwd_token_dot_kernel(
                         ACC_DTYPE)
         d_gate = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC_DTYPE)
         d_up = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC_DTYPE)
-        for k in range(K):
+        for k in tl.static_range(K):
             experts, w = load_slot(indices_ptr, weights_ptr, k, offs_t, mask_t, stride_idx_t,
                                    stride_idx_k, stride_w_t, stride_w_k, ACC_DTYPE)
             g, u = _gate_up(gate, up, shrink_ptr, stride_sh_t, stride_sh_c, b_gate_ptr,
@@ -191,6 +191,6 @@ def _expert_mix_bwd_token_dot_kernel(
                  d_gate.to(d_gate_base_ptr.dtype.element_ty), mask=mask_tf)
         tl.store(d_up_base_ptr + offs_t[:, None] * stride_dub_t + offs_f[None, :] * stride_dub_f,
                  d_up.to(d_up_base_ptr.dtype.element_ty), mask=mask_tf)
-    store_slots(slot_d_weights_ptr, dw_acc, split, offs_t, mask_t, T, K, 1, K_PAD, 1)
-    store_slots(slot_d_shrink_gate_ptr, dsg_acc, split, offs_t, mask_t, T, K, R, K_PAD, R_PAD)
-    store_slots(slot_d_shrink_up_ptr, dsu_acc, split, offs_t, mask_t, T, K, R, K_PAD, R_PAD)
+    store_slots(slot_d_weights_ptr, dw_acc, T, K, 1, K_PAD, 1, BLOCK_T)
+    store_slots(slot_d_shrink_gate_ptr, dsg_acc, T, K, R, K_PAD, R_PAD, BLOCK_T)
+    store_slots(slot_d_shrink_up_ptr, dsu_acc, T, K, R, K_PAD, R_PAD, BLOCK_T)

@@ -58,10 +58,13 @@ def add_to_slot(acc, k, value, K_PAD: tl.constexpr):
 
 
 @triton.jit
-def store_slots(ptr, acc, split, offs_t, mask_t, T, K, N, K_PAD: tl.constexpr,
-                N_PAD: tl.constexpr):
-    """Write a (BLOCK_T, K_PAD, N_PAD) per-slot accumulator to row `split` of a contiguous
-    (SPLIT, T, K, N) partial buffer."""
+def store_slots(ptr, acc, T, K, N, K_PAD: tl.constexpr, N_PAD: tl.constexpr,
+                BLOCK_T: tl.constexpr):
+    """Write this program's (BLOCK_T, K_PAD, N_PAD) per-slot accumulator to its row
+    (program_id(1)) of a contiguous (SPLIT, T, K, N) partial buffer. The offsets are
+    recomputed here rather than kept live across the F loop (ptxas spilled them)."""
+    split = tl.program_id(1)
+    offs_t, mask_t = token_tile(T, BLOCK_T)
     offs_k = tl.arange(0, K_PAD)
     offs_n = tl.arange(0, N_PAD)
     ptrs = (ptr + split.to(tl.int64) * T * K * N + offs_t[:, None, None] * (K * N)
@@ -114,12 +117,12 @@ def _gather_rows_r(ptr, experts, offs_f, mask_f, offs_r, mask_r, stride_e, strid
 def _expert_mix_fwd_kernel(
     gate_base_ptr, up_base_ptr, shrink_ptr, b_gate_ptr, b_up_ptr, a_down_ptr,
     indices_ptr, weights_ptr, h_c_ptr, slot_a_d_ptr,
-    T, F, K, R, UP_OFFSET, T_BUCKET,
+    T, F, UP_OFFSET, T_BUCKET,
     stride_gb_t, stride_gb_f, stride_ub_t, stride_ub_f, stride_sh_t, stride_sh_c,
     stride_bg_e, stride_bg_f, stride_bg_r, stride_bu_e, stride_bu_f, stride_bu_r,
     stride_ad_e, stride_ad_r, stride_ad_f, stride_idx_t, stride_idx_k, stride_w_t, stride_w_k,
     stride_hc_t, stride_hc_f,
-    ACTIVATION: tl.constexpr, R_PAD: tl.constexpr, K_PAD: tl.constexpr, ACC_FP64: tl.constexpr,
+    K: tl.constexpr, R: tl.constexpr, ACTIVATION: tl.constexpr, R_PAD: tl.constexpr, K_PAD: tl.constexpr, ACC_FP64: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     """One (token tile, F split): h_c = sum_k w_k act(g_k) u_k for the split's F tiles, each
@@ -140,7 +143,7 @@ def _expert_mix_fwd_kernel(
         gate = load_tf(gate_base_ptr, offs_t, offs_f, mask_tf, stride_gb_t, stride_gb_f, ACC_DTYPE)
         up = load_tf(up_base_ptr, offs_t, offs_f, mask_tf, stride_ub_t, stride_ub_f, ACC_DTYPE)
         h_c = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC_DTYPE)
-        for k in range(K):
+        for k in tl.static_range(K):
             experts, w = load_slot(indices_ptr, weights_ptr, k, offs_t, mask_t, stride_idx_t,
                                    stride_idx_k, stride_w_t, stride_w_k, ACC_DTYPE)
             eg, _, _ = _gather_expand(shrink_ptr, 0, b_gate_ptr, experts, offs_t, offs_f, offs_r,
@@ -158,7 +161,7 @@ def _expert_mix_fwd_kernel(
                                   K_PAD)
         tl.store(h_c_ptr + offs_t[:, None] * stride_hc_t + offs_f[None, :] * stride_hc_f,
                  h_c.to(h_c_ptr.dtype.element_ty), mask=mask_tf)
-    store_slots(slot_a_d_ptr, a_d_acc, split, offs_t, mask_t, T, K, R, K_PAD, R_PAD)
+    store_slots(slot_a_d_ptr, a_d_acc, T, K, R, K_PAD, R_PAD, BLOCK_T)
 
 
 @triton.jit
@@ -167,13 +170,13 @@ def _expert_mix_bwd_token_kernel(
     indices_ptr, weights_ptr, grad_h_c_ptr, grad_z_ptr,
     d_gate_base_ptr, d_up_base_ptr, slot_d_shrink_gate_ptr, slot_d_shrink_up_ptr,
     slot_d_weights_ptr,
-    T, F, K, R, UP_OFFSET, T_BUCKET,
+    T, F, UP_OFFSET, T_BUCKET,
     stride_gb_t, stride_gb_f, stride_ub_t, stride_ub_f, stride_sh_t, stride_sh_c,
     stride_bg_e, stride_bg_f, stride_bg_r, stride_bu_e, stride_bu_f, stride_bu_r,
     stride_ad_e, stride_ad_r, stride_ad_f, stride_idx_t, stride_idx_k, stride_w_t, stride_w_k,
     stride_dhc_t, stride_dhc_f, stride_dz_t, stride_dz_c,
     stride_dgb_t, stride_dgb_f, stride_dub_t, stride_dub_f,
-    ACTIVATION: tl.constexpr, R_PAD: tl.constexpr, K_PAD: tl.constexpr, ACC_FP64: tl.constexpr,
+    K: tl.constexpr, R: tl.constexpr, ACTIVATION: tl.constexpr, R_PAD: tl.constexpr, K_PAD: tl.constexpr, ACC_FP64: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     """One (token tile, F split) of the backward: per-token and per-pair gradients.
@@ -203,7 +206,7 @@ def _expert_mix_bwd_token_kernel(
                         ACC_DTYPE)
         d_gate = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC_DTYPE)
         d_up = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC_DTYPE)
-        for k in range(K):
+        for k in tl.static_range(K):
             experts, w = load_slot(indices_ptr, weights_ptr, k, offs_t, mask_t, stride_idx_t,
                                    stride_idx_k, stride_w_t, stride_w_k, ACC_DTYPE)
             eg, _, b_gate = _gather_expand(shrink_ptr, 0, b_gate_ptr, experts, offs_t, offs_f,
@@ -235,9 +238,9 @@ def _expert_mix_bwd_token_kernel(
                  d_gate.to(d_gate_base_ptr.dtype.element_ty), mask=mask_tf)
         tl.store(d_up_base_ptr + offs_t[:, None] * stride_dub_t + offs_f[None, :] * stride_dub_f,
                  d_up.to(d_up_base_ptr.dtype.element_ty), mask=mask_tf)
-    store_slots(slot_d_weights_ptr, dw_acc, split, offs_t, mask_t, T, K, 1, K_PAD, 1)
-    store_slots(slot_d_shrink_gate_ptr, dsg_acc, split, offs_t, mask_t, T, K, R, K_PAD, R_PAD)
-    store_slots(slot_d_shrink_up_ptr, dsu_acc, split, offs_t, mask_t, T, K, R, K_PAD, R_PAD)
+    store_slots(slot_d_weights_ptr, dw_acc, T, K, 1, K_PAD, 1, BLOCK_T)
+    store_slots(slot_d_shrink_gate_ptr, dsg_acc, T, K, R, K_PAD, R_PAD, BLOCK_T)
+    store_slots(slot_d_shrink_up_ptr, dsu_acc, T, K, R, K_PAD, R_PAD, BLOCK_T)
 
 
 @triton.jit
@@ -254,12 +257,12 @@ def _expert_mix_bwd_expert_kernel(
     gate_base_ptr, up_base_ptr, shrink_ptr, b_gate_ptr, b_up_ptr, a_down_ptr,
     sorted_pairs_ptr, expert_offsets_ptr, chunk_offsets_ptr, weights_ptr, grad_h_c_ptr,
     grad_z_ptr, part_b_gate_ptr, part_b_up_ptr, part_a_down_ptr,
-    E, F, K, R, UP_OFFSET, CHUNK,
+    E, F, UP_OFFSET, CHUNK,
     stride_gb_t, stride_gb_f, stride_ub_t, stride_ub_f, stride_sh_t, stride_sh_c,
     stride_bg_e, stride_bg_f, stride_bg_r, stride_bu_e, stride_bu_f, stride_bu_r,
     stride_ad_e, stride_ad_r, stride_ad_f, stride_w_t, stride_w_k,
     stride_dhc_t, stride_dhc_f, stride_dz_t, stride_dz_c,
-    ACTIVATION: tl.constexpr, R_PAD: tl.constexpr, E_PAD: tl.constexpr, ACC_FP64: tl.constexpr,
+    K: tl.constexpr, R: tl.constexpr, ACTIVATION: tl.constexpr, R_PAD: tl.constexpr, E_PAD: tl.constexpr, ACC_FP64: tl.constexpr,
     DOT_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     """One (chunk, F tile): the chunk's share of dB_g^e, dB_u^e, dA_d^e, written once.

@@ -48,17 +48,21 @@ from ..activations import canonical_activation, compute_dtype
 from ..backend import interpreting
 from ..checks import check_expert_mix
 from . import _expert_ffn_dot_kernels as dot_kernels
+from . import _expert_ffn_grouped_kernels as grouped_kernels
 from . import _expert_ffn_kernels as kernels
 from .routing import make_routing_plan, new_output
 
-# Elements of one gathered [BLOCK_T, BLOCK_F, R_PAD] tile, and of the per-slot accumulators
-# [BLOCK_T, K_PAD, R_PAD], that compile without register spills at sm_90 and sm_80 per
-# benchmarks/compile_gate.py (bf16, fp16, fp32 data).
-_MAX_GATHER_TILE_FWD = 2048
-_MAX_GATHER_TILE_BWD = 1024
-_MAX_SLOT_TILE = 512
+# Register budget of a token program, in fp32 elements live at once: (BLOCK_T, BLOCK_F) tiles
+# (about 6 in the forward, 10 in the backward) plus the gathered (BLOCK_T, BLOCK_F, R_PAD)
+# tiles (1 forward, 3 backward), doubled from K 8 on (the unrolled slot loop overlaps them).
+# Fitted to benchmarks/compile_gate.py's ptxas reports (sm_90, sm_80): spill-free within it.
+_TILE_BUDGET = {"forward": (6, 1, 4096), "backward": (10, 3, 4096)}
 _TARGET_PROGRAMS = 4 * 132   # about four programs per SM of an H100/H200
 _MAX_F_SPLIT = 64
+
+
+def _live_elements(block_t, block_f, r_pad, k_pad, tiles, gathers):
+    return block_t * block_f * (tiles + gathers * r_pad) * (2 if k_pad >= 8 else 1)
 
 
 def _token_configs():
@@ -69,14 +73,14 @@ def _token_configs():
             for bt, bf in ((4, 16), (8, 16), (8, 32), (16, 32), (32, 16), (16, 64))]
 
 
-def _gather_prune(limit):
-    """Keep configs whose gathered [BLOCK_T, BLOCK_F, R_PAD] tile fits `limit` elements and
-    whose per-slot accumulators [BLOCK_T, K_PAD, R_PAD] fit _MAX_SLOT_TILE (the smallest
-    config when none fits)."""
+def _gather_prune(direction):
+    """Keep the configs within _TILE_BUDGET[direction] (the smallest when none fits)."""
+    tiles, gathers, budget = _TILE_BUDGET[direction]
+
     def prune(configs, named_args, **kwargs):
-        r_pad, k_pad = kwargs["R_PAD"], kwargs["K_PAD"]
-        kept = [c for c in configs if c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_F"] * r_pad <= limit
-                and c.kwargs["BLOCK_T"] * k_pad * r_pad <= _MAX_SLOT_TILE]
+        kept = [c for c in configs if _live_elements(c.kwargs["BLOCK_T"], c.kwargs["BLOCK_F"],
+                                                     kwargs["R_PAD"], kwargs["K_PAD"], tiles,
+                                                     gathers) <= budget]
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_F"])]
     return prune
 
@@ -87,12 +91,12 @@ _TOKEN_KEY = ["F", "K", "R_PAD", "K_PAD", "T_BUCKET"]
 
 _fwd_kernel = triton.autotune(
     configs=_token_configs(), key=_TOKEN_KEY,
-    prune_configs_by={"early_config_prune": _gather_prune(_MAX_GATHER_TILE_FWD)},
+    prune_configs_by={"early_config_prune": _gather_prune("forward")},
 )(kernels._expert_mix_fwd_kernel)
 
 _bwd_token_kernel = triton.autotune(
     configs=_token_configs(), key=_TOKEN_KEY,
-    prune_configs_by={"early_config_prune": _gather_prune(_MAX_GATHER_TILE_BWD)},
+    prune_configs_by={"early_config_prune": _gather_prune("backward")},
 )(kernels._expert_mix_bwd_token_kernel)
 
 
@@ -109,7 +113,7 @@ def _prune_dot_configs(configs, named_args, **kwargs):
     widest = max(16, triton.next_power_of_2(named_args["UP_OFFSET"]))
     r_pad, k_pad = kwargs["R_PAD"], kwargs["K_PAD"]
     kept = [c for c in configs if r_pad <= c.kwargs["BLOCK_C"] <= widest
-            and c.kwargs["BLOCK_T"] * k_pad * r_pad <= 2 * _MAX_SLOT_TILE]
+            and c.kwargs["BLOCK_T"] * k_pad * r_pad <= 1024]
     return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_T"], -c.kwargs["BLOCK_C"]))]
 
 
@@ -124,43 +128,94 @@ _bwd_token_dot_kernel = triton.autotune(
 )(dot_kernels._expert_mix_bwd_token_dot_kernel)
 
 
+# Spill-free at sm_90 and sm_80 per benchmarks/compile_gate.py: with 16-bit dot operands,
+# and (smaller tiles) with IEEE fp32 ones.
+_EXPERT_TILES = {"16-bit": ((32, 64, 4), (32, 128, 8), (64, 64, 8)),
+                 "fp32": ((16, 64, 4), (32, 32, 4), (32, 64, 8))}
+
+
 def _expert_configs():
     if interpreting():
         return [triton.Config({"BLOCK_P": 16, "BLOCK_F": 32}, num_warps=4)]
     return [triton.Config({"BLOCK_P": bp, "BLOCK_F": bf}, num_warps=w, num_stages=2)
-            for bp, bf, w in ((32, 64, 4), (64, 64, 8), (32, 128, 8), (64, 32, 4))]
+            for tiles in _EXPERT_TILES.values() for bp, bf, w in tiles]
+
+
+def _prune_expert_configs(configs, named_args, **kwargs):
+    """The tiles for the dot operands' width (the interpreter's one config passes)."""
+    wide = kwargs["DOT_DTYPE"] in (tl.float32, tl.float64)
+    tiles = _EXPERT_TILES["fp32" if wide else "16-bit"]
+    kept = [c for c in configs if (c.kwargs["BLOCK_P"], c.kwargs["BLOCK_F"], c.num_warps) in tiles]
+    return kept or configs[:1]
 
 
 _bwd_expert_kernel = triton.autotune(
     configs=_expert_configs(), key=["F", "K", "R_PAD", "CHUNK"],
-    prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: [
-        c for c in configs if c.kwargs["BLOCK_P"] <= named_args["CHUNK"]] or configs[:1]},
+    prune_configs_by={"early_config_prune": _prune_expert_configs},
 )(kernels._expert_mix_bwd_expert_kernel)
 
-EXPAND_MODES = ("gather", "dot")
-_DOT_MAX_COLUMNS = 512  # E·R above which the one-hot dots' extra FLOPs outweigh the gather
+def _grouped_configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_F": 32}, num_warps=4)]
+    return [triton.Config({"BLOCK_F": bf}, num_warps=w, num_stages=2)
+            for bf, w in ((64, 4), (64, 8), (128, 8))]
 
 
+# BLOCK_P is fixed (not tuned): the tile table is built from it before the launch.
+_GROUPED_BLOCK_P = 16 if interpreting() else 64
+_fwd_grouped_kernel = triton.autotune(
+    configs=_grouped_configs(), key=["F", "K", "R_PAD", "T_BUCKET", "E"], reset_to_zero=["h_c_ptr"],
+)(grouped_kernels._expert_mix_fwd_grouped_kernel)
+_bwd_grouped_kernel = triton.autotune(
+    configs=_grouped_configs(), key=["F", "K", "R_PAD", "T_BUCKET", "E"],
+    reset_to_zero=["d_gate_base_ptr", "d_up_base_ptr"],
+)(grouped_kernels._expert_mix_bwd_grouped_kernel)
+
+EXPAND_MODES = ("gather", "dot", "grouped")
+_DOT_MAX_COLUMNS = 512  # E·R beyond which the dot kernels' column loop is too long to keep
+
+# Estimated extra time of each variant per (token, f), as a fraction of the dense FFN floor's
+# 6·H FLOPs on an H200 (989 TFLOP/s bf16, 4.8 TB/s HBM, ~10 TB/s L2); benchmarks/NOTES.md
+# derives them, and gpu_check.sh times all three so they can be replaced by measurements.
+#   dot:     6·K·E·R one-hot tensor-core FLOPs          -> K·E·R / H
+#   grouped: K re-reads of G, U + K fp32 atomic adds    -> ~12·K B  -> _GROUPED_COST·K / H
+#   gather:  3·R B rows per slot from L2 (16-bit)       -> ~6·K·R B -> _GATHER_COST·K·R / H
+_GROUPED_COST = 400.0
+_GATHER_COST = 100.0
 _HALF = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
-def expand_mode(num_experts: int, rank: int, dtypes=(torch.bfloat16,)) -> str:
-    """Which token kernels run: "dot" (one-hot tl.dot against all experts' stacked LoRA
-    matrices, on tensor cores) while E·R is small, R is a power of two ≥ 2 and x and the LoRA
-    weights share one 16-bit dtype; else "gather" (per-token rows, CUDA-core reduction over
-    R, all in fp32). fp32 data would either lose precision in 16-bit dots or pay E× the FLOPs
-    in IEEE fp32 dots. GMOE_EXPAND=gather|dot forces one (tests and benchmarks run both; a
-    forced "dot" with another R runs "gather"). The E·R threshold is a first
-    estimate from FLOP and byte counts (benchmarks/NOTES.md), not yet timed on a GPU."""
+def _deterministic() -> bool:
+    return torch.are_deterministic_algorithms_enabled()
+
+
+def expand_mode(num_experts: int, rank: int, dtypes=(torch.bfloat16,), top_k: int = 2,
+                hidden: int = 4096) -> str:
+    """Which token kernels run: "gather" (per-token B rows, CUDA-core reduction over R, all
+    in fp32), "dot" (one-hot tl.dot against all experts' stacked LoRA matrices) or "grouped"
+    (pair tiles of one expert, dense tl.dots, fp32 atomics for the slot sums).
+
+    dot and grouped need x and the LoRA weights in one 16-bit dtype (fp32 data would lose
+    precision in 16-bit dots or pay E× the FLOPs in IEEE ones); dot also needs R a power of two
+    ≥ 2 and E·R ≤ 512; grouped is never picked under torch.use_deterministic_algorithms (its
+    slot sums are atomics). Among the eligible ones, the least estimated cost above wins.
+    GMOE_EXPAND=gather|dot|grouped forces one where it is eligible (else gather).
+    """
     forced = os.environ.get("GMOE_EXPAND")
     if forced and forced not in EXPAND_MODES:
         raise ValueError(f"GMOE_EXPAND={forced!r}; choose one of {EXPAND_MODES}")
-    if rank < 2 or rank != triton.next_power_of_2(rank):  # the fold needs R = R_PAD
-        return "gather"
+    half = len(set(dtypes)) == 1 and next(iter(dtypes)) in _HALF
+    dot_ok = rank >= 2 and rank == triton.next_power_of_2(rank)   # the fold needs R = R_PAD
     if forced:
+        if forced == "dot" and not dot_ok or forced == "grouped" and _deterministic():
+            return "gather"
         return forced
-    same_half = len(set(dtypes)) == 1 and next(iter(dtypes)) in _HALF
-    return "dot" if same_half and num_experts * rank <= _DOT_MAX_COLUMNS else "gather"
+    costs = {"gather": _GATHER_COST * top_k * rank / hidden}
+    if half and dot_ok and num_experts * rank <= _DOT_MAX_COLUMNS:
+        costs["dot"] = top_k * num_experts * rank / hidden
+    if half and not _deterministic():
+        costs["grouped"] = _GROUPED_COST * top_k / hidden
+    return min(costs, key=costs.get)
 
 
 def _dot_dtype(dtypes, acc):
@@ -282,19 +337,86 @@ def expert_mix_forward(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_u
     split = _f_split(num_tokens, size_f)
     slot_a_d = _slot_buffer(split, num_tokens, top_k, rank, acc, x.device)
     dtypes = (x.dtype, lora_b_gate.dtype, lora_b_up.dtype, lora_a_down.dtype)
-    kernel, extra = _token_kernel_launch(_fwd_kernel, _fwd_dot_kernel,
-                                         expand_mode(num_experts, rank, dtypes), dtypes, acc)
+    mode = expand_mode(num_experts, rank, dtypes, top_k, x.shape[1])
+    if mode == "grouped":
+        h_c32 = _grouped_forward(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down,
+                                 indices, weights, slot_a_d, split, activation, acc,
+                                 _dot_dtype(dtypes, acc))
+        z = _slots_to_experts(slot_a_d.sum(0), indices, num_experts)
+        return h_c.copy_(h_c32), z.to(x.dtype)
+    kernel, extra = _token_kernel_launch(_fwd_kernel, _fwd_dot_kernel, mode, dtypes, acc)
     kernel[_token_grid(num_tokens, split)](
         gate_base, up_base, shrink, lora_b_gate, lora_b_up, lora_a_down, indices, weights,
         h_c, slot_a_d,
-        num_tokens, size_f, top_k, rank, num_experts * rank, _t_bucket(num_tokens),
+        num_tokens, size_f, num_experts * rank, _t_bucket(num_tokens),
         *_common_args(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down),
         indices.stride(0), indices.stride(1), weights.stride(0), weights.stride(1),
         h_c.stride(0), h_c.stride(1),
-        ACTIVATION=activation, R_PAD=_r_pad_token(rank),
+        K=top_k, R=rank, ACTIVATION=activation, R_PAD=_r_pad_token(rank),
         K_PAD=triton.next_power_of_2(top_k), ACC_FP64=acc == torch.float64, **extra)
     z = _slots_to_experts(slot_a_d.sum(0), indices, num_experts)
     return h_c, z.to(x.dtype)
+
+
+def _tile_table(plan, tile: int):
+    """(tile_offsets (E+1,) int64, number of programs): expert e owns tiles tile_offsets[e] ..
+    [e+1]-1 of at most `tile` pairs each. The program count E + P // tile bounds
+    sum_e ceil(n_e / tile) without reading the counts on the host."""
+    num_experts = plan.num_experts
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=plan.expert_offsets.device)
+    offsets[1:] = torch.cumsum((plan.expert_counts() + tile - 1) // tile, 0)
+    return offsets, num_experts + plan.num_tokens * plan.top_k // tile
+
+
+def _grouped_args(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down, indices,
+                  weights):
+    plan = make_routing_plan(indices, lora_a_down.shape[0])
+    tile_offsets, programs = _tile_table(plan, _GROUPED_BLOCK_P)
+    tensors = (gate_base, up_base, shrink, lora_b_gate, lora_b_up, lora_a_down,
+               plan.sorted_pairs, plan.expert_offsets, tile_offsets, weights)
+    return tensors, programs
+
+
+def _grouped_forward(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down, indices,
+                     weights, slot_a_d, split, activation, acc, dot_dtype):
+    """The grouped forward kernel; returns h_c summed in an fp32 (T, F) buffer."""
+    num_tokens, size_f = gate_base.shape
+    num_experts, rank, _ = lora_a_down.shape
+    tensors, programs = _grouped_args(shrink, gate_base, up_base, lora_b_gate, lora_b_up,
+                                      lora_a_down, indices, weights)
+    h_c32 = torch.zeros((num_tokens, size_f), dtype=acc, device=gate_base.device)
+    _fwd_grouped_kernel[(programs, split)](
+        *tensors, h_c32, slot_a_d, num_tokens, num_experts, size_f, num_experts * rank,
+        _t_bucket(num_tokens),
+        *_common_args(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down),
+        weights.stride(0), weights.stride(1), h_c32.stride(0), h_c32.stride(1),
+        K=indices.shape[1], R=rank, ACTIVATION=activation, R_PAD=_r_pad(rank),
+        E_PAD=triton.next_power_of_2(num_experts), ACC_FP64=acc == torch.float64,
+        DOT_DTYPE=dot_dtype, BLOCK_P=_GROUPED_BLOCK_P)
+    return h_c32
+
+
+def _grouped_backward(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down, indices,
+                      weights, grad_h_c, grad_z, slot_dsg, slot_dsu, slot_dw, split, activation,
+                      acc, dot_dtype):
+    """The grouped backward kernel; returns dG, dU summed in fp32 (T, F) buffers."""
+    num_tokens, size_f = gate_base.shape
+    num_experts, rank, _ = lora_a_down.shape
+    tensors, programs = _grouped_args(shrink, gate_base, up_base, lora_b_gate, lora_b_up,
+                                      lora_a_down, indices, weights)
+    d_gate32 = torch.zeros((num_tokens, size_f), dtype=acc, device=gate_base.device)
+    d_up32 = torch.zeros_like(d_gate32)
+    _bwd_grouped_kernel[(programs, split)](
+        *tensors, grad_h_c, grad_z, d_gate32, d_up32, slot_dsg, slot_dsu, slot_dw,
+        num_tokens, num_experts, size_f, num_experts * rank, _t_bucket(num_tokens),
+        *_common_args(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down),
+        weights.stride(0), weights.stride(1), grad_h_c.stride(0), grad_h_c.stride(1),
+        grad_z.stride(0), grad_z.stride(1), d_gate32.stride(0), d_gate32.stride(1),
+        d_up32.stride(0), d_up32.stride(1),
+        K=indices.shape[1], R=rank, ACTIVATION=activation, R_PAD=_r_pad(rank),
+        E_PAD=triton.next_power_of_2(num_experts), ACC_FP64=acc == torch.float64,
+        DOT_DTYPE=dot_dtype, BLOCK_P=_GROUPED_BLOCK_P)
+    return d_gate32, d_up32
 
 
 def _expert_weight_grads(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down,
@@ -307,19 +429,17 @@ def _expert_weight_grads(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lor
     device = gate_base.device
     plan = make_routing_plan(indices, num_experts)
     chunk = _chunk_size(num_tokens * top_k, num_experts)
-    chunk_offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
-    chunk_offsets[1:] = torch.cumsum((plan.expert_counts() + chunk - 1) // chunk, 0)
-    max_chunks = num_experts + num_tokens * top_k // chunk   # >= sum_e ceil(n_e / chunk)
+    chunk_offsets, max_chunks = _tile_table(plan, chunk)
     parts = [new_output((max_chunks, size_f, rank), acc, device) for _ in range(2)]
     parts.append(new_output((max_chunks, rank, size_f), acc, device))
     _bwd_expert_kernel[lambda meta: (max_chunks, triton.cdiv(size_f, meta["BLOCK_F"]))](
         gate_base, up_base, shrink, lora_b_gate, lora_b_up, lora_a_down,
         plan.sorted_pairs, plan.expert_offsets, chunk_offsets, weights, grad_h_c, grad_z,
-        *parts, num_experts, size_f, top_k, rank, num_experts * rank, chunk,
+        *parts, num_experts, size_f, num_experts * rank, chunk,
         *_common_args(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down),
         weights.stride(0), weights.stride(1),
         grad_h_c.stride(0), grad_h_c.stride(1), grad_z.stride(0), grad_z.stride(1),
-        ACTIVATION=activation, R_PAD=_r_pad(rank), E_PAD=triton.next_power_of_2(num_experts),
+        K=top_k, R=rank, ACTIVATION=activation, R_PAD=_r_pad(rank), E_PAD=triton.next_power_of_2(num_experts),
         ACC_FP64=acc == torch.float64, DOT_DTYPE=dot_dtype)
     grads = []
     for part, like in zip(parts, (lora_b_gate, lora_b_up, lora_a_down)):
@@ -366,18 +486,28 @@ def expert_mix_backward(grad_h_c, grad_z, x, gate_base, up_base, lora_a_gate, lo
     slot_dsu = _slot_buffer(split, num_tokens, top_k, rank, acc, device)
     shrink = _scaled_shrink(x, lora_a_gate, lora_a_up, scaling, acc)
     common = _common_args(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down)
-    kernel, extra = _token_kernel_launch(_bwd_token_kernel, _bwd_token_dot_kernel,
-                                         expand_mode(num_experts, rank, dtypes), dtypes, acc)
-    kernel[_token_grid(num_tokens, split)](
-        gate_base, up_base, shrink, lora_b_gate, lora_b_up, lora_a_down, indices, weights,
-        grad_h_c, grad_z, d_gate_base, d_up_base, slot_dsg, slot_dsu, slot_dw,
-        num_tokens, size_f, top_k, rank, num_experts * rank, _t_bucket(num_tokens), *common,
-        indices.stride(0), indices.stride(1), weights.stride(0), weights.stride(1),
-        grad_h_c.stride(0), grad_h_c.stride(1), grad_z.stride(0), grad_z.stride(1),
-        d_gate_base.stride(0), d_gate_base.stride(1), d_up_base.stride(0),
-        d_up_base.stride(1),
-        ACTIVATION=activation, R_PAD=_r_pad_token(rank), K_PAD=triton.next_power_of_2(top_k),
-        ACC_FP64=acc == torch.float64, **extra)
+    mode = expand_mode(num_experts, rank, dtypes, top_k, hidden)
+    if mode == "grouped":
+        d_gate32, d_up32 = _grouped_backward(
+            shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down, indices, weights,
+            grad_h_c, grad_z, slot_dsg, slot_dsu, slot_dw, split, activation, acc,
+            _dot_dtype(dtypes, acc))
+        d_gate_base.copy_(d_gate32)
+        d_up_base.copy_(d_up32)
+    else:
+        kernel, extra = _token_kernel_launch(_bwd_token_kernel, _bwd_token_dot_kernel, mode,
+                                             dtypes, acc)
+        kernel[_token_grid(num_tokens, split)](
+            gate_base, up_base, shrink, lora_b_gate, lora_b_up, lora_a_down, indices, weights,
+            grad_h_c, grad_z, d_gate_base, d_up_base, slot_dsg, slot_dsu, slot_dw,
+            num_tokens, size_f, num_experts * rank, _t_bucket(num_tokens), *common,
+            indices.stride(0), indices.stride(1), weights.stride(0), weights.stride(1),
+            grad_h_c.stride(0), grad_h_c.stride(1), grad_z.stride(0), grad_z.stride(1),
+            d_gate_base.stride(0), d_gate_base.stride(1), d_up_base.stride(0),
+            d_up_base.stride(1),
+            K=top_k, R=rank, ACTIVATION=activation, R_PAD=_r_pad_token(rank),
+            K_PAD=triton.next_power_of_2(top_k),
+            ACC_FP64=acc == torch.float64, **extra)
     d_b_gate, d_b_up, d_a_down = _expert_weight_grads(
         shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down, indices, weights,
         grad_h_c, grad_z, activation, acc, _dot_dtype(dtypes, acc))
