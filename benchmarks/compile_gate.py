@@ -205,40 +205,49 @@ def _capture_routing(tokens, hidden, experts, top_k, dtype):
     routing._gather_rows(_meta(tokens, hidden, dtype=dtype), plan, weights, dtype)
 
 
-def capture_all() -> list[tuple[Launch, str]]:
-    """Every launch at the gate's shapes: (launch, dtype label)."""
+def capture_all() -> list[tuple[Launch, str, str]]:
+    """Every launch at the gate's shapes: (launch, dtype label, target). Captured once per
+    target, since config pruning may depend on it (expert_ffn.TARGET_CAPABILITY)."""
     expert_ffn = importlib.import_module("gmoe_kernels.triton.expert_ffn")
     captured = []
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    for target, capability in TARGETS.items():
+        expert_ffn.TARGET_CAPABILITY = capability
+        try:
+            for label, dtype in dtypes.items():
+                with recorded_launches() as launches:
+                    _capture_shapes(expert_ffn, dtype)
+                captured.extend((launch, label, target) for launch in launches)
+        finally:
+            expert_ffn.TARGET_CAPABILITY = None
+    return captured
+
+
+def _capture_shapes(expert_ffn, dtype):
     for name in GATE_SHAPES:
         shape = SHAPES[name]
         variants = {(v.experts, v.top_k, v.rank) for v in shape.variants} | set(EXTRA_VARIANTS)
-        for label, dtype in dtypes.items():
-            with recorded_launches() as launches:
-                for tokens in (shape.tokens, DECODE_TOKENS):
-                    for experts, top_k, rank in sorted(variants):
-                        for mode in expert_ffn.EXPAND_MODES:
-                            _capture_expert_mix(tokens, shape.hidden, shape.inter, experts, top_k,
-                                                rank, dtype, mode)
-                        _capture_graph_router(tokens, shape.hidden, experts, top_k,
-                                              shape.gcn_dim, shape.gcn_layers, dtype)
-                        _capture_routing(tokens, shape.hidden, experts, top_k, dtype)
-            captured.extend((launch, label) for launch in launches)
-    return captured
+        for tokens in (shape.tokens, DECODE_TOKENS):
+            for experts, top_k, rank in sorted(variants):
+                for mode in expert_ffn.EXPAND_MODES:
+                    _capture_expert_mix(tokens, shape.hidden, shape.inter, experts, top_k, rank,
+                                        dtype, mode)
+                _capture_graph_router(tokens, shape.hidden, experts, top_k, shape.gcn_dim,
+                                      shape.gcn_layers, dtype)
+                _capture_routing(tokens, shape.hidden, experts, top_k, dtype)
 
 
 def jobs(captured) -> list[tuple]:
     """Unique compile jobs: (fn, signature, constexprs, attrs, options, target, dtype)."""
     seen, out = set(), []
-    for launch, dtype in captured:
+    for launch, dtype, target in captured:
         for config in launch.configs or [None]:
             signature, constexprs, attrs, options = _spec(launch, config)
-            for target in TARGETS:
-                key = (launch.fn.__name__, tuple(signature.items()), repr(sorted(constexprs.items())),
-                       repr(sorted(attrs.items())), tuple(sorted(options.items())), target)
-                if key not in seen:
-                    seen.add(key)
-                    out.append((launch.fn, signature, constexprs, attrs, options, target, dtype))
+            key = (launch.fn.__name__, tuple(signature.items()), repr(sorted(constexprs.items())),
+                   repr(sorted(attrs.items())), tuple(sorted(options.items())), target)
+            if key not in seen:
+                seen.add(key)
+                out.append((launch.fn, signature, constexprs, attrs, options, target, dtype))
     return out
 
 
@@ -288,9 +297,9 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in rows], f, indent=1)
     bad = violations(rows)
-    print(f"\n{len(rows)} compiles, {len(bad)} violations")
     for line in bad:
         print("  " + line)
+    print(f"{len(rows)} compiles, {len(bad)} violations (stack, shared memory, acq_rel atomics)")
     return 1 if bad else 0
 
 

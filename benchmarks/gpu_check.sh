@@ -13,7 +13,12 @@
 #      NaN-poisoned outputs (benchmarks/test_gpu_kernels.py)     -> gpu_kernels.log, .jsonl
 #   4. the full benchmark (benchmarks/run.py --device cuda)      -> bench.json/.csv/.log, plots/
 #   4b. the expert-mix token kernels forced to each variant
-#       (GMOE_EXPAND=gather|dot), llama3-8b E8-K2-R16, E32-K8-R8  -> expand_{gather,dot}.json/.log
+#       (GMOE_EXPAND=gather|dot|grouped), llama3-8b E8-K2-R16,
+#       E32-K8-R8                                                -> expand_<variant>.json/.log
+#   4c. one training step under set_sync_debug_mode("error")
+#       (benchmarks/sync_check.py)                               -> sync_check.json/.log
+#   4d. the compile table: every kernel and config for sm_90 and
+#       sm_80, registers, spills, shared, atomics (CPU only)     -> compile_gate.json/.log
 #   5. a short summary table, printed last                       -> summary.txt
 # Exit status: non-zero when a correctness step failed or the benchmark produced nothing.
 # Time limits (seconds) can be changed with GPU_CHECK_TESTS_S, GPU_CHECK_KERNELS_S,
@@ -27,11 +32,14 @@ OUT=$(cd "$OUT" && pwd)
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 PY=${PYTHON:-python3}
-TESTS_S=${GPU_CHECK_TESTS_S:-40}
-KERNELS_S=${GPU_CHECK_KERNELS_S:-140}
-BENCH_S=${GPU_CHECK_BENCH_S:-190}
-EXPAND_S=${GPU_CHECK_EXPAND_S:-45}
-BENCH_TAIL_S=${GPU_CHECK_BENCH_TAIL_S:-75}
+# 30 + 120 + 130 + 3·35 + 30 + 60 = 475 s of limits: under 8 minutes with start-up.
+TESTS_S=${GPU_CHECK_TESTS_S:-30}
+KERNELS_S=${GPU_CHECK_KERNELS_S:-120}
+BENCH_S=${GPU_CHECK_BENCH_S:-130}
+EXPAND_S=${GPU_CHECK_EXPAND_S:-35}
+SYNC_S=${GPU_CHECK_SYNC_S:-30}
+COMPILE_S=${GPU_CHECK_COMPILE_S:-60}
+BENCH_TAIL_S=${GPU_CHECK_BENCH_TAIL_S:-50}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_INTERPRET=0          # tests/conftest.py only sets it when unset: real kernels here
 unset GMOE_BACKEND
@@ -99,14 +107,29 @@ case $rc in
 esac
 [ -s "$OUT/bench.json" ] || status=1
 
-step "expert-mix token kernels, gather vs one-hot tl.dot (GMOE_EXPAND), limit ${EXPAND_S}s each"
+step "expert-mix token kernels, gather / one-hot tl.dot / grouped (GMOE_EXPAND), limit ${EXPAND_S}s each"
 expand_line="token-kernel variants:"
-for mode in gather dot; do
+for mode in gather dot grouped; do
   GMOE_EXPAND=$mode timeout -k 10 "$EXPAND_S" "$PY" benchmarks/run.py --device cuda --ops ffn \
     --impls gmoe-triton --shapes llama3-8b --variants E8-K2-R16,E32-K8-R8 --no-check \
     --json "$OUT/expand_$mode.json" 2>&1 | tee "$OUT/expand_$mode.log"
   expand_line="$expand_line $mode rc ${PIPESTATUS[0]};"
 done
+
+step "one training step under torch.cuda.set_sync_debug_mode('error'), limit ${SYNC_S}s"
+timeout -k 10 "$SYNC_S" "$PY" benchmarks/sync_check.py --json "$OUT/sync_check.json" 2>&1 | tee "$OUT/sync_check.log"
+rc=${PIPESTATUS[0]}
+case $rc in
+  0) sync_line="host syncs: none in a training step" ;;
+  124|137) sync_line="host syncs: TIMED OUT after ${SYNC_S}s"; status=1 ;;
+  *) sync_line="host syncs: FOUND (rc $rc, see sync_check.log)"; status=1 ;;
+esac
+
+step "compile table: every kernel and config for sm_90/sm_80 (ptxas), limit ${COMPILE_S}s"
+TRITON_INTERPRET=0 timeout -k 10 "$COMPILE_S" "$PY" -m benchmarks.compile_gate --workers "$(nproc)" \
+  --json "$OUT/compile_gate.json" > "$OUT/compile_gate.log" 2>&1
+rc=$?
+compile_line="compile gate: $(tail -n 1 "$OUT/compile_gate.log" 2>/dev/null) (rc $rc)"
 
 step "summary"
 {
@@ -115,6 +138,8 @@ step "summary"
   echo "$kernels_line"
   echo "$bench_line"
   echo "$expand_line"
+  echo "$sync_line"
+  echo "$compile_line"
   [ -s "$OUT/gpu_kernels.jsonl" ] && "$PY" benchmarks/report.py --kernels "$OUT/gpu_kernels.jsonl"
   [ -s "$OUT/bench.json" ] && "$PY" benchmarks/report.py "$OUT/bench.json" --summary
   echo "results: $OUT (to keep them: cp $OUT/bench.json benchmarks/results/<gpu>.json, and the .csv)"

@@ -128,23 +128,40 @@ _bwd_token_dot_kernel = triton.autotune(
 )(dot_kernels._expert_mix_bwd_token_dot_kernel)
 
 
-# Spill-free at sm_90 and sm_80 per benchmarks/compile_gate.py: with 16-bit dot operands,
-# and (smaller tiles) with IEEE fp32 ones.
-_EXPERT_TILES = {"16-bit": ((32, 64, 4), (32, 128, 8), (64, 64, 8)),
-                 "fp32": ((16, 64, 4), (32, 32, 4), (32, 64, 8))}
+# (BLOCK_P, BLOCK_F, warps) spill-free per benchmarks/compile_gate.py, per target and dot
+# operand width: sm_80's mma.sync keeps more in registers than sm_90's wgmma.
+_EXPERT_TILES = {(90, "16-bit"): ((32, 64, 4), (32, 128, 8), (64, 64, 8)),
+                 (90, "fp32"): ((16, 64, 4), (32, 32, 4), (32, 64, 8)),
+                 (80, "16-bit"): ((16, 32, 4), (32, 32, 4)),
+                 (80, "fp32"): ((16, 32, 4), (32, 32, 4))}
+
+# The compute capability the config pruning is for: the current GPU's, or what
+# benchmarks/compile_gate.py sets here to compile for a GPU this machine does not have.
+TARGET_CAPABILITY: int | None = None
+
+
+def _capability() -> int:
+    if TARGET_CAPABILITY is not None:
+        return TARGET_CAPABILITY
+    if torch.cuda.is_available():
+        major, _ = torch.cuda.get_device_capability()
+        return 90 if major >= 9 else 80
+    return 90
 
 
 def _expert_configs():
     if interpreting():
         return [triton.Config({"BLOCK_P": 16, "BLOCK_F": 32}, num_warps=4)]
+    tiles = sorted({tile for group in _EXPERT_TILES.values() for tile in group})
     return [triton.Config({"BLOCK_P": bp, "BLOCK_F": bf}, num_warps=w, num_stages=2)
-            for tiles in _EXPERT_TILES.values() for bp, bf, w in tiles]
+            for bp, bf, w in tiles]
 
 
 def _prune_expert_configs(configs, named_args, **kwargs):
-    """The tiles for the dot operands' width (the interpreter's one config passes)."""
+    """The tiles for the target and the dot operands' width (the interpreter's one config
+    passes)."""
     wide = kwargs["DOT_DTYPE"] in (tl.float32, tl.float64)
-    tiles = _EXPERT_TILES["fp32" if wide else "16-bit"]
+    tiles = _EXPERT_TILES[(_capability(), "fp32" if wide else "16-bit")]
     kept = [c for c in configs if (c.kwargs["BLOCK_P"], c.kwargs["BLOCK_F"], c.num_warps) in tiles]
     return kept or configs[:1]
 
@@ -207,7 +224,7 @@ def expand_mode(num_experts: int, rank: int, dtypes=(torch.bfloat16,), top_k: in
     half = len(set(dtypes)) == 1 and next(iter(dtypes)) in _HALF
     dot_ok = rank >= 2 and rank == triton.next_power_of_2(rank)   # the fold needs R = R_PAD
     if forced:
-        if forced == "dot" and not dot_ok or forced == "grouped" and _deterministic():
+        if forced == "dot" and not (dot_ok and half) or forced == "grouped" and _deterministic():
             return "gather"
         return forced
     costs = {"gather": _GATHER_COST * top_k * rank / hidden}
