@@ -112,8 +112,8 @@ def _spec(launch: Launch, config) -> tuple[dict, dict, dict, dict]:
             signature[param.name] = "constexpr"
             constexprs[param.name] = value
             continue
-        specialise = i not in launch.fn.do_not_specialize
-        kind, key = native_specialize_impl(BaseBackend, value, False, specialise, True)
+        kind, key = native_specialize_impl(BaseBackend, value, False, not param.do_not_specialize,
+                                           not param.do_not_specialize_on_alignment)
         if kind == "constexpr":
             signature[param.name] = "constexpr"
             constexprs[param.name] = key

@@ -78,7 +78,8 @@ def _act_rows_times_wt(z_ptr, stride_z_row, w_ptr, stride_w_out, stride_w_in, wi
     return acc
 
 
-@triton.jit
+# tokens_per_tile is 1 from E = 32 on: specialised to a constant, it made ptxas spill.
+@triton.jit(do_not_specialize=["tokens_per_tile"])
 def _graph_router_fwd_kernel(
     c1_ptr, u_ptr, adj_ptr, w_ptr, score_ptr, logits_ptr, probs_ptr, scratch_ptr,
     num_tokens, num_experts, width, tokens_per_tile, num_tiles,
@@ -198,7 +199,8 @@ def _emit_layer_grad(dz, LAYER: tl.constexpr, offs_n, n_ok, offs_m, node, local_
                  mask=tok_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit
+# tokens_per_tile is 1 from E = 32 on: specialised to a constant, it made ptxas spill.
+@triton.jit(do_not_specialize=["tokens_per_tile"])
 def _graph_router_bwd_kernel(
     grad_logits_ptr, grad_probs_ptr, probs_ptr, c1_ptr, u_ptr, adj_ptr, w_ptr, score_ptr,
     d_c1_ptr, d_u_ptr, d_w_ptr, d_score_ptr, scratch_ptr,

@@ -54,35 +54,32 @@ def _new_output(shape, dtype, device) -> torch.Tensor:
 
 def _config(num_experts: int, width: int, num_tokens: int, device: torch.device,
             backward: bool = False):
-    """Block sizes, tokens per tile and grid size (one fixed config; no autotune).
+    """Block sizes, tokens per tile, grid size and pipelining (one fixed config; no autotune).
 
-    BLOCK_M rows hold floor(BLOCK_M / (E+1)) tokens' (E+1) nodes each: 64 rows for
-    E+1 ≤ 32, 128 for E+1 ≤ 128 (≥ 2 tokens a tile up to E+1 = 64, one beyond), else
-    next_pow2(E+1). BLOCK_N = BLOCK_K = 16 tile G (spill-free at sm_90 per ptxas; small test widths
-    still take several column blocks under the interpreter). Programs: a
-    persistent grid of min(#tiles, 2 × #SMs) (1 × #SMs in the backward; 2 under the
-    interpreter); scratch is
-    #programs × slots × BLOCK_M × G in the compute dtype.
+    BLOCK_M rows hold floor(BLOCK_M / (E+1)) tokens' (E+1) nodes each: 64 rows up to E+1 = 64
+    (one token a tile beyond E+1 = 32), else next_pow2(E+1). BLOCK_N = BLOCK_K = 16 tile G.
+    8 warps; the backward without software pipelining (num_stages 1). Per
+    benchmarks/compile_gate.py these are spill-free at sm_90 and sm_80 up to E = 63; 128-row
+    tiles spilled 0.2–3 KB per thread in every warp and stage count tried, so E ≥ 64 (not in the
+    benchmark registry) still spills. Programs: a persistent grid of min(#tiles, 2 × #SMs)
+    (1 × #SMs in the backward, whose partial rows hold L·G² each; 2 under the interpreter, so
+    tests run the multi-tile loop); scratch is #programs × slots × BLOCK_M × G.
     """
     num_nodes = num_experts + 1
-    block_m = min(max(64, triton.next_power_of_2(2 * num_nodes)),
-                  max(128, triton.next_power_of_2(num_nodes)))
+    block_m = max(64, triton.next_power_of_2(num_nodes))
+    block_g = 16
+    num_warps = 8
     if interpreting() or device.type == "cpu":
-        block_g = 16
         max_programs = _INTERPRETER_PROGRAMS
         num_warps = 4
     else:
-        # 16-wide column blocks and more warps: per ptxas at sm_90, 64-wide blocks spilled
-        # heavily and the E=32 backward asked for more shared memory than a block may have.
-        block_g = 16
-        # the backward holds a partial row of dW (L·G²) per program: one program per SM
         max_programs = (1 if backward else 2) * _sm_count(device)
-        num_warps = 8 if block_m <= 64 else 16
     tokens_per_tile = block_m // num_nodes
     num_tiles = triton.cdiv(num_tokens, tokens_per_tile)
     num_programs = max(1, min(num_tiles, max_programs))
     return dict(block_m=block_m, block_g=block_g, num_warps=num_warps,
-                tokens_per_tile=tokens_per_tile, num_tiles=num_tiles, num_programs=num_programs)
+                num_stages=1 if backward else 2, tokens_per_tile=tokens_per_tile,
+                num_tiles=num_tiles, num_programs=num_programs)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -134,7 +131,7 @@ def graph_router_gcn_forward(c1, token_proj, adjacency, gcn_weight, score_weight
             scratch.stride(0), scratch.stride(1), scratch.stride(2),
             NUM_LAYERS=num_layers, ACTIVATION=activation,
             BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_g"], BLOCK_K=cfg["block_g"],
-            num_warps=cfg["num_warps"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return logits, probs
 
@@ -186,7 +183,7 @@ def graph_router_gcn_backward(grad_logits, grad_probs, probs, c1, token_proj, ad
                 scratch.stride(0), scratch.stride(1), scratch.stride(2),
                 NUM_LAYERS=num_layers, ACTIVATION=activation,
                 BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_g"], BLOCK_K=cfg["block_g"],
-                num_warps=cfg["num_warps"],
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             )
     return (d_c1.sum(0), d_u, d_gcn.sum(0).to(gcn_weight.dtype),
             d_score.sum(0).to(score_weight.dtype))
