@@ -143,7 +143,7 @@ def _expert_mix_fwd_kernel(
         gate = load_tf(gate_base_ptr, offs_t, offs_f, mask_tf, stride_gb_t, stride_gb_f, ACC_DTYPE)
         up = load_tf(up_base_ptr, offs_t, offs_f, mask_tf, stride_ub_t, stride_ub_f, ACC_DTYPE)
         h_c = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC_DTYPE)
-        for k in tl.static_range(K):
+        for k in tl.static_range(K):  # unrolled: ptxas spilled less (compile gate)
             experts, w = load_slot(indices_ptr, weights_ptr, k, offs_t, mask_t, stride_idx_t,
                                    stride_idx_k, stride_w_t, stride_w_k, ACC_DTYPE)
             eg, _, _ = _gather_expand(shrink_ptr, 0, b_gate_ptr, experts, offs_t, offs_f, offs_r,
@@ -206,7 +206,7 @@ def _expert_mix_bwd_token_kernel(
                         ACC_DTYPE)
         d_gate = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC_DTYPE)
         d_up = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC_DTYPE)
-        for k in tl.static_range(K):
+        for k in range(K):  # not unrolled: unrolled, K 8 needed over 255 registers
             experts, w = load_slot(indices_ptr, weights_ptr, k, offs_t, mask_t, stride_idx_t,
                                    stride_idx_k, stride_w_t, stride_w_k, ACC_DTYPE)
             eg, _, b_gate = _gather_expand(shrink_ptr, 0, b_gate_ptr, experts, offs_t, offs_f,

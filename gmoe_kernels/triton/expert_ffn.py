@@ -56,7 +56,7 @@ from .routing import make_routing_plan, new_output
 # (about 6 in the forward, 10 in the backward) plus the gathered (BLOCK_T, BLOCK_F, R_PAD)
 # tiles (1 forward, 3 backward), doubled from K 8 on (the unrolled slot loop overlaps them).
 # Fitted to benchmarks/compile_gate.py's ptxas reports (sm_90, sm_80): spill-free within it.
-_TILE_BUDGET = {"forward": (6, 1, 4096), "backward": (10, 3, 4096)}
+_TILE_BUDGET = {"forward": (6, 1, 4096), "backward": (10, 3, 3500)}
 _TARGET_PROGRAMS = 4 * 132   # about four programs per SM of an H100/H200
 _MAX_F_SPLIT = 64
 
@@ -70,7 +70,7 @@ def _token_configs():
         return [triton.Config({"BLOCK_T": 16, "BLOCK_F": 32}, num_warps=4)]
     # Few configs: autotuning compiles each one, and a GPU check has minutes, not hours.
     return [triton.Config({"BLOCK_T": bt, "BLOCK_F": bf}, num_warps=4, num_stages=2)
-            for bt, bf in ((4, 16), (8, 16), (8, 32), (16, 32), (32, 16), (16, 64))]
+            for bt, bf in ((2, 16), (4, 16), (8, 16), (8, 32), (16, 32), (32, 16), (16, 64))]
 
 
 def _gather_prune(direction):
@@ -78,9 +78,11 @@ def _gather_prune(direction):
     tiles, gathers, budget = _TILE_BUDGET[direction]
 
     def prune(configs, named_args, **kwargs):
+        wide = named_args["gate_base_ptr"].dtype == torch.float32   # fp32 loads: half the budget
+        limit = budget // 2 if wide else budget
         kept = [c for c in configs if _live_elements(c.kwargs["BLOCK_T"], c.kwargs["BLOCK_F"],
                                                      kwargs["R_PAD"], kwargs["K_PAD"], tiles,
-                                                     gathers) <= budget]
+                                                     gathers) <= limit]
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_F"])]
     return prune
 
@@ -103,17 +105,19 @@ _bwd_token_kernel = triton.autotune(
 def _dot_configs():
     if interpreting():
         return [triton.Config({"BLOCK_T": 16, "BLOCK_F": 32, "BLOCK_C": 16}, num_warps=4)]
-    return [triton.Config({"BLOCK_T": bt, "BLOCK_F": 64, "BLOCK_C": bc}, num_warps=8, num_stages=2)
-            for bt, bc in ((32, 32), (32, 16), (16, 32))]
+    return [triton.Config({"BLOCK_T": bt, "BLOCK_F": bf, "BLOCK_C": bc}, num_warps=8, num_stages=2)
+            for bt, bf, bc in ((32, 64, 32), (32, 64, 16), (16, 64, 32), (16, 32, 16))]
 
 
 def _prune_dot_configs(configs, named_args, **kwargs):
     """No column chunk wider than the E·R columns there are (E 8, R 2 has 16), none narrower
-    than R (a chunk folds onto whole expert blocks), per-slot accumulators in budget."""
+    than R (a chunk folds onto whole expert blocks), per-slot accumulators in budget (fitted
+    to the compile gate's ptxas reports, as _TILE_BUDGET)."""
     widest = max(16, triton.next_power_of_2(named_args["UP_OFFSET"]))
     r_pad, k_pad = kwargs["R_PAD"], kwargs["K_PAD"]
     kept = [c for c in configs if r_pad <= c.kwargs["BLOCK_C"] <= widest
-            and c.kwargs["BLOCK_T"] * k_pad * r_pad <= 1024]
+            and c.kwargs["BLOCK_T"] * k_pad * r_pad <= 1024
+            and (k_pad < 8) == (c.kwargs["BLOCK_F"] == 64)]   # K 8 unrolled: the small tile
     return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_T"], -c.kwargs["BLOCK_C"]))]
 
 
@@ -131,9 +135,9 @@ _bwd_token_dot_kernel = triton.autotune(
 # (BLOCK_P, BLOCK_F, warps) spill-free per benchmarks/compile_gate.py, per target and dot
 # operand width: sm_80's mma.sync keeps more in registers than sm_90's wgmma.
 _EXPERT_TILES = {(90, "16-bit"): ((32, 64, 4), (32, 128, 8), (64, 64, 8)),
-                 (90, "fp32"): ((16, 64, 4), (32, 32, 4), (32, 64, 8)),
+                 (90, "fp32"): ((16, 64, 4), (32, 64, 8)),
                  (80, "16-bit"): ((16, 32, 4), (32, 32, 4)),
-                 (80, "fp32"): ((16, 32, 4), (32, 32, 4))}
+                 (80, "fp32"): ((16, 32, 8), (16, 64, 8), (32, 64, 8))}
 
 # The compute capability the config pruning is for: the current GPU's, or what
 # benchmarks/compile_gate.py sets here to compile for a GPU this machine does not have.
@@ -171,20 +175,24 @@ _bwd_expert_kernel = triton.autotune(
     prune_configs_by={"early_config_prune": _prune_expert_configs},
 )(kernels._expert_mix_bwd_expert_kernel)
 
-def _grouped_configs():
+def _grouped_configs(tiles):
     if interpreting():
         return [triton.Config({"BLOCK_F": 32}, num_warps=4)]
-    return [triton.Config({"BLOCK_F": bf}, num_warps=w, num_stages=2)
-            for bf, w in ((64, 4), (64, 8), (128, 8))]
+    return [triton.Config({"BLOCK_F": bf}, num_warps=w, num_stages=2) for bf, w in tiles]
+
+
+# (BLOCK_F, warps) at BLOCK_P 32, spill-free at sm_90 and sm_80 per the compile gate (the
+# backward holds three more (BLOCK_P, BLOCK_F) products: 64-wide tiles spilled there).
+_GROUPED_TILES = {"forward": ((32, 4), (64, 8)), "backward": ((32, 4),)}  # 16-bit data only
 
 
 # BLOCK_P is fixed (not tuned): the tile table is built from it before the launch.
-_GROUPED_BLOCK_P = 16 if interpreting() else 64
+_GROUPED_BLOCK_P = 16 if interpreting() else 32
 _fwd_grouped_kernel = triton.autotune(
-    configs=_grouped_configs(), key=["F", "K", "R_PAD", "T_BUCKET", "E"], reset_to_zero=["h_c_ptr"],
+    configs=_grouped_configs(_GROUPED_TILES["forward"]), key=["F", "K", "R_PAD", "T_BUCKET", "E"], reset_to_zero=["h_c_ptr"],
 )(grouped_kernels._expert_mix_fwd_grouped_kernel)
 _bwd_grouped_kernel = triton.autotune(
-    configs=_grouped_configs(), key=["F", "K", "R_PAD", "T_BUCKET", "E"],
+    configs=_grouped_configs(_GROUPED_TILES["backward"]), key=["F", "K", "R_PAD", "T_BUCKET", "E"],
     reset_to_zero=["d_gate_base_ptr", "d_up_base_ptr"],
 )(grouped_kernels._expert_mix_bwd_grouped_kernel)
 
@@ -213,8 +221,8 @@ def expand_mode(num_experts: int, rank: int, dtypes=(torch.bfloat16,), top_k: in
     (pair tiles of one expert, dense tl.dots, fp32 atomics for the slot sums).
 
     dot and grouped need x and the LoRA weights in one 16-bit dtype (fp32 data would lose
-    precision in 16-bit dots or pay E× the FLOPs in IEEE ones); dot also needs R a power of two
-    ≥ 2 and E·R ≤ 512; grouped is never picked under torch.use_deterministic_algorithms (its
+    precision in 16-bit dots, or run IEEE dots that spilled registers at every tile tried);
+    dot also needs R a power of two ≥ 2 and E·R ≤ 512; grouped is never picked under torch.use_deterministic_algorithms (its
     slot sums are atomics). Among the eligible ones, the least estimated cost above wins.
     GMOE_EXPAND=gather|dot|grouped forces one where it is eligible (else gather).
     """
@@ -224,9 +232,8 @@ def expand_mode(num_experts: int, rank: int, dtypes=(torch.bfloat16,), top_k: in
     half = len(set(dtypes)) == 1 and next(iter(dtypes)) in _HALF
     dot_ok = rank >= 2 and rank == triton.next_power_of_2(rank)   # the fold needs R = R_PAD
     if forced:
-        if forced == "dot" and not (dot_ok and half) or forced == "grouped" and _deterministic():
-            return "gather"
-        return forced
+        eligible = {"gather": True, "dot": dot_ok and half, "grouped": half and not _deterministic()}
+        return forced if eligible[forced] else "gather"
     costs = {"gather": _GATHER_COST * top_k * rank / hidden}
     if half and dot_ok and num_experts * rank <= _DOT_MAX_COLUMNS:
         costs["dot"] = top_k * num_experts * rank / hidden
