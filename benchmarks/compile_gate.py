@@ -283,6 +283,23 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def summary_table(rows: list[Row]) -> str:
+    """Per kernel and target: how many compiles, register range, worst stack and shared memory,
+    and the atomics per compile (the README quotes this)."""
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.kernel, r.target), []).append(r)
+    lines = ["| kernel | target | compiles | registers | max stack B | max shared KB | atomics |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for (kernel, target), rs in sorted(groups.items()):
+        regs = sorted(r.registers for r in rs)
+        atomics = sorted({r.atomics for r in rs})
+        lines.append(f"| `{kernel}` | {target} | {len(rs)} | {regs[0]}–{regs[-1]} | "
+                     f"{max(r.stack for r in rs)} | {max(r.shared for r in rs) / 1024:.1f} | "
+                     f"{'–'.join(map(str, (atomics[0], atomics[-1]))) if len(atomics) > 1 else atomics[0]} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the rows here")
@@ -290,9 +307,10 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default="", help="compile only kernels whose name contains this")
     parser.add_argument("--target", default="", help="only this target (sm_90 or sm_80)")
     parser.add_argument("--dtype", default="", help="only this data dtype (bf16, fp16, fp32)")
+    parser.add_argument("--summary", action="store_true", help="one row per kernel and target")
     args = parser.parse_args(argv)
     rows = run_gate(args.workers, args.only, args.target, args.dtype)
-    print(table(rows))
+    print(summary_table(rows) if args.summary else table(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in rows], f, indent=1)

@@ -108,7 +108,7 @@ def _expert_mix_fwd_dot_kernel(
         gate = load_tf(gate_base_ptr, offs_t, offs_f, mask_tf, stride_gb_t, stride_gb_f, ACC_DTYPE)
         up = load_tf(up_base_ptr, offs_t, offs_f, mask_tf, stride_ub_t, stride_ub_f, ACC_DTYPE)
         h_c = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC_DTYPE)
-        for k in tl.static_range(K):
+        for k in tl.static_range(K):  # unrolled: fewer spills than the loop (compile gate)
             experts, w = load_slot(indices_ptr, weights_ptr, k, offs_t, mask_t, stride_idx_t,
                                    stride_idx_k, stride_w_t, stride_w_k, ACC_DTYPE)
             g, u = _gate_up(gate, up, shrink_ptr, stride_sh_t, stride_sh_c, b_gate_ptr,
@@ -159,7 +159,7 @@ def _expert_mix_bwd_token_dot_kernel(
                         ACC_DTYPE)
         d_gate = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC_DTYPE)
         d_up = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC_DTYPE)
-        for k in tl.static_range(K):
+        for k in range(K):  # not unrolled: unrolled, K 8 spilled on sm_80 (compile gate)
             experts, w = load_slot(indices_ptr, weights_ptr, k, offs_t, mask_t, stride_idx_t,
                                    stride_idx_k, stride_w_t, stride_w_k, ACC_DTYPE)
             g, u = _gate_up(gate, up, shrink_ptr, stride_sh_t, stride_sh_c, b_gate_ptr,

@@ -106,29 +106,33 @@ def _dot_configs():
     if interpreting():
         return [triton.Config({"BLOCK_T": 16, "BLOCK_F": 32, "BLOCK_C": 16}, num_warps=4)]
     return [triton.Config({"BLOCK_T": bt, "BLOCK_F": bf, "BLOCK_C": bc}, num_warps=8, num_stages=2)
-            for bt, bf, bc in ((32, 64, 32), (32, 64, 16), (16, 64, 32), (16, 32, 16))]
+            for bt, bf, bc in ((32, 64, 32), (16, 64, 32), (16, 32, 16))]
 
 
-def _prune_dot_configs(configs, named_args, **kwargs):
+def _dot_prune(direction):
     """No column chunk wider than the E·R columns there are (E 8, R 2 has 16), none narrower
-    than R (a chunk folds onto whole expert blocks), per-slot accumulators in budget (fitted
-    to the compile gate's ptxas reports, as _TILE_BUDGET)."""
-    widest = max(16, triton.next_power_of_2(named_args["UP_OFFSET"]))
-    r_pad, k_pad = kwargs["R_PAD"], kwargs["K_PAD"]
-    kept = [c for c in configs if r_pad <= c.kwargs["BLOCK_C"] <= widest
-            and c.kwargs["BLOCK_T"] * k_pad * r_pad <= 1024
-            and (k_pad < 8) == (c.kwargs["BLOCK_F"] == 64)]   # K 8 unrolled: the small tile
-    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_T"], -c.kwargs["BLOCK_C"]))]
+    than R (a chunk folds onto whole expert blocks), per-slot accumulators in budget, the
+    small tile from K 8 on, and 16-token tiles in the backward (its three per-slot
+    accumulators; 32 spilled at R 8). Fitted to the compile gate's ptxas reports."""
+    def prune(configs, named_args, **kwargs):
+        widest = max(16, triton.next_power_of_2(named_args["UP_OFFSET"]))
+        r_pad, k_pad = kwargs["R_PAD"], kwargs["K_PAD"]
+        kept = [c for c in configs if r_pad <= c.kwargs["BLOCK_C"] <= widest
+                and c.kwargs["BLOCK_T"] * k_pad * r_pad <= 1024
+                and (k_pad < 8) == (c.kwargs["BLOCK_F"] == 64)
+                and (direction == "forward" or c.kwargs["BLOCK_T"] == 16)]
+        return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_T"], c.kwargs["BLOCK_F"]))]
+    return prune
 
 
 _fwd_dot_kernel = triton.autotune(
     configs=_dot_configs(), key=_TOKEN_KEY + ["UP_OFFSET"],
-    prune_configs_by={"early_config_prune": _prune_dot_configs},
+    prune_configs_by={"early_config_prune": _dot_prune("forward")},
 )(dot_kernels._expert_mix_fwd_dot_kernel)
 
 _bwd_token_dot_kernel = triton.autotune(
     configs=_dot_configs(), key=_TOKEN_KEY + ["UP_OFFSET"],
-    prune_configs_by={"early_config_prune": _prune_dot_configs},
+    prune_configs_by={"early_config_prune": _dot_prune("backward")},
 )(dot_kernels._expert_mix_bwd_token_dot_kernel)
 
 
