@@ -32,14 +32,14 @@ OUT=$(cd "$OUT" && pwd)
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 PY=${PYTHON:-python3}
-# 30 + 120 + 130 + 3·35 + 30 + 60 = 475 s of limits: under 8 minutes with start-up.
+# 30 + 110 + 110 + 3·45 + 30 + 60 = 475 s of limits: under 8 minutes with start-up.
 TESTS_S=${GPU_CHECK_TESTS_S:-30}
-KERNELS_S=${GPU_CHECK_KERNELS_S:-120}
-BENCH_S=${GPU_CHECK_BENCH_S:-130}
-EXPAND_S=${GPU_CHECK_EXPAND_S:-35}
+KERNELS_S=${GPU_CHECK_KERNELS_S:-110}
+BENCH_S=${GPU_CHECK_BENCH_S:-110}
+EXPAND_S=${GPU_CHECK_EXPAND_S:-45}
 SYNC_S=${GPU_CHECK_SYNC_S:-30}
 COMPILE_S=${GPU_CHECK_COMPILE_S:-60}
-BENCH_TAIL_S=${GPU_CHECK_BENCH_TAIL_S:-50}
+BENCH_TAIL_S=${GPU_CHECK_BENCH_TAIL_S:-40}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_INTERPRET=0          # tests/conftest.py only sets it when unset: real kernels here
 unset GMOE_BACKEND
@@ -111,7 +111,7 @@ step "expert-mix token kernels, gather / one-hot tl.dot / grouped (GMOE_EXPAND),
 expand_line="token-kernel variants:"
 for mode in gather dot grouped; do
   GMOE_EXPAND=$mode timeout -k 10 "$EXPAND_S" "$PY" benchmarks/run.py --device cuda --ops ffn \
-    --impls gmoe-triton --shapes llama3-8b --variants E8-K2-R16,E32-K8-R8 --no-check \
+    --impls gmoe-triton --shapes llama3-8b --variants E8-K2-R16,E32-K8-R8 --routings balanced,hot --no-check \
     --json "$OUT/expand_$mode.json" 2>&1 | tee "$OUT/expand_$mode.log"
   expand_line="$expand_line $mode rc ${PIPESTATUS[0]};"
 done

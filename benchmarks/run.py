@@ -12,6 +12,7 @@ timed the same way (measure.py). See benchmarks/README.md for every column.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import os
 import sys
@@ -28,7 +29,8 @@ import torch  # noqa: E402
 from benchmarks import contenders as C  # noqa: E402
 from benchmarks import measure as M  # noqa: E402
 from benchmarks import report as R  # noqa: E402
-from benchmarks.shapes import PLANS, REAL_STEP_MODELS, SHAPES, STEP_MODELS, Case, cases  # noqa: E402
+from benchmarks.shapes import (PLANS, REAL_STEP_MODELS, ROUTINGS, SHAPES, STEP_MODELS, Case,  # noqa: E402
+                               cases)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -41,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--shapes", help=f"comma-separated shape names ({', '.join(SHAPES)}); default: the plan")
     p.add_argument("--variants", help="comma-separated E-K-R labels, e.g. E8-K2-R8,E32-K8-R8 (default: each shape's)")
     p.add_argument("--ops", default="ffn,router,step", help="subset of ffn,router,step")
+    p.add_argument("--routings", default="balanced",
+                   help=f"comma-separated expert popularities of the ffn cases ({', '.join(ROUTINGS)})")
     p.add_argument("--impls", help="comma-separated contenders to run (default: all)")
     p.add_argument("--step-models", help=f"comma-separated ({', '.join([*STEP_MODELS, *REAL_STEP_MODELS])}); "
                    "default: the plan. Real models (loaded from their package, seconds per step) time the "
@@ -324,6 +328,10 @@ def main(argv=None) -> int:
     variants = args.variants.split(",") if args.variants else None
     todo = cases(args.shapes.split(","), variants=variants) if args.shapes else \
         [c for c in plan["ffn"] if not variants or c.variant.label in variants]
+    routings = args.routings.split(",")
+    if unknown := set(routings) - set(ROUTINGS):
+        raise SystemExit(f"--routings: unknown {sorted(unknown)}; choose from {', '.join(ROUTINGS)}")
+    todo = [dataclasses.replace(c, routing=r) for c in todo for r in routings]
     # Most important first, so a budget cut drops the least: every size's first variant, then
     # the training step, then the other variants.
     first = [c for c in todo if c.variant == c.shape.variants[0]]

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from gmoe_kernels.reference import normalized_adjacency, topk_route
 
-from ..shapes import Case
+from ..shapes import Case, make_routing
 
 FFN_IMPLS = ("gmoe-triton", "gmoe-reference", "loop", "peft-lora", "dense-frozen", "mixlora")
 ROUTER_IMPLS = ("graph-triton", "graph-reference", "graph-pyg", "linear")
@@ -171,9 +171,12 @@ def make_problem(case: Case, device, dtype, seed: int = 0) -> Problem:
                   gcn_weight=rand(L, G, G, scale=G ** -0.5, grad=True),
                   score_weight=rand(G, scale=G ** -0.5, grad=True))
     linear_weight = rand(E, H, scale=0.02, grad=True)
-    with torch.no_grad():
-        probs = torch.softmax((x @ linear_weight.t()).float(), dim=-1)
-        indices, weights = topk_route(probs, K)
+    if case.routing == "balanced":   # the routing a (random) linear router picks
+        with torch.no_grad():
+            probs = torch.softmax((x @ linear_weight.t()).float(), dim=-1)
+            indices, weights = topk_route(probs, K)
+    else:                            # a skewed expert popularity (shapes.ROUTINGS)
+        indices, weights = make_routing(T, E, K, case.routing, seed=seed, device=device)
     return Problem(case, x, frozen, lora, router, expert_adjacency.to(device), linear_weight,
                    indices, weights.requires_grad_(True), rand(T, H), 2.0, s.activation)
 
