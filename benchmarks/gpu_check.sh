@@ -121,6 +121,7 @@ timeout -k 10 "$SYNC_S" "$PY" benchmarks/sync_check.py --json "$OUT/sync_check.j
 rc=${PIPESTATUS[0]}
 case $rc in
   0) sync_line="host syncs: none in a training step" ;;
+  2) sync_line="host syncs: skipped (no CUDA device)" ;;
   124|137) sync_line="host syncs: TIMED OUT after ${SYNC_S}s"; status=1 ;;
   *) sync_line="host syncs: FOUND (rc $rc, see sync_check.log)"; status=1 ;;
 esac
