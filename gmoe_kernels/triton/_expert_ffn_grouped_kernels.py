@@ -50,6 +50,16 @@ def _pair_tile(sorted_pairs_ptr, expert_offsets_ptr, tile_offsets_ptr, weights_p
 
 
 @triton.jit
+def _pair_blocks(ptr, col0, tok, expert, mask_p, stride_t, stride_c, R: tl.constexpr,
+                 R_PAD: tl.constexpr):
+    """(BLOCK_P, R_PAD): each pair's row ptr[t, col0 + e·R + r] of its expert's block."""
+    offs_r = tl.arange(0, R_PAD)
+    cols = col0 + expert * R + offs_r[None, :]
+    return tl.load(ptr + tok[:, None] * stride_t + cols * stride_c,
+                   mask=mask_p[:, None] & (offs_r < R)[None, :], other=0.0)
+
+
+@triton.jit
 def _store_pairs(ptr, acc, pairs, mask_p, T, K: tl.constexpr, N: tl.constexpr,
                  N_PAD: tl.constexpr):
     """acc (BLOCK_P, N_PAD) to row program_id(1) of a contiguous (SPLIT, T·K, N) buffer."""
@@ -94,12 +104,9 @@ def _expert_mix_fwd_grouped_kernel(
         return
     offs_r = tl.arange(0, R_PAD)
     mask_r = offs_r < R
-    cols = expert * R + offs_r[None, :]
-    mask_pr = mask_p[:, None] & mask_r[None, :]
-    s_gate = tl.load(shrink_ptr + tok[:, None] * stride_sh_t + cols * stride_sh_c, mask=mask_pr,
-                     other=0.0)
-    s_up = tl.load(shrink_ptr + tok[:, None] * stride_sh_t + (UP_OFFSET + cols) * stride_sh_c,
-                   mask=mask_pr, other=0.0)
+    s_gate = _pair_blocks(shrink_ptr, 0, tok, expert, mask_p, stride_sh_t, stride_sh_c, R, R_PAD)
+    s_up = _pair_blocks(shrink_ptr, UP_OFFSET, tok, expert, mask_p, stride_sh_t, stride_sh_c, R,
+                        R_PAD)
     a_d_acc = tl.zeros((BLOCK_P, R_PAD), dtype=ACC_DTYPE)
     for f0 in range(tl.program_id(1) * BLOCK_F, F, tl.num_programs(1) * BLOCK_F):
         offs_f, mask_f = f_tile(f0, F, BLOCK_F)
@@ -148,14 +155,10 @@ def _expert_mix_bwd_grouped_kernel(
         return
     offs_r = tl.arange(0, R_PAD)
     mask_r = offs_r < R
-    cols = expert * R + offs_r[None, :]
-    mask_pr = mask_p[:, None] & mask_r[None, :]
-    s_gate = tl.load(shrink_ptr + tok[:, None] * stride_sh_t + cols * stride_sh_c, mask=mask_pr,
-                     other=0.0)
-    s_up = tl.load(shrink_ptr + tok[:, None] * stride_sh_t + (UP_OFFSET + cols) * stride_sh_c,
-                   mask=mask_pr, other=0.0)
-    b = tl.load(grad_z_ptr + tok[:, None] * stride_dz_t + cols * stride_dz_c, mask=mask_pr,
-                other=0.0)
+    s_gate = _pair_blocks(shrink_ptr, 0, tok, expert, mask_p, stride_sh_t, stride_sh_c, R, R_PAD)
+    s_up = _pair_blocks(shrink_ptr, UP_OFFSET, tok, expert, mask_p, stride_sh_t, stride_sh_c, R,
+                        R_PAD)
+    b = _pair_blocks(grad_z_ptr, 0, tok, expert, mask_p, stride_dz_t, stride_dz_c, R, R_PAD)
     dw_acc = tl.zeros((BLOCK_P, 1), dtype=ACC_DTYPE)
     dsg_acc = tl.zeros((BLOCK_P, R_PAD), dtype=ACC_DTYPE)
     dsu_acc = tl.zeros((BLOCK_P, R_PAD), dtype=ACC_DTYPE)
