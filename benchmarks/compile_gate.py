@@ -43,8 +43,8 @@ from benchmarks.shapes import SHAPES  # noqa: E402
 TARGETS = {"sm_90": 90, "sm_80": 80}
 SHARED_LIMIT = {"sm_90": 227 * 1024, "sm_80": 163 * 1024}
 GATE_SHAPES = ("llama3-8b", "qwen2-7b")
-EXTRA_VARIANTS = ((8, 2, 2),)          # the paper's R = 2 on the large shapes too
-DECODE_TOKENS = 16                      # a decoding-size call beside the registry's T
+EXTRA_VARIANTS = ((8, 2, 2), (8, 2, 32))   # the paper's R 2, and R 32, on the large shapes too
+DECODE_TOKENS = 1    # one-token decoding beside the registry's T (T = 1 specialises as a constant)
 _OPTION_KEYS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 _TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -127,8 +127,11 @@ def _spec(launch: Launch, config) -> tuple[dict, dict, dict, dict]:
 
 
 def _describe(constexprs: dict, options: dict) -> str:
-    keys = [k for k in constexprs if k.startswith(("BLOCK", "R_PAD", "SPLIT", "GROUP"))]
+    """The config and the variant-defining constexprs of a compile, e.g. 'K=2 R=16 BT=8 ...'."""
+    keys = [k for k in constexprs if k in ("K", "R") or k.startswith(("BLOCK", "R_PAD", "K_PAD"))]
     parts = [f"{k.replace('BLOCK_', 'B')}={constexprs[k]}" for k in keys]
+    if "DOT_DTYPE" in constexprs:
+        parts.append(f"dot={constexprs['DOT_DTYPE']}")
     return " ".join(parts + [f"w{options['num_warps']}", f"s{options['num_stages']}"])
 
 
@@ -167,6 +170,7 @@ def _meta(*shape, dtype):
 
 def _capture_expert_mix(tokens, hidden, inter, experts, top_k, rank, dtype, mode):
     expert_ffn = importlib.import_module("gmoe_kernels.triton.expert_ffn")
+    previous = os.environ.get("GMOE_EXPAND")
     os.environ["GMOE_EXPAND"] = mode
     try:
         x = _meta(tokens, hidden, dtype=dtype)
@@ -180,19 +184,21 @@ def _capture_expert_mix(tokens, hidden, inter, experts, top_k, rank, dtype, mode
         h_c, z = expert_ffn.expert_mix_forward(*args)
         expert_ffn.expert_mix_backward(h_c, z, *args)
     finally:
-        del os.environ["GMOE_EXPAND"]
+        if previous is None:
+            del os.environ["GMOE_EXPAND"]
+        else:
+            os.environ["GMOE_EXPAND"] = previous
 
 
-def _capture_graph_router(tokens, hidden, experts, top_k, width, layers, dtype):
+def _capture_graph_router(tokens, experts, width, layers):
+    """The GCN kernels (fp32 whatever the model's dtype: the router stays fp32)."""
     graph_router = importlib.import_module("gmoe_kernels.triton.graph_router")
-    x = _meta(tokens, hidden, dtype=dtype)
     f32 = torch.float32
     c1, u = _meta(experts + 1, width, dtype=f32), _meta(tokens, width, dtype=f32)
     adj = _meta(experts + 1, experts + 1, dtype=f32)
     gcn, score = _meta(layers, width, width, dtype=f32), _meta(width, dtype=f32)
     logits, probs = graph_router.graph_router_gcn_forward(c1, u, adj, gcn, score, "silu")
     graph_router.graph_router_gcn_backward(logits, probs, probs, c1, u, adj, gcn, score, "silu")
-    del x, top_k
 
 
 def _capture_routing(tokens, hidden, experts, top_k, dtype):
@@ -232,8 +238,7 @@ def _capture_shapes(expert_ffn, dtype):
                 for mode in expert_ffn.EXPAND_MODES:
                     _capture_expert_mix(tokens, shape.hidden, shape.inter, experts, top_k, rank,
                                         dtype, mode)
-                _capture_graph_router(tokens, shape.hidden, experts, top_k, shape.gcn_dim,
-                                      shape.gcn_layers, dtype)
+                _capture_graph_router(tokens, experts, shape.gcn_dim, shape.gcn_layers)
                 _capture_routing(tokens, shape.hidden, experts, top_k, dtype)
 
 

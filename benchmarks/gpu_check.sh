@@ -32,13 +32,13 @@ OUT=$(cd "$OUT" && pwd)
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 PY=${PYTHON:-python3}
-# 30 + 110 + 110 + 3·45 + 30 + 60 = 475 s of limits: under 8 minutes with start-up.
+# 30 + 100 + 110 + 3·40 + 30 + 90 = 480 s of limits: under 8 minutes with start-up.
 TESTS_S=${GPU_CHECK_TESTS_S:-30}
-KERNELS_S=${GPU_CHECK_KERNELS_S:-110}
+KERNELS_S=${GPU_CHECK_KERNELS_S:-100}
 BENCH_S=${GPU_CHECK_BENCH_S:-110}
-EXPAND_S=${GPU_CHECK_EXPAND_S:-45}
+EXPAND_S=${GPU_CHECK_EXPAND_S:-40}
 SYNC_S=${GPU_CHECK_SYNC_S:-30}
-COMPILE_S=${GPU_CHECK_COMPILE_S:-60}
+COMPILE_S=${GPU_CHECK_COMPILE_S:-90}
 BENCH_TAIL_S=${GPU_CHECK_BENCH_TAIL_S:-40}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_INTERPRET=0          # tests/conftest.py only sets it when unset: real kernels here

@@ -36,16 +36,17 @@ def test_every_kernel_compiles_spill_free_for_hopper_and_ampere(tmp_path):
                            "--workers", "2"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=1800)
     print(proc.stdout)  # the table (pytest -s shows it; the README quotes it)
+    assert out.exists(), f"the gate did not finish (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
     rows = json.loads(out.read_text())
-    kernels = {r["kernel"] for r in rows}
-    # every kernel of gmoe_kernels.triton was captured, at both targets
-    assert kernels >= {"_expert_mix_fwd_kernel", "_expert_mix_bwd_token_kernel",
-                       "_expert_mix_fwd_dot_kernel", "_expert_mix_bwd_token_dot_kernel",
-                       "_expert_mix_fwd_grouped_kernel", "_expert_mix_bwd_grouped_kernel",
-                       "_expert_mix_bwd_expert_kernel", "_sum_chunks_kernel",
-                       "_graph_router_fwd_kernel", "_graph_router_bwd_kernel",
-                       "_histogram_kernel", "_plan_scatter_kernel", "_gather_rows_kernel",
-                       "_combine_rows_kernel"}, sorted(kernels)
-    assert {r["target"] for r in rows} == {"sm_90", "sm_80"}
+    # every kernel of gmoe_kernels.triton was captured, at each target
+    for target in ("sm_90", "sm_80"):
+        kernels = {r["kernel"] for r in rows if r["target"] == target}
+        assert kernels >= {"_expert_mix_fwd_kernel", "_expert_mix_bwd_token_kernel",
+                           "_expert_mix_fwd_dot_kernel", "_expert_mix_bwd_token_dot_kernel",
+                           "_expert_mix_fwd_grouped_kernel", "_expert_mix_bwd_grouped_kernel",
+                           "_expert_mix_bwd_expert_kernel", "_sum_chunks_kernel",
+                           "_graph_router_fwd_kernel", "_graph_router_bwd_kernel",
+                           "_histogram_kernel", "_plan_scatter_kernel", "_gather_rows_kernel",
+                           "_combine_rows_kernel"}, (target, sorted(kernels))
     bad = [line for line in proc.stdout.splitlines() if line.startswith("  _")]
     assert proc.returncode == 0 and not bad, "\n".join(bad) or proc.stderr[-3000:]

@@ -18,6 +18,7 @@ import triton.language as tl
 from triton.runtime import interpreter
 
 from gmoe_kernels import functional
+from gmoe_kernels.triton import expert_ffn as triton_expert_ffn
 
 
 @contextlib.contextmanager
@@ -60,19 +61,21 @@ def _skewed_indices(num_tokens, num_experts, top_k, generator):
     return scores.topk(top_k, dim=1).indices
 
 
-@pytest.mark.parametrize("mode", ["gather", "dot"])
-def test_expert_mix_is_bitwise_reproducible(mode, monkeypatch):
+@pytest.mark.parametrize("mode, dtype", [("gather", torch.float32), ("gather", torch.float16),
+                                         ("dot", torch.float16)])   # dot takes 16-bit data only
+def test_expert_mix_is_bitwise_reproducible(mode, dtype, monkeypatch):
     monkeypatch.setenv("GMOE_EXPAND", mode)
     monkeypatch.setenv("GMOE_POISON", "1")
     g = torch.Generator().manual_seed(3)
     T, H, F, E, K, R = 40, 16, 96, 5, 2, 4
-    x = torch.randn(T, H, generator=g)
-    gate, up = torch.randn(T, F, generator=g), torch.randn(T, F, generator=g)
-    lora = [torch.randn(*shape, generator=g) * 0.3 for shape in
+    x = torch.randn(T, H, generator=g).to(dtype)
+    gate, up = (torch.randn(T, F, generator=g).to(dtype) for _ in range(2))
+    lora = [(torch.randn(*shape, generator=g) * 0.3).to(dtype) for shape in
             ((E, R, H), (E, F, R), (E, R, H), (E, F, R), (E, R, F))]
     indices = _skewed_indices(T, E, K, g)
     weights = torch.softmax(torch.randn(T, K, generator=g), -1)
-    grad_h, grad_z = torch.randn(T, F, generator=g), torch.randn(T, E * R, generator=g)
+    grad_h, grad_z = (torch.randn(T, n, generator=g).to(dtype) for n in (F, E * R))
+    assert triton_expert_ffn.expand_mode(E, R, (dtype,) * 4, K, H) == mode
 
     def step():
         inputs = [t.clone().requires_grad_() for t in (x, gate, up, *lora)]
@@ -141,3 +144,23 @@ def test_graph_router_is_bitwise_reproducible():
             p.grad for i, p in enumerate(leaves) if i != 3]
 
     _assert_same_bits(*_run_twice(step))
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK": 4}), triton.Config({"BLOCK": 8})], key=["n"],
+                 prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: configs[::-1]})
+@triton.jit
+def _block_size_kernel(out_ptr, n, BLOCK: tl.constexpr):
+    tl.store(out_ptr, BLOCK)
+
+
+def test_deterministic_mode_takes_the_first_pruned_config_without_timing():
+    """Configs tile differently, so sum in another order: under deterministic algorithms the
+    launcher uses the first config the pruning keeps (here BLOCK 8), never a timed choice
+    (timing would also fail here: the interpreter cannot benchmark two configs)."""
+    out = torch.zeros(1, dtype=torch.int32)
+    torch.use_deterministic_algorithms(True)
+    try:
+        triton_expert_ffn._launch(_block_size_kernel, (1,), out, 5)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert out.item() == 8

@@ -305,6 +305,28 @@ def test_expand_mode_choice(monkeypatch):
         mode(8, 16)
 
 
+def test_dot_is_not_chosen_where_no_config_fits(monkeypatch):
+    """R 32 needs 32-column chunks (the interpreter's has 16): dot must not be picked, forced
+    or not, and the op must run (it raised a shape error in the fold before)."""
+    half = (torch.float16,) * 4
+    monkeypatch.setenv("GMOE_EXPAND", "dot")
+    assert triton_expert_ffn.expand_mode(2, 32, half, top_k=2, hidden=16) == "gather"
+    monkeypatch.delenv("GMOE_EXPAND")
+    assert triton_expert_ffn.expand_mode(2, 32, half, top_k=2, hidden=16) != "dot"
+    monkeypatch.setenv("GMOE_EXPAND", "dot")
+    T, H, F, E, K, R = 8, 16, 32, 2, 2, 32
+    x = torch.randn(T, H, dtype=torch.float16)
+    lora = [torch.randn(*s, dtype=torch.float16) * 0.1
+            for s in [(E, R, H), (E, F, R), (E, R, H), (E, F, R), (E, R, F)]]
+    base = [torch.randn(T, F, dtype=torch.float16) for _ in range(2)]
+    indices = torch.tensor([[0, 1]] * T)
+    weights = torch.full((T, K), 0.5)
+    args = (x, *base, *lora, indices, weights, 2.0, "silu")
+    for a, b in zip(functional.expert_mix(*args, backend="triton"),
+                    functional.expert_mix(*args, backend="reference")):
+        assert_close(a, b, name="out")
+
+
 def test_grouped_is_never_chosen_under_deterministic_algorithms(monkeypatch):
     """Its slot sums are atomics: deterministic mode falls back to a variant without them."""
     mode = triton_expert_ffn.expand_mode

@@ -257,7 +257,7 @@ def _expert_mix_bwd_expert_kernel(
     gate_base_ptr, up_base_ptr, shrink_ptr, b_gate_ptr, b_up_ptr, a_down_ptr,
     sorted_pairs_ptr, expert_offsets_ptr, chunk_offsets_ptr, weights_ptr, grad_h_c_ptr,
     grad_z_ptr, part_b_gate_ptr, part_b_up_ptr, part_a_down_ptr,
-    E, F, UP_OFFSET, CHUNK,
+    E, F, UP_OFFSET, CHUNK, T_BUCKET,
     stride_gb_t, stride_gb_f, stride_ub_t, stride_ub_f, stride_sh_t, stride_sh_c,
     stride_bg_e, stride_bg_f, stride_bg_r, stride_bu_e, stride_bu_f, stride_bu_r,
     stride_ad_e, stride_ad_r, stride_ad_f, stride_w_t, stride_w_k,
@@ -273,7 +273,8 @@ def _expert_mix_bwd_expert_kernel(
     du (B^e is shared by all of them, so the products are tl.dots) and sums
       part_b_gate[chunk] = sum dg shrink_g^T (shrink pre-scaled by s)   (F, R), up likewise
       part_a_down[chunk] = sum (w b) h^T                                 (R, F)
-    in registers, into contiguous partial buffers in the accumulation dtype.
+    in registers, into contiguous partial buffers in the accumulation dtype. T_BUCKET is
+    unused: it keys the autotuning (CHUNK changes with T too often to be a key).
     """
     ACC_DTYPE = tl.float64 if ACC_FP64 else tl.float32
     chunk = tl.program_id(0)

@@ -4,39 +4,38 @@ Shapes use DESIGN.md's letters (T tokens, H hidden, F intermediate, E experts, K
 R LoRA rank); `expert_mix` has exactly the signature and results of
 gmoe_kernels.reference.expert_ffn.expert_mix.
 
-Two variants of the token kernels (steps 2 and 3), chosen per call by `expand_mode`:
+Three variants of the token kernels (steps 2 and 3), chosen per call by `expand_mode`:
 "gather" (_expert_ffn_kernels: each token's B^{e_k} rows gathered, reduced over R on CUDA
-cores) and "dot" (_expert_ffn_dot_kernels: one-hot tl.dot against all experts' stacked
-matrices, for small E·R). Same arguments, same results; the tests run both.
+cores), "dot" (_expert_ffn_dot_kernels: one-hot tl.dot against all experts' stacked matrices)
+and "grouped" (_expert_ffn_grouped_kernels: pair tiles of one expert, dense tl.dot, fp32
+atomics for the sums over slots). Same arguments, same results; the tests run all three.
 
 Pipeline (forward):
   1. shrink = s · x [A_g; A_u]^T: one torch GEMM, (T, 2·E·R) in fp32 (fp64 for fp64 x).
-  2. `_expert_mix_fwd_kernel` over (token tile, F tile): for each slot k recomputes
+  2. The token kernel over (token tile, F split): for each slot k recomputes
      g_k = G + B_g^{e_k} shrink_g, u_k likewise, h_k = act(g_k) u_k in fp32, sums
-     h_c = sum_k w_k h_k in registers and writes it once. The per-pair a_d = A_d^{e_k} h_k
-     is a reduction over F: each F-tile program adds its partial sum, times w_k, straight
-     into expert e_k's block of an fp32 z accumulator with fp32 atomics (so z comes out
-     already scattered; no [T·K, F] tensor ever exists).
+     h_c = sum_k w_k h_k in registers and writes it once per F tile; a_d = A_d^{e_k} h_k, a
+     reduction over F, stays per slot in registers over the split and is written once to a
+     (SPLIT, T, K, R) partial buffer; the launcher sums the splits and scatters the slots
+     into z's expert blocks (`_slots_to_experts`). No [T·K, F] tensor ever exists.
 Backward:
-  3. `_expert_mix_bwd_token_kernel` over (token tile, F tile): recomputes g_k, u_k, h_k and
-     writes dG, dU once (sum over k in registers); dw and d(shrink) are reductions over F,
-     summed with fp32 atomics into zeroed [T, K] and [T, 2·E·R] buffers.
-  4. `_expert_mix_bwd_expert_kernel` over (expert, F tile): walks the expert's pairs in
-     routing-plan order and sums dB_g, dB_u, dA_d in registers with tl.dot: deterministic,
-     no atomics, each element written once (zeros for an empty expert).
+  3. The token kernel again: recomputes g_k, u_k, h_k, writes dG, dU once per F tile, and
+     dw and d(shrink) per slot to partial buffers, as a_d in the forward.
+  4. `_expert_mix_bwd_expert_kernel` over (chunk of one expert's pairs, F tile): dB_g, dB_u,
+     dA_d of the chunk with tl.dot; `_sum_chunks_kernel` adds the chunks per expert in order.
   5. dx = s·d(shrink) [A_g; A_u] and dA = s·d(shrink)^T x: small torch GEMMs.
-Bitwise deterministic: h_c, dG, dU, dB_g, dB_u, dA_d. Summed over F tiles with fp32 (fp64
-for fp64 inputs) atomics, so reproducible only up to the order of those partial sums: z, dw
-and d(shrink), hence dx, dA_g, dA_u. Saved for backward: x, G, U, the LoRA weights, indices,
-weights; the shrink GEMM and the routing plan are recomputed in backward (both small).
+gather and dot use no atomics and sum in a fixed order for a given config; under
+torch.use_deterministic_algorithms the config is fixed too (`_launch`) and grouped, whose
+slot sums are atomics, is never picked: the results are then bitwise reproducible. Saved for
+backward: x, G, U, the LoRA weights, indices, weights; the shrink GEMM and the routing plan
+are recomputed in backward (both small).
 
-Block sizes: R is padded inside the kernels with masks, to R_PAD = max(2, next_pow2(R)) in the
-token kernels and max(16, next_pow2(R)) in the per-expert kernel (tl.dot's smallest block).
-Under TRITON_INTERPRET=1 a single fixed config runs (BLOCK_T 16, BLOCK_F 32, BLOCK_P 16);
-on a GPU `triton.autotune` picks among configs keyed on (F, K, R_PAD), pruned so a token
-program's gathered [BLOCK_T, BLOCK_F, R_PAD] tile stays within the spill-free sizes below (the
-smallest config when none fits), with the atomic buffers reset to zero between trials. The GPU
-configs are a first guess, not yet timed on a GPU.
+Block sizes: R is padded inside the kernels with masks, to R_PAD = max(2, next_pow2(R)) in
+the gather and dot kernels and max(16, next_pow2(R)) where tl.dot multiplies by R (the
+per-expert and grouped kernels). K and R are constexprs. Under TRITON_INTERPRET=1 one fixed
+config runs per kernel; on a GPU `triton.autotune` picks among configs keyed on the shapes
+and a token-count bucket, pruned to the spill-free budgets below (fitted to
+benchmarks/compile_gate.py's ptxas reports, not yet timed on a GPU).
 """
 import os
 
@@ -54,7 +53,7 @@ from .routing import make_routing_plan, new_output
 
 # Register budget of a token program, in fp32 elements live at once: (BLOCK_T, BLOCK_F) tiles
 # (about 6 in the forward, 10 in the backward) plus the gathered (BLOCK_T, BLOCK_F, R_PAD)
-# tiles (1 forward, 3 backward), doubled from K 8 on (the unrolled slot loop overlaps them).
+# tiles (1 forward, 3 backward), doubled from K 8 on (more slots' values live at once).
 # Fitted to benchmarks/compile_gate.py's ptxas reports (sm_90, sm_80): spill-free within it.
 _TILE_BUDGET = {"forward": (6, 1, 4096), "backward": (10, 3, 3500)}
 _TARGET_PROGRAMS = 4 * 132   # about four programs per SM of an H100/H200
@@ -109,20 +108,36 @@ def _dot_configs():
             for bt, bf, bc in ((32, 64, 32), (16, 64, 32), (16, 32, 16))]
 
 
+def _dot_fits(config, num_columns, r_pad, k_pad, direction) -> bool:
+    """Whether a dot config can run: a column chunk no wider than the E·R columns there are
+    (E 8, R 2 has 16) and no narrower than R (a chunk folds onto whole expert blocks); on a
+    GPU also within the registers: per-slot accumulators in budget, the small tile from K 8 on,
+    16-token tiles in the backward (three per-slot accumulators; 32 spilled at R 8). Fitted
+    to the compile gate's ptxas reports."""
+    kw = config.kwargs
+    if not r_pad <= kw["BLOCK_C"] <= max(16, triton.next_power_of_2(num_columns)):
+        return False
+    return interpreting() or (kw["BLOCK_T"] * k_pad * r_pad <= 1024
+                              and (k_pad < 8) == (kw["BLOCK_F"] == 64)
+                              and (direction == "forward" or kw["BLOCK_T"] == 16))
+
+
 def _dot_prune(direction):
-    """No column chunk wider than the E·R columns there are (E 8, R 2 has 16), none narrower
-    than R (a chunk folds onto whole expert blocks), per-slot accumulators in budget, the
-    small tile from K 8 on, and 16-token tiles in the backward (its three per-slot
-    accumulators; 32 spilled at R 8). Fitted to the compile gate's ptxas reports."""
     def prune(configs, named_args, **kwargs):
-        widest = max(16, triton.next_power_of_2(named_args["UP_OFFSET"]))
-        r_pad, k_pad = kwargs["R_PAD"], kwargs["K_PAD"]
-        kept = [c for c in configs if r_pad <= c.kwargs["BLOCK_C"] <= widest
-                and c.kwargs["BLOCK_T"] * k_pad * r_pad <= 1024
-                and (k_pad < 8) == (c.kwargs["BLOCK_F"] == 64)
-                and (direction == "forward" or c.kwargs["BLOCK_T"] == 16)]
-        return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_T"], c.kwargs["BLOCK_F"]))]
+        kept = [c for c in configs if _dot_fits(c, named_args["UP_OFFSET"], kwargs["R_PAD"],
+                                                 kwargs["K_PAD"], direction)]
+        if not kept:  # expand_mode only picks dot where _dot_eligible holds
+            raise ValueError(f"no dot config fits R_PAD {kwargs['R_PAD']}, K_PAD {kwargs['K_PAD']}")
+        return kept
     return prune
+
+
+def _dot_eligible(num_experts: int, rank: int, top_k: int) -> bool:
+    """dot runs only where some config fits both directions (so never R > 32, nor R 32 from
+    K 4 on, nor R 16 at K 8: their accumulators need more registers than a program has)."""
+    r_pad, k_pad = _r_pad_token(rank), triton.next_power_of_2(top_k)
+    return all(any(_dot_fits(c, num_experts * rank, r_pad, k_pad, d) for c in _dot_configs())
+               for d in ("forward", "backward"))
 
 
 _fwd_dot_kernel = triton.autotune(
@@ -175,7 +190,7 @@ def _prune_expert_configs(configs, named_args, **kwargs):
 
 
 _bwd_expert_kernel = triton.autotune(
-    configs=_expert_configs(), key=["F", "K", "R_PAD", "CHUNK"],
+    configs=_expert_configs(), key=["F", "K", "R_PAD", "T_BUCKET", "DOT_DTYPE"],
     prune_configs_by={"early_config_prune": _prune_expert_configs},
 )(kernels._expert_mix_bwd_expert_kernel)
 
@@ -226,7 +241,8 @@ def expand_mode(num_experts: int, rank: int, dtypes=(torch.bfloat16,), top_k: in
 
     dot and grouped need x and the LoRA weights in one 16-bit dtype (fp32 data would lose
     precision in 16-bit dots, or run IEEE dots that spilled registers at every tile tried);
-    dot also needs R a power of two ≥ 2 and E·R ≤ 512; grouped is never picked under torch.use_deterministic_algorithms (its
+    dot also needs R a power of two ≥ 2, E·R ≤ 512 and a config that fits its registers
+    (`_dot_eligible`); grouped is never picked under torch.use_deterministic_algorithms (its
     slot sums are atomics). Among the eligible ones, the least estimated cost above wins.
     GMOE_EXPAND=gather|dot|grouped forces one where it is eligible (else gather).
     """
@@ -234,12 +250,13 @@ def expand_mode(num_experts: int, rank: int, dtypes=(torch.bfloat16,), top_k: in
     if forced and forced not in EXPAND_MODES:
         raise ValueError(f"GMOE_EXPAND={forced!r}; choose one of {EXPAND_MODES}")
     half = len(set(dtypes)) == 1 and next(iter(dtypes)) in _HALF
-    dot_ok = rank >= 2 and rank == triton.next_power_of_2(rank)   # the fold needs R = R_PAD
+    dot_ok = (rank >= 2 and rank == triton.next_power_of_2(rank)   # the fold needs R = R_PAD
+              and num_experts * rank <= _DOT_MAX_COLUMNS and _dot_eligible(num_experts, rank, top_k))
     if forced:
         eligible = {"gather": True, "dot": dot_ok and half, "grouped": half and not _deterministic()}
         return forced if eligible[forced] else "gather"
     costs = {"gather": _GATHER_COST * top_k * rank / hidden}
-    if half and dot_ok and num_experts * rank <= _DOT_MAX_COLUMNS:
+    if half and dot_ok:
         costs["dot"] = top_k * num_experts * rank / hidden
     if half and not _deterministic():
         costs["grouped"] = _GROUPED_COST * top_k / hidden
@@ -262,7 +279,8 @@ def _token_kernel_launch(kernel_gather, kernel_dot, mode, dtypes, acc):
 
 
 def _r_pad(rank: int) -> int:
-    """R padded to a power of two, at least 16 (tl.dot's smallest block): per-expert kernel."""
+    """R padded to a power of two, at least 16 (tl.dot's smallest block): the per-expert and
+    grouped kernels."""
     return max(16, triton.next_power_of_2(rank))
 
 
@@ -270,6 +288,19 @@ def _r_pad_token(rank: int) -> int:
     """R padded to a power of two for the token kernels, which reduce over R without tl.dot:
     no floor of 16, so the paper's R = 2 does not pay for 16 masked lanes."""
     return max(2, triton.next_power_of_2(rank))
+
+
+def _launch(kernel, grid, *args, **kwargs):
+    """kernel[grid](*args, **kwargs) for an autotuned kernel; under
+    torch.use_deterministic_algorithms, with the first config its pruning keeps instead of the
+    fastest: configs tile F differently, and so sum in another order, and a timed choice can
+    differ from one process to the next."""
+    if not _deterministic() or len(kernel.configs) == 1:
+        return kernel[grid](*args, **kwargs)
+    kernel.nargs = dict(zip(kernel.arg_names, args))
+    config = kernel.prune_configs(kwargs)[0]
+    kernel.nargs = None
+    return kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
 
 
 def _t_bucket(num_tokens: int) -> int:
@@ -349,7 +380,7 @@ def expert_mix_forward(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_u
     scaling:     float                        s = lora_alpha / r
     activation:  str                          one of gmoe_kernels.activations.ACTIVATIONS
     returns h_c: (T, F) x.dtype and z: (T, E·R) x.dtype (w_k A_d^{e_k} h_k in block e_k).
-    Any strides; every sum in fp32 (fp64 for fp64 x), in a fixed order.
+    Any strides; every sum in fp32 (fp64 for fp64 x).
     """
     activation = canonical_activation(activation)
     check_expert_mix(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_b_up,
@@ -373,7 +404,7 @@ def expert_mix_forward(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_u
         z = _slots_to_experts(slot_a_d.sum(0), indices, num_experts)
         return h_c.copy_(h_c32), z.to(x.dtype)
     kernel, extra = _token_kernel_launch(_fwd_kernel, _fwd_dot_kernel, mode, dtypes, acc)
-    kernel[_token_grid(num_tokens, split)](
+    _launch(kernel, _token_grid(num_tokens, split),
         gate_base, up_base, shrink, lora_b_gate, lora_b_up, lora_a_down, indices, weights,
         h_c, slot_a_d,
         num_tokens, size_f, num_experts * rank, _t_bucket(num_tokens),
@@ -396,9 +427,8 @@ def _tile_table(plan, tile: int):
     return offsets, num_experts + plan.num_tokens * plan.top_k // tile
 
 
-def _grouped_args(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down, indices,
+def _grouped_args(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down, plan,
                   weights):
-    plan = make_routing_plan(indices, lora_a_down.shape[0])
     tile_offsets, programs = _tile_table(plan, _GROUPED_BLOCK_P)
     tensors = (gate_base, up_base, shrink, lora_b_gate, lora_b_up, lora_a_down,
                plan.sorted_pairs, plan.expert_offsets, tile_offsets, weights)
@@ -410,8 +440,9 @@ def _grouped_forward(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_
     """The grouped forward kernel; returns h_c summed in an fp32 (T, F) buffer."""
     num_tokens, size_f = gate_base.shape
     num_experts, rank, _ = lora_a_down.shape
+    plan = make_routing_plan(indices, num_experts)
     tensors, programs = _grouped_args(shrink, gate_base, up_base, lora_b_gate, lora_b_up,
-                                      lora_a_down, indices, weights)
+                                      lora_a_down, plan, weights)
     h_c32 = torch.zeros((num_tokens, size_f), dtype=acc, device=gate_base.device)
     _fwd_grouped_kernel[(programs, split)](
         *tensors, h_c32, slot_a_d, num_tokens, num_experts, size_f, num_experts * rank,
@@ -425,13 +456,13 @@ def _grouped_forward(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_
 
 
 def _grouped_backward(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down, indices,
-                      weights, grad_h_c, grad_z, slot_dsg, slot_dsu, slot_dw, split, activation,
+                      plan, weights, grad_h_c, grad_z, slot_dsg, slot_dsu, slot_dw, split, activation,
                       acc, dot_dtype):
     """The grouped backward kernel; returns dG, dU summed in fp32 (T, F) buffers."""
     num_tokens, size_f = gate_base.shape
     num_experts, rank, _ = lora_a_down.shape
     tensors, programs = _grouped_args(shrink, gate_base, up_base, lora_b_gate, lora_b_up,
-                                      lora_a_down, indices, weights)
+                                      lora_a_down, plan, weights)
     d_gate32 = torch.zeros((num_tokens, size_f), dtype=acc, device=gate_base.device)
     d_up32 = torch.zeros_like(d_gate32)
     _bwd_grouped_kernel[(programs, split)](
@@ -448,22 +479,21 @@ def _grouped_backward(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a
 
 
 def _expert_weight_grads(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down,
-                         indices, weights, grad_h_c, grad_z, activation, acc, dot_dtype):
+                         indices, plan, weights, grad_h_c, grad_z, activation, acc, dot_dtype):
     """dB_g, dB_u, dA_d: the per-expert kernel over chunks of each expert's pairs, then the
     chunk partials summed per expert in chunk order (deterministic; zeros for an empty expert)."""
     num_tokens, size_f = gate_base.shape
     num_experts, rank, _ = lora_a_down.shape
     top_k = indices.shape[1]
     device = gate_base.device
-    plan = make_routing_plan(indices, num_experts)
     chunk = _chunk_size(num_tokens * top_k, num_experts)
     chunk_offsets, max_chunks = _tile_table(plan, chunk)
     parts = [new_output((max_chunks, size_f, rank), acc, device) for _ in range(2)]
     parts.append(new_output((max_chunks, rank, size_f), acc, device))
-    _bwd_expert_kernel[lambda meta: (max_chunks, triton.cdiv(size_f, meta["BLOCK_F"]))](
+    _launch(_bwd_expert_kernel, lambda meta: (max_chunks, triton.cdiv(size_f, meta["BLOCK_F"])),
         gate_base, up_base, shrink, lora_b_gate, lora_b_up, lora_a_down,
         plan.sorted_pairs, plan.expert_offsets, chunk_offsets, weights, grad_h_c, grad_z,
-        *parts, num_experts, size_f, num_experts * rank, chunk,
+        *parts, num_experts, size_f, num_experts * rank, chunk, _t_bucket(num_tokens),
         *_common_args(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down),
         weights.stride(0), weights.stride(1),
         grad_h_c.stride(0), grad_h_c.stride(1), grad_z.stride(0), grad_z.stride(1),
@@ -493,7 +523,6 @@ def expert_mix_backward(grad_h_c, grad_z, x, gate_base, up_base, lora_a_gate, lo
     returns (dx (T, H), d_gate_base (T, F), d_up_base (T, F), d_lora_a_gate (E, R, H),
              d_lora_b_gate (E, F, R), d_lora_a_up (E, R, H), d_lora_b_up (E, F, R),
              d_lora_a_down (E, R, F), d_weights (T, K)), each in its input's dtype.
-    Every reduction runs in a fixed order: the same inputs give the same bits.
     """
     activation = canonical_activation(activation)
     num_tokens, size_f = gate_base.shape
@@ -515,9 +544,10 @@ def expert_mix_backward(grad_h_c, grad_z, x, gate_base, up_base, lora_a_gate, lo
     shrink = _scaled_shrink(x, lora_a_gate, lora_a_up, scaling, acc)
     common = _common_args(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down)
     mode = expand_mode(num_experts, rank, dtypes, top_k, hidden)
+    plan = make_routing_plan(indices, num_experts)   # one plan for both per-expert kernels
     if mode == "grouped":
         d_gate32, d_up32 = _grouped_backward(
-            shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down, indices, weights,
+            shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down, indices, plan, weights,
             grad_h_c, grad_z, slot_dsg, slot_dsu, slot_dw, split, activation, acc,
             _dot_dtype(dtypes, acc))
         d_gate_base.copy_(d_gate32)
@@ -525,7 +555,7 @@ def expert_mix_backward(grad_h_c, grad_z, x, gate_base, up_base, lora_a_gate, lo
     else:
         kernel, extra = _token_kernel_launch(_bwd_token_kernel, _bwd_token_dot_kernel, mode,
                                              dtypes, acc)
-        kernel[_token_grid(num_tokens, split)](
+        _launch(kernel, _token_grid(num_tokens, split),
             gate_base, up_base, shrink, lora_b_gate, lora_b_up, lora_a_down, indices, weights,
             grad_h_c, grad_z, d_gate_base, d_up_base, slot_dsg, slot_dsu, slot_dw,
             num_tokens, size_f, num_experts * rank, _t_bucket(num_tokens), *common,
@@ -537,7 +567,7 @@ def expert_mix_backward(grad_h_c, grad_z, x, gate_base, up_base, lora_a_gate, lo
             K_PAD=triton.next_power_of_2(top_k),
             ACC_FP64=acc == torch.float64, **extra)
     d_b_gate, d_b_up, d_a_down = _expert_weight_grads(
-        shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down, indices, weights,
+        shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down, indices, plan, weights,
         grad_h_c, grad_z, activation, acc, _dot_dtype(dtypes, acc))
     n_cols = num_experts * rank
     d_shrink = torch.cat([_slots_to_experts(slot_dsg.sum(0), indices, num_experts),
