@@ -123,10 +123,10 @@ def test_expert_ffn_triton_matches_reference(name, dtype):
     _check(name, dtype, measure("expert_ffn", dtype, names, got, want, max(H, F, T)))
 
 
-@pytest.mark.parametrize("mode", ["gather", "dot"])
+@pytest.mark.parametrize("mode", ["gather", "dot", "grouped"])
 @pytest.mark.parametrize("name", list(FFN_CASES)[:2])
 def test_expert_ffn_each_token_kernel_variant_bf16(name, mode, monkeypatch):
-    """Both token-kernel variants (GMOE_EXPAND), whichever one `auto` would pick, in bf16."""
+    """Every token-kernel variant (GMOE_EXPAND), whichever one `auto` would pick, in bf16."""
     why = C.triton_missing("expert_mix", torch.device("cuda"))
     if why:
         pytest.skip(why)
