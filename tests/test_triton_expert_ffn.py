@@ -3,8 +3,8 @@
 Compared against the reference twin (gmoe_kernels.reference.expert_mix) and against the
 per-expert oracle (expert_ffn_loop, through functional.expert_ffn), outputs and the
 gradient of every input, fp32 and fp16, for every token-kernel variant (gather, one-hot
-tl.dot, expert-grouped; dot and grouped take 16-bit data only, so their fp32 and fp64 cases
-run the gather kernels, as the launcher does). GMOE_POISON=1 is set for every test, so every output the kernels must write starts
+tl.dot, expert-grouped; on a GPU dot and grouped take 16-bit data only, while under the
+interpreter a forced variant runs in fp32 and fp64 too, so the gradchecks cover it). GMOE_POISON=1 is set for every test, so every output the kernels must write starts
 as NaN and an unwritten element fails.
 """
 import dataclasses

@@ -244,7 +244,8 @@ def expand_mode(num_experts: int, rank: int, dtypes=(torch.bfloat16,), top_k: in
     dot also needs R a power of two ≥ 2, E·R ≤ 512 and a config that fits its registers
     (`_dot_eligible`); grouped is never picked under torch.use_deterministic_algorithms (its
     slot sums are atomics). Among the eligible ones, the least estimated cost above wins.
-    GMOE_EXPAND=gather|dot|grouped forces one where it is eligible (else gather).
+    GMOE_EXPAND=gather|dot|grouped forces one where it is eligible (else gather); under the
+    interpreter a forced dot or grouped also runs on fp32/fp64 data (tests).
     """
     forced = os.environ.get("GMOE_EXPAND")
     if forced and forced not in EXPAND_MODES:
@@ -253,7 +254,11 @@ def expand_mode(num_experts: int, rank: int, dtypes=(torch.bfloat16,), top_k: in
     dot_ok = (rank >= 2 and rank == triton.next_power_of_2(rank)   # the fold needs R = R_PAD
               and num_experts * rank <= _DOT_MAX_COLUMNS and _dot_eligible(num_experts, rank, top_k))
     if forced:
-        eligible = {"gather": True, "dot": dot_ok and half, "grouped": half and not _deterministic()}
+        # Forced under the interpreter, fp32/fp64 data run dot and grouped too (IEEE dots), so
+        # the tests' fp32 comparisons and fp64 gradchecks cover them; on a GPU those spill.
+        wide_ok = half or interpreting()
+        eligible = {"gather": True, "dot": dot_ok and wide_ok,
+                    "grouped": wide_ok and not _deterministic()}
         return forced if eligible[forced] else "gather"
     costs = {"gather": _GATHER_COST * top_k * rank / hidden}
     if half and dot_ok:
