@@ -83,6 +83,18 @@ def _load_expert_rf(ptr, expert, offs_r, mask_r, offs_f, mask_f, stride_e, strid
 
 
 @triton.jit
+def _expand_pairs(base_ptr, stride_base_t, stride_base_f, small, m_ptr, stride_m_e, stride_m_r,
+                  stride_m_f, expert, tok, offs_r, mask_r, offs_f, mask_f, mask_pf,
+                  ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """(base[t, f] + small @ M^e[:, f] for the tile's pairs, the M^e tile): one dense expand
+    against expert e's (R_PAD, BLOCK_F) tile of a matrix read as M[e, r, f]."""
+    m = _load_expert_rf(m_ptr, expert, offs_r, mask_r, offs_f, mask_f, stride_m_e, stride_m_r,
+                        stride_m_f)
+    base = _load_rows(base_ptr, tok, offs_f, mask_pf, stride_base_t, stride_base_f, ACC_DTYPE)
+    return dot_acc(small, m, base, DOT_DTYPE), m
+
+
+@triton.jit
 def _expert_mix_fwd_grouped_kernel(
     gate_base_ptr, up_base_ptr, shrink_ptr, b_gate_ptr, b_up_ptr, a_down_ptr,
     sorted_pairs_ptr, expert_offsets_ptr, tile_offsets_ptr, weights_ptr, h_c_ptr, slot_a_d_ptr,
@@ -111,14 +123,12 @@ def _expert_mix_fwd_grouped_kernel(
     for f0 in range(tl.program_id(1) * BLOCK_F, F, tl.num_programs(1) * BLOCK_F):
         offs_f, mask_f = f_tile(f0, F, BLOCK_F)
         mask_pf = mask_p[:, None] & mask_f[None, :]
-        b_gate_t = _load_expert_rf(b_gate_ptr, expert, offs_r, mask_r, offs_f, mask_f,
-                                   stride_bg_e, stride_bg_r, stride_bg_f)
-        b_up_t = _load_expert_rf(b_up_ptr, expert, offs_r, mask_r, offs_f, mask_f,
-                                 stride_bu_e, stride_bu_r, stride_bu_f)
-        g = dot_acc(s_gate, b_gate_t, _load_rows(gate_base_ptr, tok, offs_f, mask_pf,
-                                                 stride_gb_t, stride_gb_f, ACC_DTYPE), DOT_DTYPE)
-        u = dot_acc(s_up, b_up_t, _load_rows(up_base_ptr, tok, offs_f, mask_pf,
-                                             stride_ub_t, stride_ub_f, ACC_DTYPE), DOT_DTYPE)
+        g, _ = _expand_pairs(gate_base_ptr, stride_gb_t, stride_gb_f, s_gate, b_gate_ptr,
+                             stride_bg_e, stride_bg_r, stride_bg_f, expert, tok, offs_r, mask_r,
+                             offs_f, mask_f, mask_pf, ACC_DTYPE, DOT_DTYPE)
+        u, _ = _expand_pairs(up_base_ptr, stride_ub_t, stride_ub_f, s_up, b_up_ptr, stride_bu_e,
+                             stride_bu_r, stride_bu_f, expert, tok, offs_r, mask_r, offs_f, mask_f,
+                             mask_pf, ACC_DTYPE, DOT_DTYPE)
         h = tl.where(mask_pf, _act(g, ACTIVATION) * u, 0.0)
         tl.atomic_add(h_c_ptr + tok[:, None] * stride_hc_t + offs_f[None, :] * stride_hc_f,
                       w[:, None] * h, mask=mask_pf, sem="relaxed")
@@ -165,18 +175,15 @@ def _expert_mix_bwd_grouped_kernel(
     for f0 in range(tl.program_id(1) * BLOCK_F, F, tl.num_programs(1) * BLOCK_F):
         offs_f, mask_f = f_tile(f0, F, BLOCK_F)
         mask_pf = mask_p[:, None] & mask_f[None, :]
-        b_gate_t = _load_expert_rf(b_gate_ptr, expert, offs_r, mask_r, offs_f, mask_f,
-                                   stride_bg_e, stride_bg_r, stride_bg_f)
-        b_up_t = _load_expert_rf(b_up_ptr, expert, offs_r, mask_r, offs_f, mask_f,
-                                 stride_bu_e, stride_bu_r, stride_bu_f)
-        a_down = _load_expert_rf(a_down_ptr, expert, offs_r, mask_r, offs_f, mask_f,
-                                 stride_ad_e, stride_ad_r, stride_ad_f)
-        g = dot_acc(s_gate, b_gate_t, _load_rows(gate_base_ptr, tok, offs_f, mask_pf,
-                                                 stride_gb_t, stride_gb_f, ACC_DTYPE), DOT_DTYPE)
-        u = dot_acc(s_up, b_up_t, _load_rows(up_base_ptr, tok, offs_f, mask_pf,
-                                             stride_ub_t, stride_ub_f, ACC_DTYPE), DOT_DTYPE)
-        q = dot_acc(b, a_down, _load_rows(grad_h_c_ptr, tok, offs_f, mask_pf,
-                                          stride_dhc_t, stride_dhc_f, ACC_DTYPE), DOT_DTYPE)
+        g, b_gate_t = _expand_pairs(gate_base_ptr, stride_gb_t, stride_gb_f, s_gate, b_gate_ptr,
+                                    stride_bg_e, stride_bg_r, stride_bg_f, expert, tok, offs_r,
+                                    mask_r, offs_f, mask_f, mask_pf, ACC_DTYPE, DOT_DTYPE)
+        u, b_up_t = _expand_pairs(up_base_ptr, stride_ub_t, stride_ub_f, s_up, b_up_ptr,
+                                  stride_bu_e, stride_bu_r, stride_bu_f, expert, tok, offs_r,
+                                  mask_r, offs_f, mask_f, mask_pf, ACC_DTYPE, DOT_DTYPE)
+        q, _ = _expand_pairs(grad_h_c_ptr, stride_dhc_t, stride_dhc_f, b, a_down_ptr, stride_ad_e,
+                             stride_ad_r, stride_ad_f, expert, tok, offs_r, mask_r, offs_f, mask_f,
+                             mask_pf, ACC_DTYPE, DOT_DTYPE)
         act_g, act_grad = _act_and_grad(g, ACTIVATION)
         dh = w[:, None] * q
         dg = tl.where(mask_pf, dh * u * act_grad, 0.0)
