@@ -194,6 +194,7 @@ _bwd_expert_kernel = triton.autotune(
     prune_configs_by={"early_config_prune": _prune_expert_configs},
 )(kernels._expert_mix_bwd_expert_kernel)
 
+
 def _grouped_configs(tiles):
     if interpreting():
         return [triton.Config({"BLOCK_F": 32}, num_warps=4)]
@@ -205,13 +206,17 @@ def _grouped_configs(tiles):
 _GROUPED_TILES = {"forward": ((32, 4), (64, 8)), "backward": ((32, 4),)}  # 16-bit data only
 
 
+_SUM_BLOCK = 256 if interpreting() else 1024   # elements per program of _sum_chunks_kernel
+
 # BLOCK_P is fixed (not tuned): the tile table is built from it before the launch.
 _GROUPED_BLOCK_P = 16 if interpreting() else 32
+_GROUPED_KEY = ["F", "K", "R_PAD", "T_BUCKET", "E"]
 _fwd_grouped_kernel = triton.autotune(
-    configs=_grouped_configs(_GROUPED_TILES["forward"]), key=["F", "K", "R_PAD", "T_BUCKET", "E"], reset_to_zero=["h_c_ptr"],
+    configs=_grouped_configs(_GROUPED_TILES["forward"]), key=_GROUPED_KEY,
+    reset_to_zero=["h_c_ptr"],
 )(grouped_kernels._expert_mix_fwd_grouped_kernel)
 _bwd_grouped_kernel = triton.autotune(
-    configs=_grouped_configs(_GROUPED_TILES["backward"]), key=["F", "K", "R_PAD", "T_BUCKET", "E"],
+    configs=_grouped_configs(_GROUPED_TILES["backward"]), key=_GROUPED_KEY,
     reset_to_zero=["d_gate_base_ptr", "d_up_base_ptr"],
 )(grouped_kernels._expert_mix_bwd_grouped_kernel)
 
@@ -250,7 +255,7 @@ def expand_mode(num_experts: int, rank: int, dtypes=(torch.bfloat16,), top_k: in
     forced = os.environ.get("GMOE_EXPAND")
     if forced and forced not in EXPAND_MODES:
         raise ValueError(f"GMOE_EXPAND={forced!r}; choose one of {EXPAND_MODES}")
-    half = len(set(dtypes)) == 1 and next(iter(dtypes)) in _HALF
+    half = _shared_half(dtypes) is not None
     dot_ok = (rank >= 2 and rank == triton.next_power_of_2(rank)   # the fold needs R = R_PAD
               and num_experts * rank <= _DOT_MAX_COLUMNS and _dot_eligible(num_experts, rank, top_k))
     if forced:
@@ -268,12 +273,15 @@ def expand_mode(num_experts: int, rank: int, dtypes=(torch.bfloat16,), top_k: in
     return min(costs, key=costs.get)
 
 
+def _shared_half(dtypes):
+    """The tl 16-bit dtype every operand has, or None (mixed dtypes, or fp32/fp64 data)."""
+    dtypes = set(dtypes)
+    return _HALF.get(next(iter(dtypes))) if len(dtypes) == 1 else None
+
+
 def _dot_dtype(dtypes, acc):
     """16-bit tl.dot operands when every operand has that dtype; else IEEE in `acc`."""
-    dtypes = set(dtypes)
-    if len(dtypes) == 1 and next(iter(dtypes)) in _HALF:
-        return _HALF[next(iter(dtypes))]
-    return tl.float64 if acc == torch.float64 else tl.float32
+    return _shared_half(dtypes) or (tl.float64 if acc == torch.float64 else tl.float32)
 
 
 def _token_kernel_launch(kernel_gather, kernel_dot, mode, dtypes, acc):
@@ -403,23 +411,29 @@ def expert_mix_forward(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_u
     dtypes = (x.dtype, lora_b_gate.dtype, lora_b_up.dtype, lora_a_down.dtype)
     mode = expand_mode(num_experts, rank, dtypes, top_k, x.shape[1])
     if mode == "grouped":
-        h_c32 = _grouped_forward(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down,
-                                 indices, weights, slot_a_d, split, activation, acc,
-                                 _dot_dtype(dtypes, acc))
-        z = _slots_to_experts(slot_a_d.sum(0), indices, num_experts)
-        return h_c.copy_(h_c32), z.to(x.dtype)
-    kernel, extra = _token_kernel_launch(_fwd_kernel, _fwd_dot_kernel, mode, dtypes, acc)
-    _launch(kernel, _token_grid(num_tokens, split),
-        gate_base, up_base, shrink, lora_b_gate, lora_b_up, lora_a_down, indices, weights,
-        h_c, slot_a_d,
-        num_tokens, size_f, num_experts * rank, _t_bucket(num_tokens),
-        *_common_args(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down),
-        indices.stride(0), indices.stride(1), weights.stride(0), weights.stride(1),
-        h_c.stride(0), h_c.stride(1),
-        K=top_k, R=rank, ACTIVATION=activation, R_PAD=_r_pad_token(rank),
-        K_PAD=triton.next_power_of_2(top_k), ACC_FP64=acc == torch.float64, **extra)
+        h_c.copy_(_grouped_forward(shrink, gate_base, up_base, lora_b_gate, lora_b_up,
+                                   lora_a_down, indices, weights, slot_a_d, split, activation,
+                                   acc, _dot_dtype(dtypes, acc)))
+    else:
+        kernel, extra = _token_kernel_launch(_fwd_kernel, _fwd_dot_kernel, mode, dtypes, acc)
+        _launch(kernel, _token_grid(num_tokens, split),
+            gate_base, up_base, shrink, lora_b_gate, lora_b_up, lora_a_down, indices, weights,
+            h_c, slot_a_d,
+            num_tokens, size_f, num_experts * rank, _t_bucket(num_tokens),
+            *_common_args(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down),
+            indices.stride(0), indices.stride(1), weights.stride(0), weights.stride(1),
+            h_c.stride(0), h_c.stride(1),
+            K=top_k, R=rank, ACTIVATION=activation, R_PAD=_r_pad_token(rank),
+            K_PAD=triton.next_power_of_2(top_k), ACC_FP64=acc == torch.float64, **extra)
     z = _slots_to_experts(slot_a_d.sum(0), indices, num_experts)
     return h_c, z.to(x.dtype)
+
+
+def _per_expert_constexprs(top_k, rank, num_experts, activation, acc, dot_dtype) -> dict:
+    """The constexprs of the kernels that multiply by R with tl.dot (per-expert, grouped)."""
+    return dict(K=top_k, R=rank, ACTIVATION=activation, R_PAD=_r_pad(rank),
+                E_PAD=triton.next_power_of_2(num_experts), ACC_FP64=acc == torch.float64,
+                DOT_DTYPE=dot_dtype)
 
 
 def _tile_table(plan, tile: int):
@@ -454,15 +468,14 @@ def _grouped_forward(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_
         _t_bucket(num_tokens),
         *_common_args(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down),
         weights.stride(0), weights.stride(1), h_c32.stride(0), h_c32.stride(1),
-        K=indices.shape[1], R=rank, ACTIVATION=activation, R_PAD=_r_pad(rank),
-        E_PAD=triton.next_power_of_2(num_experts), ACC_FP64=acc == torch.float64,
-        DOT_DTYPE=dot_dtype, BLOCK_P=_GROUPED_BLOCK_P)
+        **_per_expert_constexprs(indices.shape[1], rank, num_experts, activation, acc, dot_dtype),
+        BLOCK_P=_GROUPED_BLOCK_P)
     return h_c32
 
 
 def _grouped_backward(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down, indices,
-                      plan, weights, grad_h_c, grad_z, slot_dsg, slot_dsu, slot_dw, split, activation,
-                      acc, dot_dtype):
+                      plan, weights, grad_h_c, grad_z, slot_dsg, slot_dsu, slot_dw, split,
+                      activation, acc, dot_dtype):
     """The grouped backward kernel; returns dG, dU summed in fp32 (T, F) buffers."""
     num_tokens, size_f = gate_base.shape
     num_experts, rank, _ = lora_a_down.shape
@@ -477,9 +490,8 @@ def _grouped_backward(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a
         weights.stride(0), weights.stride(1), grad_h_c.stride(0), grad_h_c.stride(1),
         grad_z.stride(0), grad_z.stride(1), d_gate32.stride(0), d_gate32.stride(1),
         d_up32.stride(0), d_up32.stride(1),
-        K=indices.shape[1], R=rank, ACTIVATION=activation, R_PAD=_r_pad(rank),
-        E_PAD=triton.next_power_of_2(num_experts), ACC_FP64=acc == torch.float64,
-        DOT_DTYPE=dot_dtype, BLOCK_P=_GROUPED_BLOCK_P)
+        **_per_expert_constexprs(indices.shape[1], rank, num_experts, activation, acc, dot_dtype),
+        BLOCK_P=_GROUPED_BLOCK_P)
     return d_gate32, d_up32
 
 
@@ -502,8 +514,7 @@ def _expert_weight_grads(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lor
         *_common_args(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lora_a_down),
         weights.stride(0), weights.stride(1),
         grad_h_c.stride(0), grad_h_c.stride(1), grad_z.stride(0), grad_z.stride(1),
-        K=top_k, R=rank, ACTIVATION=activation, R_PAD=_r_pad(rank), E_PAD=triton.next_power_of_2(num_experts),
-        ACC_FP64=acc == torch.float64, DOT_DTYPE=dot_dtype)
+        **_per_expert_constexprs(top_k, rank, num_experts, activation, acc, dot_dtype))
     grads = []
     for part, like in zip(parts, (lora_b_gate, lora_b_up, lora_a_down)):
         out = new_output(like.shape, like.dtype, device)
@@ -512,9 +523,6 @@ def _expert_weight_grads(shrink, gate_base, up_base, lora_b_gate, lora_b_up, lor
             part, chunk_offsets, out, width, BLOCK=_SUM_BLOCK)
         grads.append(out)
     return grads
-
-
-_SUM_BLOCK = 256 if interpreting() else 1024
 
 
 def expert_mix_backward(grad_h_c, grad_z, x, gate_base, up_base, lora_a_gate, lora_b_gate,

@@ -24,7 +24,6 @@ element a kernel fails to write shows up.
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import triton
@@ -34,22 +33,12 @@ from ..checks import check_graph_router
 from ..backend import interpreting
 from ..reference.routing import topk_route
 from ._graph_router_kernels import _graph_router_bwd_kernel, _graph_router_fwd_kernel
+from .routing import new_output
 
 __all__ = ["GraphRouterGCN", "graph_router", "graph_router_gcn_backward",
            "graph_router_gcn_forward"]
 
 _INTERPRETER_PROGRAMS = 2  # a small persistent grid, so tests run the multi-tile loop
-
-
-def _poisoned() -> bool:
-    return os.environ.get("GMOE_POISON", "0") == "1"
-
-
-def _new_output(shape, dtype, device) -> torch.Tensor:
-    """An output buffer every element of which a kernel must write (NaN under GMOE_POISON=1)."""
-    if _poisoned():
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _config(num_experts: int, width: int, num_tokens: int, device: torch.device,
@@ -111,12 +100,12 @@ def graph_router_gcn_forward(c1, token_proj, adjacency, gcn_weight, score_weight
     num_tokens, width = token_proj.shape
     num_experts = c1.shape[0] - 1
     num_layers = gcn_weight.shape[0]
-    logits = _new_output((num_tokens, num_experts), c1.dtype, c1.device)
-    probs = _new_output((num_tokens, num_experts), c1.dtype, c1.device)
+    logits = new_output((num_tokens, num_experts), c1.dtype, c1.device)
+    probs = new_output((num_tokens, num_experts), c1.dtype, c1.device)
     if num_tokens == 0:
         return logits, probs
     cfg = _config(num_experts, width, num_tokens, c1.device)
-    scratch = _new_output((cfg["num_programs"], 2, cfg["block_m"], width), c1.dtype, c1.device)
+    scratch = new_output((cfg["num_programs"], 2, cfg["block_m"], width), c1.dtype, c1.device)
     with _device_guard(c1.device):
         _graph_router_fwd_kernel[(cfg["num_programs"],)](
             c1, token_proj, adjacency, gcn_weight, score_weight, logits, probs, scratch,
@@ -153,7 +142,7 @@ def graph_router_gcn_backward(grad_logits, grad_probs, probs, c1, token_proj, ad
     num_experts = c1.shape[0] - 1
     num_layers = gcn_weight.shape[0]
     dtype = c1.dtype
-    d_u = _new_output((num_tokens, width), dtype, c1.device)
+    d_u = new_output((num_tokens, width), dtype, c1.device)
     cfg = _config(num_experts, width, max(num_tokens, 1), c1.device, backward=True)
     # One partial row per program for the sums over tokens, summed below in a fixed order.
     programs = cfg["num_programs"] if num_tokens > 0 else 1
@@ -161,7 +150,7 @@ def graph_router_gcn_backward(grad_logits, grad_probs, probs, c1, token_proj, ad
     d_gcn = torch.zeros((programs, *gcn_weight.shape), dtype=dtype, device=c1.device)
     d_score = torch.zeros((programs, *score_weight.shape), dtype=dtype, device=c1.device)
     if num_tokens > 0:
-        scratch = _new_output((cfg["num_programs"], num_layers + 2, cfg["block_m"], width),
+        scratch = new_output((cfg["num_programs"], num_layers + 2, cfg["block_m"], width),
                               dtype, c1.device)
         with _device_guard(c1.device):
             _graph_router_bwd_kernel[(cfg["num_programs"],)](
