@@ -11,8 +11,10 @@ from gmoe_kernels.backend import BACKENDS
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_TYPE = "GMOE"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: λ and σ of shape (1,) (0-dim in 1); token_coupling, load_decay, freeze_loss_params
+READABLE_FORMAT_VERSIONS = (1, 2)  # version 1 adapters lack the new fields: their defaults are version 1's behaviour
 ROUTERS = ("graph", "linear")
+TOKEN_COUPLINGS = ("degree", "uniform")
 ADAPTER_DTYPES = ("float32", "base")
 EXPERT_MODULES = ("gate_proj", "up_proj", "down_proj")
 
@@ -50,6 +52,9 @@ class GMoEConfig:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     expert_modules: list[str] = field(default_factory=lambda: list(EXPERT_MODULES))
     token_init_gain: float = 100.0
+    token_coupling: str = "degree"
+    load_decay: float = 1.0
+    freeze_loss_params: bool = False
     adapter_dtype: str = "float32"
     backend: str = "auto"
     base_model_name_or_path: str | None = None
@@ -87,6 +92,11 @@ class GMoEConfig:
         for name in ("poisson_loss_coef", "normal_loss_coef", "aux_loss_coef"):
             number(name, 0.0)
         number("token_init_gain", 0.0, low_open=True)
+        if self.token_coupling not in TOKEN_COUPLINGS:
+            _fail("token_coupling", self.token_coupling, f"choose one of {TOKEN_COUPLINGS}")
+        number("load_decay", 0.0, 1.0, low_open=True)
+        if not isinstance(self.freeze_loss_params, bool):
+            _fail("freeze_loss_params", self.freeze_loss_params, "must be true or false")
         if self.adapter_dtype not in ADAPTER_DTYPES:
             _fail("adapter_dtype", self.adapter_dtype, f"choose one of {ADAPTER_DTYPES}")
         if self.backend not in BACKENDS:
@@ -128,8 +138,9 @@ class GMoEConfig:
                 "GMoE adapter (for MixLoRA or published-GMoE adapters use gmoe.convert)"
             )
         version = data.pop("format_version", None)
-        if version != FORMAT_VERSION:
-            raise ValueError(f"adapter format_version={version!r} is not supported (this release reads {FORMAT_VERSION})")
+        if version not in READABLE_FORMAT_VERSIONS:
+            raise ValueError(f"adapter format_version={version!r} is not supported (this release reads "
+                             f"{list(READABLE_FORMAT_VERSIONS)}); upgrade gmoe-kernels to read newer adapters")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from gmoe_kernels import functional
 
-from . import losses
+from . import losses, telemetry
 from .config import EXPERT_MODULES, GMoEConfig
 from .router import GraphRouter, LinearRouter
 
@@ -119,33 +119,38 @@ class GMoEMLP(nn.Module):
             name: ExpertLoRA(E, r, *shapes[name], trainable=name in config.expert_modules, device=device,
                              dtype=dtype)
             for name in EXPERT_MODULES})
-        coefs = dict(poisson_loss_coef=config.poisson_loss_coef, normal_loss_coef=config.normal_loss_coef)
+        coefs = dict(poisson_loss_coef=config.poisson_loss_coef, normal_loss_coef=config.normal_loss_coef,
+                     freeze_loss_params=config.freeze_loss_params)
         if config.router == "graph":
             self.router = GraphRouter(hidden, E, config.top_k, config.gcn_dim, config.gcn_layers,
                                       config.edge_density, activation, config.token_init_gain,
-                                      build_graph=build_graph, **coefs).to(device)
+                                      build_graph=build_graph, token_coupling=config.token_coupling,
+                                      **coefs).to(device)
         else:
             self.router = LinearRouter(hidden, E, config.top_k, **coefs).to(device)
         self.register_buffer("expert_load", torch.zeros(E, device=device))
+        telemetry.register_window(self, E, config.top_k, device)
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.last_routing = self.last_loss_targets = None
         self.disabled = False  # set by GMoEModel.disable_adapter()
 
     def _apply(self, fn, recurse=True):
         # The router (gain-100 token projection, λ, σ) loses top-k decisions in half precision,
-        # and a half-precision running count stops growing after a few hundred steps: both stay
+        # and a half-precision running count stops growing after a few hundred steps: they stay
         # fp32 whatever `.to(dtype)` / `.half()` / `.bfloat16()` asked for (fp64 is kept).
         super()._apply(fn, recurse)
-        for tensor in (*self.router.parameters(), *self.router.buffers(), self.expert_load):
+        counts = ("expert_load", *telemetry.COUNT_NAMES, "routing_tokens")  # counts saturate in half precision
+        for tensor in (*self.router.parameters(), *self.router.buffers(), *(getattr(self, n) for n in counts)):
             if tensor.dtype in HALF_DTYPES:
                 self.router.float()
-                self.expert_load = self.expert_load.float()
+                for name in counts:
+                    setattr(self, name, getattr(self, name).float())
                 break
         return self
 
     def record_routing(self, probs, indices, weights) -> None:
         """Keep what GMoEModel.router_loss needs of this forward: the routing, and the Poisson and
-        Normal targets computed from λ and σ now, while this layer's parameters are gathered
+        Normal log targets computed from λ and σ now, while this layer's parameters are gathered
         (FSDP2 and ZeRO-3 reshard them after the layer's forward).
 
         Activation checkpointing recomputes the forward inside backward: the targets are computed
@@ -153,8 +158,8 @@ class GMoEMLP(nn.Module):
         """
         cfg, router = self.config, self.router
         targets = (
-            losses.poisson_target(cfg.num_experts, router.poisson_rate) if cfg.poisson_loss_coef > 0 else None,
-            losses.normal_target(cfg.num_experts, router.normal_std) if cfg.normal_loss_coef > 0 else None)
+            losses.poisson_log_target(cfg.num_experts, router.poisson_rate) if cfg.poisson_loss_coef > 0 else None,
+            losses.normal_log_target(cfg.num_experts, router.normal_std) if cfg.normal_loss_coef > 0 else None)
         # (Dynamo cannot trace the graph-task query; a compiled forward is never a recompute.)
         if torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1:
             self.last_routing, self.last_loss_targets = (probs, indices, weights), targets

@@ -10,29 +10,38 @@ import torch.distributed as dist
 POISSON_RATE_RANGE = (1.0, 2.0)
 
 
-def poisson_target(num_experts: int, rate: torch.Tensor) -> torch.Tensor:
-    """q_i ∝ Poisson(i; λ) for i = 1..E, L1-normalised; λ clamped to [1, 2]. Returns (E,) fp32."""
+def poisson_log_target(num_experts: int, rate: torch.Tensor) -> torch.Tensor:
+    """log q_i, q_i ∝ Poisson(i; λ) for i = 1..E, L1-normalised; λ clamped to [1, 2]. (E,) fp32.
+
+    In log space: at E ≳ 40 the smallest q_i underflow fp32 (Poisson(64; 2) ≈ e^-166), and the
+    loss's q_i · log q_i would be 0 · (-inf) = NaN.
+    """
     lam = rate.float().clamp(*POISSON_RATE_RANGE)
     i = torch.arange(1, num_experts + 1, dtype=torch.float32, device=rate.device)
     log_pmf = i * torch.log(lam) - lam - torch.lgamma(i + 1)
-    return torch.softmax(log_pmf, dim=0)  # = pmf / sum(pmf), computed stably
+    return torch.log_softmax(log_pmf.reshape(-1), dim=0)  # = log(pmf / sum(pmf)), computed stably
 
 
-def poisson_distinction_sum(probs: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None = None):
+def poisson_target(num_experts: int, rate: torch.Tensor) -> torch.Tensor:
+    """q (E,) fp32: the probabilities of `poisson_log_target`."""
+    return poisson_log_target(num_experts, rate).exp()
+
+
+def poisson_distinction_sum(probs: torch.Tensor, log_q: torch.Tensor, mask: torch.Tensor | None = None):
     """Sum over non-padding tokens of sum_i q_i |log(q_i / (p↓_i + 1e-16))|, p↓ each token's sorted probs.
 
-    q: (E,) the Poisson target (`poisson_target`). A sum, not a mean, so that data-parallel
+    log_q: (E,) the log Poisson target (`poisson_log_target`). A sum, not a mean, so that data-parallel
     ranks can add their parts before dividing by the global token count. Returns () fp32.
     """
     p_sorted = torch.sort(probs.float(), dim=1, descending=True).values
-    per_token = (q * torch.log(q / (p_sorted + 1e-16)).abs()).sum(dim=1)
+    per_token = (log_q.exp() * (log_q - torch.log(p_sorted + 1e-16)).abs()).sum(dim=1)
     return per_token.sum() if mask is None else (per_token * mask.to(per_token.dtype)).sum()
 
 
 def poisson_distinction_loss(probs: torch.Tensor, rate: torch.Tensor, mask: torch.Tensor | None = None):
     """D = mean over non-padding tokens of the per-token Poisson distinction (0 for no tokens)."""
-    q = poisson_target(probs.shape[1], rate)
-    return poisson_distinction_sum(probs, q, mask) / token_count(probs, mask).clamp_min(1.0)
+    log_q = poisson_log_target(probs.shape[1], rate)
+    return poisson_distinction_sum(probs, log_q, mask) / token_count(probs, mask).clamp_min(1.0)
 
 
 def token_count(probs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -42,12 +51,32 @@ def token_count(probs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.
     return mask.float().sum()
 
 
-def normal_target(num_experts: int, std: torch.Tensor) -> torch.Tensor:
-    """n_i ∝ Normal(i; μ = E/2, σ) for i = 0..E-1, L1-normalised, sorted descending. (E,) fp32."""
-    sigma = std.float().abs() + 1e-6
+def normal_std_range(num_experts: int) -> tuple[float, float]:
+    """The range σ is clamped to inside the Normal loss: [E/8, 2E].
+
+    Below about E/16 the sorted target puts nearly all its mass on one expert, so a collapsed load
+    scores better than a uniform one (at E 8 from σ ≈ 0.43 down, at E 64 from σ ≈ 2.2), and the
+    learnable σ would have a downhill path towards collapse; E/8 keeps a margin. Above 2E the
+    target is flat to within 1 % and σ no longer changes anything. The init, E/2, is inside.
+    """
+    return num_experts / 8.0, 2.0 * num_experts
+
+
+def normal_log_target(num_experts: int, std: torch.Tensor) -> torch.Tensor:
+    """log n_i, n_i ∝ Normal(i; μ = E/2, σ) for i = 0..E-1, L1-normalised, sorted descending. (E,) fp32.
+
+    σ is clamped to `normal_std_range(E)` (no gradient outside it, as for λ). In log space: the
+    tails underflow fp32 at small σ (n_i = 0 at σ 0.2, E 8), and n_i · log n_i would be NaN.
+    """
+    sigma = std.float().reshape(-1).clamp(*normal_std_range(num_experts))
     i = torch.arange(num_experts, dtype=torch.float32, device=std.device)
     log_pdf = -0.5 * ((i - num_experts / 2) / sigma) ** 2  # the 1/(σ√2π) factor cancels
-    return torch.sort(torch.softmax(log_pdf, dim=0), descending=True).values
+    return torch.sort(torch.log_softmax(log_pdf, dim=0), descending=True).values
+
+
+def normal_target(num_experts: int, std: torch.Tensor) -> torch.Tensor:
+    """n (E,) fp32: the probabilities of `normal_log_target`."""
+    return normal_log_target(num_experts, std).exp()
 
 
 def batch_load(probs_topk: torch.Tensor, indices: torch.Tensor, num_experts: int,
@@ -83,14 +112,14 @@ def global_sums(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def normal_balance_loss(load_now: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """B = sum_i n_i |log(n_i / (ĉ_i + 1e-8))|, ĉ = sort↓(load) / sum(load)."""
-    return normal_balance(load_now, normal_target(load_now.shape[0], std))
+    return normal_balance(load_now, normal_log_target(load_now.shape[0], std))
 
 
-def normal_balance(load_now: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """The Normal balance loss against a given target n (E,) (`normal_target`)."""
+def normal_balance(load_now: torch.Tensor, log_n: torch.Tensor) -> torch.Tensor:
+    """The Normal balance loss against a given log target log_n (E,) (`normal_log_target`)."""
     c = torch.sort(load_now.float(), descending=True).values
     c_hat = c / c.sum().clamp_min(1e-12)
-    return (n * torch.log(n / (c_hat + 1e-8)).abs()).sum()
+    return (log_n.exp() * (log_n - torch.log(c_hat + 1e-8)).abs()).sum()
 
 
 def switch_stats(probs: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None = None):

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from gmoe_kernels.activations import ACTIVATIONS, act, canonical_activation
 
-from . import losses
+from . import losses, telemetry
 from .config import CONFIG_NAME, WEIGHTS_NAME, GMoEConfig
 from .io import atomic_save_dir, check_adapter_state, read_safetensors
 from .layers import GMoEMLP, LoRALinear, adapter_dtype
@@ -104,6 +104,9 @@ class GMoEModel(nn.Module):
         self._unloaded = False
         self._adapters_disabled = False
         self._non_finite_steps: dict[tuple[str, ...], torch.Tensor] = {}  # see _advance_load
+        #: Count routing telemetry in training forwards (`routing_stats`); on by default.
+        self.routing_telemetry = True
+        self._measuring_routing = False
         self.train(model.training)  # new modules start in the base model's mode
 
     # ----- attribute forwarding, as PeftModel does -----
@@ -130,6 +133,8 @@ class GMoEModel(nn.Module):
                      inputs_embeds=inputs_embeds)
         try:
             out = self.base_model(**{k: v for k, v in given.items() if v is not None}, return_dict=True, **kwargs)
+            if not self.training and self._measuring_routing and not self._adapters_disabled:
+                self._count_eval_routing(attention_mask)
             if (labels is not None or self.training) and not self._adapters_disabled:
                 router_loss = self.router_loss(attention_mask)
                 out["router_loss"] = router_loss
@@ -176,10 +181,17 @@ class GMoEModel(nn.Module):
         if cfg.aux_loss_coef > 0:
             stats["switch"] = torch.stack([losses.switch_stats(probs, indices, mask)
                                            for (probs, indices, _), mask in zip(routings, masks)])
+        count_routing = training and self.routing_telemetry
+        if count_routing:  # the telemetry counts join the same all-reduce: every rank holds the global counts
+            stats.update(self._routing_counts(layers, routings, masks[0]))
         if training:  # eval counts nothing, so it needs no collective (rank-0-only eval works)
             stats = losses.global_sums(stats)
         tokens = stats["tokens"]
-        load_now = torch.stack([layer.expert_load.detach().float() for layer in layers]) + cfg.top_k * stats["load"]
+        # load_decay 1.0 (the default) keeps the whole run's load, as published; below 1 old steps
+        # fade, so this batch's share (the only part with a gradient) does not shrink like 1/steps.
+        # The previous load is the same on every rank, so the decayed load stays exact under DDP.
+        previous = torch.stack([layer.expert_load.detach().float() for layer in layers])
+        load_now = cfg.load_decay * previous + cfg.top_k * stats["load"]
         loss = torch.zeros(len(layers), dtype=torch.float32, device=load_now.device)
         if cfg.poisson_loss_coef > 0:
             loss = loss + cfg.poisson_loss_coef * stats["poisson"] / tokens.clamp_min(1.0)
@@ -191,6 +203,8 @@ class GMoEModel(nn.Module):
                 losses.switch_loss_from_stats(switch, tokens, cfg.top_k) for switch in stats["switch"]])
         if training:
             self._advance_load(layers, load_now, stats["load"])
+        if count_routing:
+            telemetry.accumulate(layers, stats, tokens)
         return loss.mean()
 
     def _advance_load(self, layers, load_now, batch_load):
@@ -228,13 +242,14 @@ class GMoEModel(nn.Module):
                           "them (the running load keeps its previous value)", RuntimeWarning, stacklevel=3)
 
     @staticmethod
-    def _token_mask(attention_mask, probs):
+    def _token_mask(attention_mask, probs, warn=True):
         if attention_mask is None:
             return None
         if attention_mask.numel() != probs.shape[0]:
-            warnings.warn(f"attention_mask has {attention_mask.numel()} entries for {probs.shape[0]} routed tokens "
-                          "(a 4-D or packed mask?); padding cannot be left out of the router loss and load",
-                          stacklevel=3)
+            if warn:
+                warnings.warn(f"attention_mask has {attention_mask.numel()} entries for {probs.shape[0]} routed "
+                              "tokens (a 4-D or packed mask?); padding cannot be left out of the router loss and load",
+                              stacklevel=3)
             return None
         return attention_mask.reshape(-1).to(probs.device).bool()
 
@@ -245,6 +260,49 @@ class GMoEModel(nn.Module):
             raise RuntimeError("the router's probabilities carry no gradient, so the router would not train: "
                                "reentrant activation checkpointing runs the forward without grad. Use "
                                "model.gradient_checkpointing_enable() (non-reentrant) instead")
+
+    # ----- routing telemetry -----
+    def _routing_counts(self, layers, routings, mask) -> dict[str, torch.Tensor]:
+        """This forward's telemetry counts for all layers at once (`gmoe.telemetry.batch_counts`)."""
+        indices = torch.stack([indices for _, indices, _ in routings])
+        topk_probs = torch.stack([probs.gather(1, indices) for probs, indices, _ in routings])
+        return telemetry.batch_counts(indices, topk_probs, mask, layers[0].routing_set_digits,
+                                      layers[0].routing_sets.shape[0])
+
+    def _count_eval_routing(self, attention_mask) -> None:
+        """Inside `measuring_routing`: add an eval forward's routing to the window (local counts)."""
+        layers = [m for m in self.gmoe_layers() if m.last_routing is not None]
+        if not layers or not self.routing_telemetry:
+            return
+        routings = [layer.last_routing for layer in layers]
+        mask = self._token_mask(attention_mask, routings[0][0], warn=False)
+        telemetry.accumulate(layers, self._routing_counts(layers, routings, mask),
+                             losses.token_count(routings[0][0], mask))
+
+    def routing_stats(self, reset: bool = True) -> telemetry.RoutingStats:
+        """Per-layer routing telemetry since the last reset (see `gmoe.telemetry`): slot and
+        probability-mass shares, the busiest expert's share, the load's normalised entropy, the
+        fraction of tokens on the most common top-K set, idle experts, λ and σ. Training
+        forwards always count (summed over data-parallel ranks); eval forwards count inside
+        `measuring_routing()`. Reads the device counts (a host synchronisation); `reset` starts
+        a new window."""
+        layers = self.gmoe_layers()
+        stats = telemetry.read_window(layers, self.gmoe_config.top_k)
+        if reset:
+            telemetry.reset(layers)
+        return stats
+
+    @contextlib.contextmanager
+    def measuring_routing(self):
+        """Within this context eval-mode forwards count in the routing telemetry too (for a report
+        on a dataset). It starts a new window; read it with `routing_stats()` inside or after."""
+        previous = self._measuring_routing
+        telemetry.reset(self.gmoe_layers())
+        self._measuring_routing = True
+        try:
+            yield self
+        finally:
+            self._measuring_routing = previous
 
     def expert_load(self) -> torch.Tensor:
         """(num_layers, num_experts) fp32: each layer's running expert load. Gives the deferred
@@ -384,7 +442,7 @@ class GMoEModel(nn.Module):
         with torch.no_grad():
             try:
                 for key, value in state.items():
-                    # reshape: adapters of gmoe-kernels 0.1.0 hold λ and σ 0-dim, (1,) now
+                    # reshape: adapters of format version 1 hold λ and σ 0-dim, (1,) since version 2
                     targets[key].copy_(value.reshape(own[key].shape).to(targets[key].dtype))
             except BaseException:
                 for key, value in snapshot.items():

@@ -20,15 +20,35 @@ def _glorot_(tensor: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
 
 
 def _add_loss_parameters(router: nn.Module, num_experts: int, poisson_loss_coef: float,
-                         normal_loss_coef: float) -> None:
+                         normal_loss_coef: float, freeze: bool = False) -> None:
     """λ (Poisson rate, init 1.5) and σ (Normal std, init E/2), one value each per layer.
 
     Shape (1,), not 0-dim: FSDP2's fully_shard and DeepSpeed's broadcast refuse 0-dim
     parameters. A loss whose coefficient is 0 leaves its parameter frozen: a trainable
     parameter that never gets a gradient stalls DDP's reducer (or silently skips its all-reduce).
+    `freeze` (config `freeze_loss_params`) freezes both, as the published code effectively does
+    (there they are plain tensors).
     """
-    router.poisson_rate = nn.Parameter(torch.tensor([1.5]), requires_grad=poisson_loss_coef > 0)
-    router.normal_std = nn.Parameter(torch.tensor([num_experts / 2.0]), requires_grad=normal_loss_coef > 0)
+    router.poisson_rate = nn.Parameter(torch.tensor([1.5]), requires_grad=poisson_loss_coef > 0 and not freeze)
+    router.normal_std = nn.Parameter(torch.tensor([num_experts / 2.0]),
+                                     requires_grad=normal_loss_coef > 0 and not freeze)
+
+
+def uniform_token_coupling(adjacency_hat: torch.Tensor) -> torch.Tensor:
+    """Â with every token–expert edge given one weight, 1/√(d̄·(E+1)), d̄ the mean expert degree.
+
+    Under the GCN normalisation the token reaches expert i with weight 1/√(d_i·(E+1)), so at the
+    published gain-100 init, where the token term is ~170x the expert terms on SmolLM2, experts are
+    ranked by degree (rank correlation of slots with degree +0.63). With one weight for all experts
+    the degrees no longer rank them; the expert–expert part of Â is unchanged. d_i = 1/Â[i, i].
+    """
+    num_experts = adjacency_hat.shape[0] - 1
+    mean_degree = adjacency_hat.diagonal()[:num_experts].reciprocal().mean()
+    weight = (mean_degree * (num_experts + 1)).rsqrt()
+    coupled = adjacency_hat.clone()
+    coupled[:num_experts, num_experts] = weight
+    coupled[num_experts, :num_experts] = weight
+    return coupled
 
 
 class GraphRouter(nn.Module):
@@ -42,15 +62,16 @@ class GraphRouter(nn.Module):
 
     def __init__(self, hidden_size, num_experts, top_k, gcn_dim, gcn_layers, edge_density,
                  activation, token_init_gain=100.0, build_graph=True, poisson_loss_coef=1.0,
-                 normal_loss_coef=1.0):
+                 normal_loss_coef=1.0, token_coupling="degree", freeze_loss_params=False):
         super().__init__()
         self.num_experts, self.top_k, self.activation = num_experts, top_k, activation
+        self.token_coupling = token_coupling
         self.token_weight = nn.Parameter(_glorot_(torch.empty(gcn_dim, hidden_size), token_init_gain))
         self.expert_weight = nn.Parameter(_glorot_(torch.empty(gcn_dim, hidden_size)))
         self.gcn_weight = nn.Parameter(torch.stack(
             [_glorot_(torch.empty(gcn_dim, gcn_dim)) for _ in range(gcn_layers)]))
         self.score_weight = nn.Parameter(_glorot_(torch.empty(1, gcn_dim)).squeeze(0))
-        _add_loss_parameters(self, num_experts, poisson_loss_coef, normal_loss_coef)
+        _add_loss_parameters(self, num_experts, poisson_loss_coef, normal_loss_coef, freeze_loss_params)
         self.register_buffer("expert_features", _glorot_(torch.empty(num_experts, hidden_size)))
         adjacency = torch.zeros(num_experts, num_experts, dtype=torch.bool)
         if build_graph:
@@ -60,7 +81,8 @@ class GraphRouter(nn.Module):
         self.register_buffer("expert_adjacency", adjacency)
 
     def normalized_adjacency(self) -> torch.Tensor:
-        """Â (E+1, E+1) fp32 of the current `expert_adjacency`, computed once and cached.
+        """Â (E+1, E+1) fp32 of the current `expert_adjacency`, computed once and cached
+        (with `uniform_token_coupling` applied when token_coupling is "uniform").
 
         The adjacency is fixed, so the ~10 small ops building Â need not run every step. The
         cache is a plain attribute (not a buffer: it stays out of the adapter and of dtype casts)
@@ -69,13 +91,18 @@ class GraphRouter(nn.Module):
         the version), `.to()` and other casts (a new tensor), or assigning a new buffer.
         """
         adjacency = self.expert_adjacency
+
+        def build():
+            a_hat = functional.normalized_adjacency(adjacency)
+            return uniform_token_coupling(a_hat) if self.token_coupling == "uniform" else a_hat
+
         # Traced into the graph under torch.compile. Not cached in inference mode: an inference
         # tensor cannot be saved for a later training backward (and has no version counter).
         if torch.compiler.is_compiling() or torch.is_inference_mode_enabled() or adjacency.is_inference():
-            return functional.normalized_adjacency(adjacency)
+            return build()
         cached = self.__dict__.get("_normalized_adjacency")
         if cached is None or cached[0] is not adjacency or cached[1] != adjacency._version:
-            cached = (adjacency, adjacency._version, functional.normalized_adjacency(adjacency))
+            cached = (adjacency, adjacency._version, build())
             self.__dict__["_normalized_adjacency"] = cached
         return cached[2]
 
@@ -96,12 +123,12 @@ class LinearRouter(nn.Module):
     """
 
     def __init__(self, hidden_size, num_experts, top_k, init_std=0.02, poisson_loss_coef=0.0,
-                 normal_loss_coef=0.0):
+                 normal_loss_coef=0.0, freeze_loss_params=False):
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
         self.weight = nn.Parameter(torch.randn(num_experts, hidden_size) * init_std)
         if poisson_loss_coef > 0 or normal_loss_coef > 0:
-            _add_loss_parameters(self, num_experts, poisson_loss_coef, normal_loss_coef)
+            _add_loss_parameters(self, num_experts, poisson_loss_coef, normal_loss_coef, freeze_loss_params)
 
     def forward(self, x: torch.Tensor, backend: str | None = None):
         logits = (x @ self.weight.to(x.dtype).t()).to(compute_dtype(x))

@@ -59,6 +59,14 @@ def load_checkpoint_adapter(model: GMoEModel, checkpoint: str | os.PathLike) -> 
 
 
 class GMoETrainer(transformers.Trainer):
+    """Trainer whose checkpoints are GMoE adapter folders, and whose training logs carry the
+    routing telemetry: at each logging step, the means over layers of `GMoEModel.routing_stats()`
+    as `routing/<field>`, and the full per-layer record in `routing_history`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.routing_history: list[dict] = []  # {"step": ..., **RoutingStats.to_dict()} per training log
+
     def _gmoe_model(self, model=None) -> GMoEModel | None:
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
         return model if isinstance(model, GMoEModel) else None
@@ -76,6 +84,12 @@ class GMoETrainer(transformers.Trainer):
         model = self._gmoe_model()
         if model is not None:  # the warning the training step defers (no host sync there); Trainer syncs here
             model.report_non_finite()
+            if "loss" in logs and model.routing_telemetry:  # a training-step log (not eval, not the run summary)
+                stats = model.routing_stats()
+                if stats.tokens:
+                    self.routing_history.append({"step": self.state.global_step, **stats.to_dict()})
+                    logs.update({f"routing/{k}": round(v, 4) for k, v in stats.summary().items()
+                                 if v is not None and k != "tokens"})
         return super().log(logs, *args, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:

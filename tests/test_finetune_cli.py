@@ -41,9 +41,15 @@ def test_two_step_compare_writes_results_plots_and_resumes(setup, capsys):
         assert len(rows) == 2 and all("router_loss" in r for r in rows)
         assert (run / "loss.png").stat().st_size > 1000
         assert (run / "adapter" / "adapter_config.json").is_file()
+        if method == "lora":
+            assert res["routing"] == {"injection": None, "trained": None}
         if method == "gmoe":
-            assert (run / "expert_load.png").stat().st_size > 1000
-            assert len(res["train"]["expert_load_history"]) == 2
+            assert (run / "routing.png").stat().st_size > 1000
+            history = res["train"]["routing_history"]
+            assert [h["step"] for h in history] == [1, 2] and all(h["tokens"] > 0 for h in history)
+            assert all("routing/busiest_share" in r for r in rows)
+            for when in ("injection", "trained"):
+                assert res["routing"][when]["tokens"] > 0 and len(res["routing"][when]["layers"]) == 2
             assert rows[0]["router_loss"] > 0
     summary = json.loads((out / "obqa" / "compare.json").read_text())
     assert [r["method"] for r in summary["rows"]] == ["zero-shot", "gmoe", "lora"]
@@ -117,7 +123,9 @@ def test_presets_fill_unset_flags_only():
     cfg = config_from_args(args, compare=True)
     assert cfg.preset == "table" and cfg.seeds == [0, 1, 2] and cfg.lr == 0.001
     assert (cfg.epochs, cfg.batch_size, cfg.r, cfg.experts, cfg.split_seed) == (2.0, 8, 8, 8, 1234)
-    assert cfg.methods == ["gmoe", "gmoe-no-graph", "gmoe-no-poisson", "gmoe-no-normal", "mixlora", "lora"]
+    from gmoe.finetune.methods import METHODS
+
+    assert cfg.methods == METHODS
     quick = config_from_args(build_parser().parse_args(["--quick", "--method", "lora"]), compare=False)
     assert (quick.task, quick.methods, quick.max_train_examples) == ("obqa", ["lora"], PRESETS["quick"]["max_train_examples"])
     assert config_from_args(build_parser().parse_args(["--seeds", "2", "--seed", "5"]), False).seeds == [5, 6]

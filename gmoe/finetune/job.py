@@ -18,6 +18,7 @@ import torch
 from . import methods as M
 from . import plots, report
 from .encoding import PadCollator, training_features
+from .routing import measure_routing
 from .scoring import evaluate
 from .split import DEFAULT_EVAL_FRACTION, DEFAULT_SPLIT_SEED, split_indices
 from .tasks import get_task, load_examples
@@ -196,6 +197,7 @@ class Job:
         base, tok = self.base()
         transformers.set_seed(seed)
         model = M.apply_method(copy.deepcopy(base), method, cfg.spec())
+        routing_at_injection = measure_routing(model, tok, self.data.eval, cfg.max_length)
         params = M.trainable_parameters(model)
         self.log(f"{method} seed {seed}: {params['trainable']:,} trainable of {params['total']:,} parameters")
         if torch.cuda.is_available():
@@ -203,13 +205,14 @@ class Job:
         wall = time.perf_counter()
         train = self._train(model, tok, method, seed, out)
         finetuned = self._evaluate(model, tok)
+        routing = {"injection": routing_at_injection, "trained": measure_routing(model, tok, self.data.eval, cfg.max_length)}
         os.makedirs(out, exist_ok=True)
         model.save_pretrained(os.path.join(out, "adapter"))
         result = {
             "task": cfg.task, "method": method, "seed": seed, "model": cfg.model, "budget": budget,
             "config": dataclasses.asdict(cfg), "adapter_config": _adapter_config(model),
             "split": self.data.split, "zero_shot": zero, "finetuned": finetuned,
-            "trainable_params": params, "train": train, "peak_memory": report.peak_memory_mib(),
+            "trainable_params": params, "train": train, "routing": routing, "peak_memory": report.peak_memory_mib(),
             "wall_seconds": time.perf_counter() - wall, "versions": report.versions(),
             "machine": report.machine(), "adapter": os.path.join(out, "adapter"),
         }
@@ -233,24 +236,25 @@ class Job:
         trainer = FinetuneTrainer(model=model, args=args, train_dataset=feats, data_collator=PadCollator(tok.pad_token_id))
         self.log(f"training {method} seed {seed} on {len(feats)} examples ...")
         metrics = trainer.train().metrics
-        if trainer.load_history:
-            from ..train import format_load
-
-            self.log(format_load(model))
+        if trainer.routing_history:
+            s = trainer.routing_history[-1]["summary"]
+            self.log(f"routing in the last logging window (means over layers): busiest expert "
+                     f"{s['busiest_share']:.3f} of the slots (balanced {1 / cfg.experts:.3f}), "
+                     f"{s['top_set_fraction']:.3f} of tokens on the most common top-{cfg.top_k} set")
         seconds = metrics.get("train_runtime")
         history = [dict(r) for r in trainer.state.log_history]
         return {"seconds": seconds, "steps": trainer.state.global_step, "examples": len(feats),
                 "tokens": trainer.train_tokens,
                 "tokens_per_s": trainer.train_tokens / seconds if seconds else None,
                 "final_train_loss": metrics.get("train_loss"), "log_history": history,
-                "expert_load_history": trainer.load_history}
+                "routing_history": trainer.routing_history}
 
     def _plots(self, result, train, out) -> dict:
         title = f"{result['model']} · {result['task']} · {result['method']} · seed {result['seed']}"
         paths = {"loss": plots.loss_curves(train["log_history"], os.path.join(out, "loss.png"), title)}
-        heat = plots.expert_load_heatmap(train["expert_load_history"], os.path.join(out, "expert_load.png"), title)
-        if heat:
-            paths["expert_load"] = heat
+        routing = plots.routing_over_training(train["routing_history"], os.path.join(out, "routing.png"), title)
+        if routing:
+            paths["routing"] = routing
         return paths
 
     # ----- eval-only -----
@@ -284,7 +288,8 @@ class Job:
     def write_summary(self, results: dict) -> dict:
         cfg = self.cfg
         zero = self.zero_shot()
-        summary = report.summarize(cfg.task, zero, results)
+        chance = sum(1.0 / ex.num_choices for ex in self.data.eval) / len(self.data.eval)
+        summary = report.summarize(cfg.task, zero, results, chance=chance)
         summary["split"] = self.data.split
         summary["budget"] = cfg.training_budget()
         summary["preset"] = cfg.preset

@@ -4,6 +4,9 @@ caller's and identical across methods.
 - gmoe: graph router, Poisson distinction + Normal balance losses (default coefficients)
 - gmoe-no-graph: linear router, keeping both GMoE losses
 - gmoe-no-poisson / gmoe-no-normal: graph router without that loss
+- gmoe-window: gmoe with a decaying running load (load_decay 0.9: about the last 10 steps count)
+- gmoe-frozen: gmoe with λ and σ frozen at their inits (as the published code, where they never train)
+- gmoe-uniform: gmoe with one weight on every token–expert edge (token_coupling "uniform")
 - mixlora: linear router with the Switch load-balancing loss (MixLoRA's default coefficient 0.01)
 - lora: PEFT LoraConfig on the same seven projections with the same rank
 All put a LoRA of rank r on q/k/v/o_proj; the MoE methods put E LoRA experts of rank r on gate/up/down_proj.
@@ -21,6 +24,9 @@ METHOD_OVERRIDES = {
     "gmoe-no-graph": {"router": "linear"},
     "gmoe-no-poisson": {"router": "graph", "poisson_loss_coef": 0.0},
     "gmoe-no-normal": {"router": "graph", "normal_loss_coef": 0.0},
+    "gmoe-window": {"router": "graph", "load_decay": 0.9},
+    "gmoe-frozen": {"router": "graph", "freeze_loss_params": True},
+    "gmoe-uniform": {"router": "graph", "token_coupling": "uniform"},
     "mixlora": {"router": "linear", "poisson_loss_coef": 0.0, "normal_loss_coef": 0.0, "aux_loss_coef": 0.01},
 }
 METHODS = [*METHOD_OVERRIDES, "lora"]

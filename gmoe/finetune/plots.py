@@ -1,5 +1,5 @@
-"""PNG plots (matplotlib, Agg): loss curves, expert load share per layer over training, and the
-comparison bar chart with error bars."""
+"""PNG plots (matplotlib, Agg): loss curves, routing telemetry over training, and the comparison
+bar chart with error bars."""
 from __future__ import annotations
 
 import os
@@ -31,40 +31,39 @@ def loss_curves(log_history: list[dict], path: str, title: str) -> str:
     return path
 
 
-def expert_load_heatmap(load_history: list[dict], path: str, title: str) -> str | None:
-    """Left: share of each expert in each layer's load per logging window (rows: layer, expert;
-    columns: window end step). Right: the share over the whole run (layers × experts)."""
-    if not load_history:
-        return None
-    import numpy as np
+ROUTING_PANELS = (("busiest_share", "busiest expert's share of slots"),
+                  ("load_entropy", "normalised entropy of the load"),
+                  ("top_set_fraction", "tokens on the most common top-K set"),
+                  ("normal_std", "σ (Normal loss std)"))
 
+
+def routing_over_training(routing_history: list[dict], path: str, title: str) -> str | None:
+    """Four panels over the training steps: the busiest expert's share, the load's normalised
+    entropy, the fraction of tokens on the layer's most common top-K set, and σ. Each shows the
+    mean over layers (line) and the range over layers (band); the balanced value is dotted."""
+    if not routing_history:
+        return None
     plt = _plt()
-    loads = np.array([h["load"] for h in load_history], dtype=float)  # [windows, layers, experts]
-    share = loads / np.clip(loads.sum(axis=2, keepdims=True), 1e-12, None)
-    windows, layers, experts = share.shape
-    total = loads.sum(axis=0)
-    total_share = total / np.clip(total.sum(axis=1, keepdims=True), 1e-12, None)
-    fig, axes = plt.subplots(1, 2, figsize=(12, max(4.0, 0.12 * layers * experts / 2)),
-                             gridspec_kw={"width_ratios": [3, 1]})
-    image = share.transpose(1, 2, 0).reshape(layers * experts, windows)
-    im = axes[0].imshow(image, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0,
-                        vmax=max(float(image.max()), 1.0 / experts))
-    for layer in range(1, layers):
-        axes[0].axhline(layer * experts - 0.5, color="white", lw=0.4)
-    step = max(1, layers // 15)
-    axes[0].set_yticks([l * experts + (experts - 1) / 2 for l in range(0, layers, step)],
-                       [f"layer {l}" for l in range(0, layers, step)], fontsize=7)
-    xt = list(range(0, windows, max(1, windows // 10)))
-    axes[0].set_xticks(xt, [str(load_history[i]["step"]) for i in xt], fontsize=7)
-    axes[0].set(xlabel="step (end of logging window)", title=f"expert load share per layer ({experts} experts each)")
-    fig.colorbar(im, ax=axes[0], fraction=0.03)
-    im2 = axes[1].imshow(total_share, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0)
-    axes[1].set_xticks(range(experts))
-    axes[1].set_yticks(range(0, layers, step))
-    axes[1].set(xlabel="expert", ylabel="layer", title="whole run")
-    fig.colorbar(im2, ax=axes[1], fraction=0.08)
+    steps = [h["step"] for h in routing_history]
+    num_experts = routing_history[0]["num_experts"]
+    fig, axes = plt.subplots(1, len(ROUTING_PANELS), figsize=(4.2 * len(ROUTING_PANELS), 3.4))
+    for ax, (field, label) in zip(axes, ROUTING_PANELS):
+        per_layer = [[layer[field] for layer in h["layers"]] for h in routing_history]
+        if any(v is None for row in per_layer for v in row):
+            ax.set(title=label)
+            ax.text(0.5, 0.5, "not in this router", ha="center", va="center", transform=ax.transAxes)
+            continue
+        mean = [sum(row) / len(row) for row in per_layer]
+        ax.fill_between(steps, [min(r) for r in per_layer], [max(r) for r in per_layer], alpha=0.25,
+                        label="range over layers")
+        ax.plot(steps, mean, marker="o", ms=3, label="mean over layers")
+        balanced = {"busiest_share": 1.0 / num_experts, "load_entropy": 1.0}.get(field)
+        if balanced is not None:
+            ax.axhline(balanced, color="k", ls=":", lw=1, label="balanced")
+        ax.set(title=label, xlabel="step")
+    axes[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

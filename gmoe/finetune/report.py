@@ -3,6 +3,7 @@ mean ± std summary table (Markdown + JSON) over seeds."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import resource
@@ -83,37 +84,72 @@ def _pm(mean, std, scale=100.0) -> str:
     return f"{scale * mean:.1f}" + (f" ± {scale * std:.1f}" if std is not None else "")
 
 
-def summarize(task: str, zero_shot: dict, results: dict[str, list[dict]]) -> dict:
-    """Rows: zero-shot, then one per method (mean ± std over its seeds)."""
+def binomial_se(p: float | None, n: int) -> float | None:
+    """The standard error of an accuracy p measured on n independent examples: sqrt(p(1 − p)/n)."""
+    if p is None or n <= 0:
+        return None
+    return math.sqrt(p * (1.0 - p) / n)
+
+
+def _routing_summary(runs: list[dict], when: str, field: str) -> float | None:
+    values = [r["routing"][when]["summary"][field] for r in runs
+              if (r.get("routing") or {}).get(when) and r["routing"][when]["summary"].get(field) is not None]
+    return mean_std(values)[0]
+
+
+def summarize(task: str, zero_shot: dict, results: dict[str, list[dict]], chance: float | None = None) -> dict:
+    """Rows: zero-shot, then one per method (mean ± std over its seeds, the binomial standard error
+    of one run at the held-out size, and the routing telemetry after training, mean over seeds)."""
+    n = zero_shot["n"]
     rows = [{"method": "zero-shot", "seeds": [], "acc_values": [zero_shot["acc"]],
              "acc_norm_values": [zero_shot["acc_norm"]], "acc_mean": zero_shot["acc"], "acc_std": None,
-             "acc_norm_mean": zero_shot["acc_norm"], "acc_norm_std": None, "trainable_params": 0,
-             "train_tokens_per_s": None, "eval_tokens_per_s": zero_shot.get("tokens_per_s")}]
+             "acc_se": binomial_se(zero_shot["acc"], n), "acc_norm_mean": zero_shot["acc_norm"], "acc_norm_std": None,
+             "trainable_params": 0, "train_tokens_per_s": None, "eval_tokens_per_s": zero_shot.get("tokens_per_s")}]
     for method, runs in results.items():
         acc = [r["finetuned"]["acc"] for r in runs]
         accn = [r["finetuned"]["acc_norm"] for r in runs]
         row = {"method": method, "seeds": [r["seed"] for r in runs], "acc_values": acc, "acc_norm_values": accn}
         row["acc_mean"], row["acc_std"] = mean_std(acc)
+        row["acc_se"] = binomial_se(row["acc_mean"], n)
         row["acc_norm_mean"], row["acc_norm_std"] = mean_std(accn)
         row["trainable_params"] = runs[0]["trainable_params"]["trainable"] if runs else None
         row["train_tokens_per_s"] = mean_std([r["train"]["tokens_per_s"] for r in runs])[0]
         row["eval_tokens_per_s"] = mean_std([r["finetuned"]["tokens_per_s"] for r in runs])[0]
         row["train_seconds"] = mean_std([r["train"]["seconds"] for r in runs])[0]
+        for field in ("busiest_share", "top_set_fraction"):
+            row[f"{field}_injection"] = _routing_summary(runs, "injection", field)
+            row[f"{field}_trained"] = _routing_summary(runs, "trained", field)
         rows.append(row)
-    return {"task": task, "rows": rows}
+    return {"task": task, "rows": rows, "n": n, "chance": chance}
+
+
+def _share(value) -> str:
+    return "–" if value is None else f"{value:.2f}"
 
 
 def markdown_table(summary: dict, header: str) -> str:
     lines = [header, "",
-             "| method | acc (%) | acc_norm (%) | seeds | trainable params | train tok/s | eval tok/s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| method | acc (%) | SE | acc_norm (%) | seeds | busiest expert | top-K set | trainable params "
+             "| train tok/s | eval tok/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary["rows"]:
         seeds = "–" if r["method"] == "zero-shot" else str(len(r["seeds"]))
         tps = f"{r['train_tokens_per_s']:.0f}" if r.get("train_tokens_per_s") else "–"
         eps = f"{r['eval_tokens_per_s']:.0f}" if r.get("eval_tokens_per_s") else "–"
         params = f"{r['trainable_params']:,}" if r["trainable_params"] is not None else "–"
-        lines.append(f"| {r['method']} | {_pm(r['acc_mean'], r['acc_std'])} | "
-                     f"{_pm(r['acc_norm_mean'], r['acc_norm_std'])} | {seeds} | {params} | {tps} | {eps} |")
+        se = "–" if r.get("acc_se") is None else f"{100 * r['acc_se']:.1f}"
+        routing = [f"{_share(r.get(f'{f}_injection'))} → {_share(r.get(f'{f}_trained'))}"
+                   if r.get(f"{f}_trained") is not None else "–" for f in ("busiest_share", "top_set_fraction")]
+        lines.append(f"| {r['method']} | {_pm(r['acc_mean'], r['acc_std'])} | {se} | "
+                     f"{_pm(r['acc_norm_mean'], r['acc_norm_std'])} | {seeds} | {routing[0]} | {routing[1]} | "
+                     f"{params} | {tps} | {eps} |")
     lines.append("")
-    lines.append("mean ± sample std (n − 1) over seeds; zero-shot is the bare base model on the same held-out part.")
+    chance = summary.get("chance")
+    lines.append("acc: mean ± sample std (n − 1) over seeds; SE: the binomial standard error of one run's acc at "
+                 f"n = {summary['n']} held-out examples, sqrt(p(1 − p)/n)"
+                 + (f"; chance: {100 * chance:.1f} %" if chance is not None else "") + ". "
+                 "Zero-shot is the bare base model on the same held-out part. Routing (GMoE methods, mean over "
+                 "layers and seeds, on up to 128 held-out examples, at injection → after training): the busiest "
+                 "expert's share of the top-K slots (balanced 1/E) and the fraction of tokens on the layer's most "
+                 "common top-K set.")
     return "\n".join(lines) + "\n"

@@ -1,5 +1,5 @@
-"""Training on `transformers.Trainer`: the logging of task loss, router loss and per-layer expert
-load, and the TrainingArguments the job uses (identical for every method)."""
+"""Training on `transformers.Trainer`: the logging of task loss and router loss (the routing
+telemetry comes from GMoETrainer), and the TrainingArguments the job uses (identical for every method)."""
 from __future__ import annotations
 
 import inspect
@@ -7,21 +7,18 @@ import inspect
 import torch
 import transformers
 
-from ..model import GMoEModel
 from ..trainer import GMoETrainer
 
 
 class FinetuneTrainer(GMoETrainer):
-    """GMoETrainer (adapter checkpoints for GMoE models; plain Trainer behaviour otherwise) that
-    records, between two log steps, the mean task loss, the mean router loss, the non-padding
-    tokens seen, and each layer's expert load added in that window."""
+    """GMoETrainer (adapter checkpoints and routing telemetry for GMoE models; plain Trainer
+    behaviour otherwise) that records, between two log steps, the mean task loss, the mean router
+    loss and the non-padding tokens seen."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._window = {"task": 0.0, "router": 0.0, "n": 0}
         self.train_tokens = 0
-        self.load_history: list[dict] = []  # {"step", "load": [layers][experts] added since the last log}
-        self._last_load = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
@@ -35,23 +32,12 @@ class FinetuneTrainer(GMoETrainer):
             self.train_tokens += int(inputs["attention_mask"].sum())
         return (loss, outputs) if return_outputs else loss
 
-    def _expert_load(self):
-        model = self.accelerator.unwrap_model(self.model)
-        return model.expert_load() if isinstance(model, GMoEModel) else None
-
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs and self._window["n"]:
             n = self._window["n"]
             logs["task_loss"] = round(self._window["task"] / n, 6)
             logs["router_loss"] = round(self._window["router"] / n, 6)
             self._window = {"task": 0.0, "router": 0.0, "n": 0}
-            load = self._expert_load()
-            if load is not None:
-                added = load - self._last_load if self._last_load is not None else load
-                self._last_load = load
-                self.load_history.append({"step": self.state.global_step, "load": added.tolist()})
-                share = added / added.sum(dim=1, keepdim=True).clamp_min(1e-12)
-                logs["max_expert_share"] = round(float(share.max(dim=1).values.mean()), 4)
         super().log(logs, *args, **kwargs)
 
 
