@@ -52,14 +52,15 @@ def token_count(probs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.
 
 
 def normal_std_range(num_experts: int) -> tuple[float, float]:
-    """The range σ is clamped to inside the Normal loss: [E/8, 2E].
+    """The range σ is clamped to inside the Normal loss: [max(1, E/8), 2E].
 
     Below about E/16 the sorted target puts nearly all its mass on one expert, so a collapsed load
     scores better than a uniform one (at E 8 from σ ≈ 0.43 down, at E 64 from σ ≈ 2.2), and the
-    learnable σ would have a downhill path towards collapse; E/8 keeps a margin. Above 2E the
-    target is flat to within 1 % and σ no longer changes anything. The init, E/2, is inside.
+    learnable σ would have a downhill path towards collapse; E/8 (1 for E ≤ 8: at E 2 the crossing is
+    at σ ≈ 0.45) keeps a margin. Above 2E the target is flat to within 1 % and σ no longer changes
+    anything. The init, E/2, is inside.
     """
-    return num_experts / 8.0, 2.0 * num_experts
+    return max(1.0, num_experts / 8.0), 2.0 * num_experts
 
 
 def normal_log_target(num_experts: int, std: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,9 @@ SCENARIOS = {
     "graph_accum": dict(router="graph", gas=2, padded=False),
     "graph_padded": dict(router="graph", gas=1, padded=True),
     "linear": dict(router="linear", gas=1, padded=False),
+    # the routing options: a decaying running load (a global statistic), λ and σ frozen, uniform token coupling
+    "graph_options": dict(router="graph", gas=2, padded=False,
+                          options=dict(load_decay=0.9, freeze_loss_params=True, token_coupling="uniform")),
 }
 ENGINES = ("ddp", "fsdp2", "accelerate", "trainer", "deepspeed", "deepspeed_zero3")
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +67,8 @@ def gmoe_config(spec):
     from gmoe import GMoEConfig
     common = dict(num_experts=4, top_k=2, r=2, lora_alpha=4, gcn_layers=2, gcn_dim=16, edge_density=EDGE_DENSITY)
     if spec["router"] == "graph":
-        return GMoEConfig(router="graph", poisson_loss_coef=0.05, normal_loss_coef=1.0, **common)
+        return GMoEConfig(router="graph", poisson_loss_coef=0.05, normal_loss_coef=1.0, **common,
+                          **spec.get("options", {}))
     return GMoEConfig(router="linear", poisson_loss_coef=0.0, normal_loss_coef=0.0, aux_loss_coef=0.1, **common)
 
 
@@ -198,7 +202,13 @@ def run_recipe(model, forward, batches_of_step, gas, sync=None, objective=None, 
             rec["load_1"] = model.expert_load()
     rec["params"] = params_of(model, get_param)
     rec["load"] = model.expert_load()
+    rec["routing_slots"] = routing_slots(model)
     return rec
+
+
+def routing_slots(model):
+    """(layers, E) routing telemetry window (every training forward's top-K slots)."""
+    return torch.stack([layer.routing_slots.detach().clone() for layer in model.gmoe_layers()])
 
 
 def kink_margin(model, mask):
@@ -291,6 +301,7 @@ def run_accelerate(spec, rank):
             rec["load_1"] = model.expert_load()
     rec["params"] = params_of(model)
     rec["load"] = model.expert_load()
+    rec["routing_slots"] = routing_slots(model)
     return rec
 
 
@@ -351,6 +362,11 @@ def run_trainer(spec, rank, out_dir):
     trainer.train()
     rec["params"] = params_of(model)
     rec["load"] = model.expert_load()
+    # GMoETrainer reads and resets the telemetry at every log (logging_steps 1): add up its windows
+    windows = [torch.tensor([layer["slot_share"] for layer in h["layers"]]) * h["tokens"] * h["top_k"]
+               for h in trainer.routing_history]
+    assert len(windows) == STEPS, "GMoETrainer logged no routing window per step"
+    rec["routing_slots"] = sum(windows) + routing_slots(model)
     return rec
 
 
@@ -390,6 +406,7 @@ def run_deepspeed(spec, rank, stage=2):
             rec["load_1"] = model.expert_load()
     rec["params"] = params_of(model, safe_get_full_fp32_param)
     rec["load"] = model.expert_load()
+    rec["routing_slots"] = routing_slots(model)
     return rec
 
 

@@ -151,7 +151,7 @@ def assert_matches_one_process(ranks, scenario, output="", check_router_loss=Tru
     for r, rec in enumerate(ranks):
         if check_router_loss and rel_err(torch.tensor(rec["router_loss"]), torch.tensor(ref["router_loss"])) > 1e-5:
             problems.append(f"rank {r}: router loss {rec['router_loss']} != one process {ref['router_loss']}")
-        for key in ("load_1", "load"):
+        for key in ("load_1", "load", "routing_slots"):  # the load and the telemetry are global
             if rel_err(rec[key], ref[key]) > 1e-5:
                 problems.append(f"rank {r}: expert load ({key}) {rec[key].tolist()} != one process {ref[key].tolist()}")
         assert set(rec["grads"]) == set(ref["grads"]), "the ranks train other parameters than one process"
@@ -171,8 +171,8 @@ def assert_matches_one_process(ranks, scenario, output="", check_router_loss=Tru
 
 # ----------------------------------------------------------------------------- torchrun: DDP, FSDP2, DeepSpeed, Trainer
 
-DDP_SCENARIOS = ("graph", "graph_accum", "graph_padded", "linear")
-TORCHRUN_JOBS = {"ddp": DDP_SCENARIOS, "fsdp2": ("graph", "graph_accum"), "deepspeed": ("graph_accum",),
+DDP_SCENARIOS = ("graph", "graph_accum", "graph_padded", "linear", "graph_options")
+TORCHRUN_JOBS = {"ddp": DDP_SCENARIOS, "fsdp2": ("graph", "graph_accum", "graph_options"), "deepspeed": ("graph_accum",),
                  "deepspeed_zero3": ("graph_accum",), "trainer": ("graph_accum",)}
 
 
