@@ -74,6 +74,19 @@ def test_two_step_compare_writes_results_plots_and_resumes(setup, capsys):
     res = json.loads((out / "obqa" / "gmoe" / "seed0" / "results.json").read_text())
     assert f"acc {res['finetuned']['acc']:.4f}" in printed
 
+    # the routing report of the saved adapter, beside a fresh injection of its config
+    report = root / "routing.json"
+    assert main(["routing", "--model", model, "--task", "obqa", "--adapter", str(adapter), "--max-examples", "8",
+                 "--max-length", "64", "--json", str(report)]) == 0
+    printed = capsys.readouterr().out
+    rep = json.loads(report.read_text())
+    assert rep["injection"]["examples"] == rep["trained"]["examples"] == 8
+    assert rep["trained"]["tokens"] > 0 and len(rep["trained"]["layers"]) == 2
+    assert printed.count("busiest") == 2 and "top set" in printed
+    assert main(["routing", "--model", model, "--task", "obqa", "--adapter", str(out / "obqa" / "lora" / "seed0" /
+                                                                                  "adapter")]) == 2
+    assert "not a GMoE adapter" in capsys.readouterr().err
+
 
 def test_methods_configs_and_parameter_counts():
     from finetune_assets import tiny_tokenizer  # noqa: F401  (keeps the import graph of the module light)

@@ -3,6 +3,7 @@
     gmoe-finetune --task arc-c --method gmoe [--seeds 3] [--quick | --preset table] ...
     gmoe-finetune compare --task obqa --methods lora,mixlora,gmoe --seeds 3 --preset table
     gmoe-finetune --task arc-c --eval-only [--adapter RUN_DIR/adapter]
+    gmoe-finetune routing --task arc-c [--adapter RUN_DIR/adapter | --method gmoe-uniform]
 """
 from __future__ import annotations
 
@@ -117,6 +118,10 @@ def config_from_args(args: argparse.Namespace, compare: bool) -> JobConfig:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "routing":
+        from .routing import main as routing_main
+
+        return routing_main(argv[1:])
     compare = bool(argv) and argv[0] == "compare"
     if compare:
         argv = argv[1:]
