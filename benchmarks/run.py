@@ -26,9 +26,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and the chec
 
 import torch  # noqa: E402
 
-from benchmarks import contenders as C  # noqa: E402
-from benchmarks import measure as M  # noqa: E402
-from benchmarks import report as R  # noqa: E402
+from benchmarks import contenders, measure, report  # noqa: E402
 from benchmarks.shapes import (PLANS, REAL_STEP_MODELS, ROUTINGS, SHAPES, STEP_MODELS, Case,  # noqa: E402
                                cases)
 
@@ -66,6 +64,39 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def known_impls() -> set[str]:
+    names = {*contenders.FFN_IMPLS, *contenders.ROUTER_IMPLS, *contenders.STEP_IMPLS, *contenders.REAL_STEP_IMPLS}
+    return names.union(*contenders.EXTRA_IMPLS.values())
+
+
+def _writable_file(flag: str, path: str) -> None:
+    """`path` can be written later: not a folder, in an existing writable folder (checked before a
+    run of minutes to hours, whose rows would otherwise be lost at the end)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise SystemExit(f"{flag} {path}: is a folder; pass a file name")
+    if not os.path.isdir(folder):
+        raise SystemExit(f"{flag} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SystemExit(f"{flag} {path}: the folder {folder} is not writable")
+
+
+def check_args(args) -> None:
+    """Every argument checked before any timing starts."""
+    if args.impls is not None:
+        wanted = [n for n in args.impls.split(",") if n]
+        unknown = sorted(set(wanted) - known_impls())
+        if not wanted or unknown:
+            raise SystemExit(f"--impls: unknown {unknown or args.impls!r}; choose from {', '.join(sorted(known_impls()))}")
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"--threads {args.threads}: must be at least 1")
+    for flag, path in (("--json", args.json), ("--csv", args.csv)):
+        if path:
+            _writable_file(flag, path)
+    if args.plot:
+        _writable_file("--plot", args.plot + "-x.png")
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -97,7 +128,7 @@ class Runner:
     def wanted(self, names, op):
         if self.impls is None:
             return list(names)
-        return [n for n in (*names, *C.EXTRA_IMPLS[op]) if n in self.impls]
+        return [n for n in (*names, *contenders.EXTRA_IMPLS[op]) if n in self.impls]
 
     # ----- the contenders of one case, both modes, timed together
     def measure(self, cs: list, base_row: dict, floor=None, modes=("fwd", "fwd_bwd"), settings=None) -> None:
@@ -111,7 +142,7 @@ class Runner:
             saved = None
             try:
                 if not c.inference_only:
-                    saved = M.saved_bytes(c.forward, c.persistent)
+                    saved = measure.saved_bytes(c.forward, c.persistent)
             except Exception as err:  # noqa: BLE001
                 c.note = (c.note + f"; saved bytes failed: {err}").strip("; ")
             rows[c.impl] = []
@@ -121,7 +152,7 @@ class Runner:
                        "error": None, "ms": None}
                 try:  # one call on its own first, so a failing contender cannot sink the others
                     fn()
-                    row["peak_bytes"] = M.peak_bytes(fn, self.device)
+                    row["peak_bytes"] = measure.peak_bytes(fn, self.device)
                     live.append((c.impl, mode, fn))
                 except Exception as err:  # noqa: BLE001 - one failing contender must not stop the run
                     row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
@@ -135,12 +166,12 @@ class Runner:
             if not group:
                 continue
             try:
-                timed = M.time_group(group, self.device, settings)
+                timed = measure.time_group(group, self.device, settings)
             except Exception:  # noqa: BLE001 - time them one by one, so only the culprit is lost
                 timed = {}
                 for impl, fn in group.items():
                     try:
-                        timed.update(M.time_group({impl: fn}, self.device, settings))
+                        timed.update(measure.time_group({impl: fn}, self.device, settings))
                     except Exception as err:  # noqa: BLE001
                         row = next(r for r in rows[impl] if r["mode"] == mode)
                         row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
@@ -164,46 +195,46 @@ class Runner:
     # ----- ops
     def run_case(self, case: Case, ops) -> None:
         s, v = case.shape, case.variant
-        p = C.make_problem(case, self.device, self.dtype, self.args.seed)
+        p = contenders.make_problem(case, self.device, self.dtype, self.args.seed)
         elem = p.x.element_size()
         if "ffn" in ops:
             print(f"[ffn] {case.label}  T={s.tokens} H={s.hidden} F={s.inter}", flush=True)
             base = dict(shape=case.label, op="ffn", tokens=s.tokens, hidden=s.hidden, inter=s.inter,
                         experts=v.experts, top_k=v.top_k, rank=v.rank, dtype=str(self.dtype)[6:])
-            self.measure(C.ffn_contenders(p, self.wanted(C.FFN_IMPLS, 'ffn')), base,
-                         floor=lambda mode: M.ffn_floor(s.tokens, s.hidden, s.inter, mode, elem))
+            self.measure(contenders.ffn_contenders(p, self.wanted(contenders.FFN_IMPLS, 'ffn')), base,
+                         floor=lambda mode: measure.ffn_floor(s.tokens, s.hidden, s.inter, mode, elem))
         label = f"{s.name}/E{v.experts}-K{v.top_k}"
         if "router" in ops and not any(r["shape"] == label and r["op"] == "router" for r in self.rows):
             print(f"[router] {label}  T={s.tokens} H={s.hidden} G={s.gcn_dim} L={s.gcn_layers}", flush=True)
             base = dict(shape=label, op="router", tokens=s.tokens, hidden=s.hidden, inter=None,
                         experts=v.experts, top_k=v.top_k, rank=None, dtype=str(self.dtype)[6:])
-            self.measure(C.router_contenders(p, self.wanted(C.ROUTER_IMPLS, 'router')), base)
+            self.measure(contenders.router_contenders(p, self.wanted(contenders.ROUTER_IMPLS, 'router')), base)
         del p
         gc.collect()
 
     def run_step(self, name, base_model, batch, seq, variant, real: bool = False, rounds: int = 3) -> None:
         """One step model's contenders. `real`: a pretrained model, timed as whole training steps
         (mode 'train': forward, loss, backward, AdamW step) in `rounds` interleaved rounds."""
-        sp = C.make_step_problem(name, base_model, batch, seq, variant, self.device, self.args.seed)
+        sp = contenders.make_step_problem(name, base_model, batch, seq, variant, self.device, self.args.seed)
         label = f"{name}/{variant.label}"
         print(f"[step] {label}  batch={batch} seq={seq}", flush=True)
         cfg = base_model.config
         base = dict(shape=label, op="step", tokens=sp.tokens, hidden=cfg.hidden_size,
                     inter=cfg.intermediate_size, experts=variant.experts, top_k=variant.top_k,
                     rank=variant.rank, dtype=str(self.dtype)[6:])
-        impls = self.wanted(C.REAL_STEP_IMPLS if real else C.STEP_IMPLS, "step")
-        settings = M.Settings(warmup=1, min_reps=rounds, min_time_s=0.0, warmup_ms=10, rep_ms=40, retries=0) \
+        impls = self.wanted(contenders.REAL_STEP_IMPLS if real else contenders.STEP_IMPLS, "step")
+        settings = measure.Settings(warmup=1, min_reps=rounds, min_time_s=0.0, warmup_ms=10, rep_ms=40, retries=0) \
             if real else None
-        self.measure(C.step_contenders(sp, impls), base, floor=lambda mode: (C.step_floor_flops(sp, mode), 0.0),
+        self.measure(contenders.step_contenders(sp, impls), base, floor=lambda mode: (contenders.step_floor_flops(sp, mode), 0.0),
                      modes=("train",) if real else ("fwd", "fwd_bwd"), settings=settings)
 
     def check(self) -> None:
         """Agreement on tiny E8-K2-R8 (fp32 on CPU, fp32 on GPU): same function, same numbers."""
         case = Case(SHAPES["tiny"], SHAPES["tiny"].variants[0])
-        p = C.make_problem(case, self.device, torch.float32, self.args.seed)
-        cs = C.ffn_contenders(p) + C.router_contenders(p)
+        p = contenders.make_problem(case, self.device, torch.float32, self.args.seed)
+        cs = contenders.ffn_contenders(p) + contenders.router_contenders(p)
         rtol = 1e-4 if self.device.type == "cpu" else 1e-2  # Triton's fp32 dots may use TF32
-        agreement = C.check_agreement(p, cs, atol=1e-4, rtol=rtol)
+        agreement = contenders.check_agreement(p, cs, atol=1e-4, rtol=rtol)
         self.checks = {k: {"max_abs_err": e, "ok": ok} for k, (e, ok) in agreement.items()}
         bad = [k for k, v in self.checks.items() if not v["ok"]]
         print("agreement with the reference on tiny/E8-K2-R8 (fp32): " + ", ".join(
@@ -212,14 +243,14 @@ class Runner:
             print(f"WARNING: {bad} disagree with gmoe-reference: their times are not comparable", flush=True)
 
     def save(self, complete: bool) -> None:
-        R.add_ratios(self.rows)
+        report.add_ratios(self.rows)
         extra = {"complete": complete, "elapsed_s": round(self.elapsed(), 1), "skipped": self.skipped,
                  "checks": self.checks, "roof": {"gemm_flops_per_s": self.roof.gemm_flops_per_s,
                                                   "bytes_per_s": self.roof.bytes_per_s}}
         if self.args.json:
-            R.write_json(self.args.json, self.stamp, self.rows, extra)
+            report.write_json(self.args.json, self.stamp, self.rows, extra)
         if complete and self.args.csv:
-            R.write_csv(self.args.csv, self.stamp, self.rows)
+            report.write_csv(self.args.csv, self.stamp, self.rows)
 
 
 def verdict(rows) -> list[str]:
@@ -264,7 +295,7 @@ def run_steps(runner: Runner, args, plan, device, dtype) -> None:
             run_real_step(runner, REAL_STEP_MODELS[name], device, dtype)
             continue
         spec = STEP_MODELS[name]
-        runner.run_step(name, C.build_llama(spec, device, dtype), spec.batch, spec.seq, spec.variant)
+        runner.run_step(name, contenders.build_llama(spec, device, dtype), spec.batch, spec.seq, spec.variant)
         runner.save(complete=False)
     if args.model:
         if not Path(args.model).is_dir():
@@ -297,20 +328,21 @@ def run_real_step(runner: Runner, spec, device, dtype) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_args(args)
     if os.environ.pop("GMOE_BACKEND", None):
         print("note: GMOE_BACKEND was set; ignored here (each contender names its backend)")
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    threads = M.setup_threads(device, args.threads)
-    settings = M.QUICK if args.quick else M.FULL
+    threads = measure.setup_threads(device, args.threads)
+    settings = measure.QUICK if args.quick else measure.FULL
     ops = [o for o in args.ops.split(",") if o]
     unknown = set(ops) - {"ffn", "router", "step"}
     if unknown:
         raise SystemExit(f"--ops: unknown {sorted(unknown)}; choose from ffn,router,step")
 
-    stamp = R.machine_stamp(device, dtype, threads)
+    stamp = report.machine_stamp(device, dtype, threads)
     if device.type == "cpu":
-        meter = M.Interference()
+        meter = measure.Interference()
         time.sleep(0.5)
         stamp["busy_before"] = round(meter.share(), 3)
         if stamp["busy_before"] > 0.25:
@@ -318,7 +350,7 @@ def main(argv=None) -> int:
                   "noisy (contenders are interleaved and disturbed blocks retried, so ratios less so)")
     print(f"{stamp['device_name']} | {stamp['dtype']} | torch {stamp['torch']} | triton {stamp['triton']} | "
           f"{'quick' if args.quick else 'full'} run", flush=True)
-    roof = M.calibrate(device, dtype)
+    roof = measure.calibrate(device, dtype)
     print(f"roof: GEMM {roof.gemm_flops_per_s / 1e9:,.0f} GFLOP/s, copy {roof.bytes_per_s / 1e9:,.1f} GB/s", flush=True)
     runner = Runner(args, device, dtype, settings, roof, stamp)
     if not args.no_check:
@@ -343,12 +375,12 @@ def main(argv=None) -> int:
     if "ffn" in ops or "router" in ops:
         run_cases(runner, rest, ops)
 
-    stamp["load_after"] = R.load_average()
+    stamp["load_after"] = report.load_average()
     runner.save(complete=True)
     print()
-    print(R.table(runner.rows, stamp))
+    print(report.table(runner.rows, stamp))
     if args.plot:
-        for name in R.plot(runner.rows, args.plot, stamp):
+        for name in report.plot(runner.rows, args.plot, stamp):
             print(f"wrote {name}")
     lines = verdict(runner.rows)
     if lines:

@@ -34,13 +34,22 @@ def atomic_save_dir(path, file_names):
     tmp = Path(tempfile.mkdtemp(prefix=".gmoe-save-", dir=target))
     try:
         yield tmp
+        mode = default_file_mode()
         for name in file_names:
+            os.chmod(tmp / name, mode)  # safetensors creates its file 0600; other outputs follow the umask
             with open(tmp / name, "rb") as fh:
                 os.fsync(fh.fileno())
         for name in file_names:
             os.replace(tmp / name, target / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def default_file_mode() -> int:
+    """0o666 under the process's umask: the mode open() gives a new file."""
+    mask = os.umask(0)  # the umask can only be read by setting it: set it straight back
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def read_safetensors(path) -> dict[str, torch.Tensor]:
@@ -85,6 +94,29 @@ def check_adapter_state(expected: dict[str, torch.Tensor], state: dict[str, torc
                              "the file is corrupt or was not written by save_pretrained")
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise ValueError(f"{source}: {key} holds NaN or infinite values; the adapter is corrupt")
+    check_router_state(state, source)
+
+
+def check_router_state(state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise a ValueError unless the router's buffers and scalars hold what training can produce:
+    a finite non-negative running load, a symmetric expert graph without self-edges, and a
+    positive Poisson rate and Normal std. Any other value loads fine and turns the next step's
+    losses into inf or NaN (a negative load breaks the log of the load shares; σ ≤ 0 the Normal
+    target), far from the file that caused it. Matched by key suffix, whatever the layer path."""
+    def bad(key, what):
+        raise ValueError(f"{source}: {key} {what}; the adapter is corrupt or was edited by hand")
+
+    for key, value in state.items():
+        if key.endswith(".expert_load") and (value < 0).any():
+            bad(key, f"holds negative expert loads (min {value.min().item():g}), but a load is a count")
+        elif key.endswith(".router.expert_adjacency"):
+            graph = value != 0
+            if graph.dim() != 2 or not torch.equal(graph, graph.t()):
+                bad(key, "is not a symmetric (E, E) expert graph")
+            if graph.diagonal().any():
+                bad(key, "has self-edges on its diagonal (the self-loops are added by the GCN normalisation)")
+        elif key.endswith((".router.poisson_rate", ".router.normal_std")) and (value <= 0).any():
+            bad(key, f"is {value.min().item():g}, but it must be > 0")
 
 
 def _kind(tensor: torch.Tensor) -> str:

@@ -25,6 +25,8 @@ SMALL = dict(num_experts=4, top_k=2, r=2, lora_alpha=4, gcn_dim=16, edge_density
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 LORA_A = "model.layers.0.mlp.experts.gate_proj.lora_A"
 ADJACENCY = "model.layers.1.mlp.router.expert_adjacency"
+LOAD, STD, RATE = ("model.layers.0.mlp.expert_load", "model.layers.0.mlp.router.normal_std",
+                   "model.layers.1.mlp.router.poisson_rate")
 
 
 def _base():
@@ -150,6 +152,15 @@ TAMPERED = {
     "extra-key": (lambda p: _resave(p, lambda s: s.update(extra=torch.zeros(1))), r"unexpected keys \['extra'\]"),
     "nan": (lambda p: _resave(p, lambda s: s[LORA_A].view(-1).__setitem__(3, float("nan"))),
             rf"{LORA_A} holds NaN or infinite values"),
+    # Finite values that load fine and make the next step's losses inf or NaN:
+    "negative-load": (lambda p: _resave(p, lambda s: s[LOAD].__setitem__(0, -1e30)),
+                      rf"{LOAD} holds negative expert loads"),
+    "asymmetric-graph": (lambda p: _resave(p, lambda s: s[ADJACENCY].__setitem__((0, 1), ~s[ADJACENCY][1, 0])),
+                         rf"{ADJACENCY} is not a symmetric"),
+    "self-edge": (lambda p: _resave(p, lambda s: s[ADJACENCY].__setitem__((2, 2), True)),
+                  rf"{ADJACENCY} has self-edges"),
+    "negative-std": (lambda p: _resave(p, lambda s: s[STD].fill_(-1.0)), rf"{STD} is -1, but it must be > 0"),
+    "zero-rate": (lambda p: _resave(p, lambda s: s[RATE].fill_(0.0)), rf"{RATE} is 0, but it must be > 0"),
 }
 @pytest.mark.parametrize("case", list(TAMPERED))
 def test_from_pretrained_of_a_tampered_file_fails_and_leaves_the_base_untouched(tmp_path, case):

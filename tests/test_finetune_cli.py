@@ -144,14 +144,14 @@ def test_presets_fill_unset_flags_only():
     assert config_from_args(build_parser().parse_args(["--seeds", "2", "--seed", "5"]), False).seeds == [5, 6]
 
 
-def test_a_run_claimed_by_a_live_process_is_skipped(tmp_path):
-    from gmoe.finetune.job import _claim, _release
+def test_a_run_lock_is_held_until_released_and_stale_text_blocks_nothing(tmp_path):
+    from gmoe.finetune.runlock import RunBusy, claim, lock_path
 
-    out = str(tmp_path / "run")
-    assert _claim(out) is None  # ours now
-    (tmp_path / "run" / ".running").write_text(str(os.getppid()))  # a live process holds it
-    assert _claim(out) == os.getppid()
-    (tmp_path / "run" / ".running").write_text("999999999")  # a dead one: taken over
-    assert _claim(out) is None and (tmp_path / "run" / ".running").read_text() == str(os.getpid())
-    _release(out)
-    assert not (tmp_path / "run" / ".running").exists()
+    out = str(tmp_path / "gmoe" / "seed0")
+    lock = claim(out)  # ours now; the lock file sits beside the run folder, not in it
+    assert lock_path(out) == str(tmp_path / "gmoe" / ".seed0.lock")
+    with pytest.raises(RunBusy, match=f"being run by pid {os.getpid()} on"):
+        claim(out)  # another open file description: refused as for another process
+    lock.release()
+    (tmp_path / "gmoe" / ".seed0.lock").write_text("pid 1 on elsewhere")  # text alone holds nothing
+    claim(out).release()

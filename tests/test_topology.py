@@ -24,6 +24,17 @@ def test_most_similar_pairs_are_preferred():
     assert adjacency[3, 5]
 
 
+def test_a_default_injection_does_not_warn_and_logs_the_edge_count(caplog):
+    from gmoe import GMoEConfig, get_gmoe_model
+    from tests.models import tiny_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with caplog.at_level("DEBUG", logger="gmoe.topology"):
+            get_gmoe_model(tiny_model("llama"), GMoEConfig(num_experts=8, top_k=2, r=2))
+    assert any("edges placed for the 3 that edge_density asks" in r.getMessage() for r in caplog.records)
+
+
 def test_zero_density_gives_no_edges():
     assert not build_expert_graph(torch.randn(8, 4), 0.0).any()
 

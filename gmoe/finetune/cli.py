@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 from .job import Job, JobConfig
@@ -83,7 +84,9 @@ def build_parser(compare: bool = False) -> argparse.ArgumentParser:
     a("--preset", choices=list(PRESETS), help="a fixed budget: quick (the demo), table (the ARC-C/OBQA table) or study (the routing study)")
     a("--quick", action="store_true", help="same as --preset quick")
     a("--log-steps", type=int)
-    a("--force", action="store_true", help="rerun a (method, seed) even if its results.json exists")
+    a("--force", action="store_true",
+      help="rerun a (method, seed) even if it is done; a run another live process holds is still skipped "
+           "(exit status 3)")
     if not compare:
         a("--eval-only", action="store_true", help="score only: the zero-shot base model, or --adapter")
         a("--adapter", help="with --eval-only: a saved adapter folder (GMoE or PEFT)")
@@ -148,14 +151,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print()
     print(summary["markdown"])
-    print(f"table: {summary['paths']['markdown']}  json: {summary['paths']['json']}  plot: {summary['paths']['plot']}")
-    for m in cfg.methods:
-        for s in cfg.seeds:
-            from .job import run_dir
-
-            print(f"{m} seed {s}: {run_dir(cfg, m, s)}/results.json, loss.png"
-                  + ("" if m == "lora" else ", routing.png"))
+    _print_outputs(summary)
+    if summary["busy"]:
+        for b in summary["busy"]:
+            print(f"gmoe-finetune: error: {b['method']} seed {b['seed']} not run here: {b['reason']}; "
+                  "rerun this command once that process has finished", file=sys.stderr)
+        return BUSY
     return 0
+
+
+#: Exit status when an asked (method, seed) was skipped because another live process runs it.
+BUSY = 3
+
+
+def _print_outputs(summary: dict) -> None:
+    """The files written, only those that exist (a skipped run has none)."""
+    paths = summary["paths"]
+    print("  ".join(f"{kind}: {paths[key]}" for kind, key in (("table", "markdown"), ("json", "json"),
+                                                           ("plot", "plot")) if paths.get(key)))
+    for run in summary["runs"]:
+        files = [p for p in run["files"] if p and os.path.exists(p)]
+        print(f"{run['method']} seed {run['seed']}: " + ", ".join(files))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """One fine-tuning job: data and split, the cached zero-shot score, then per (method, seed):
 inject the adapter, train with Trainer, score the held-out part, save adapter, results and plots.
 Each (method, seed) result is written as soon as it finishes and skipped when already present
-with the same settings, so a long comparison resumes where it stopped."""
+with the same settings, so a long comparison resumes where it stopped. A run folder is replaced
+whole (runfiles.py) and owned by one live process at a time (runlock.py)."""
 from __future__ import annotations
 
 import copy
@@ -10,18 +11,20 @@ import gc
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from . import methods as M
-from . import plots, report
+from . import plots, report, runfiles, runlock
 from .encoding import PadCollator, training_features
 from .routing import measure_routing
 from .scoring import evaluate
 from .split import DEFAULT_EVAL_FRACTION, DEFAULT_SPLIT_SEED, split_indices
 from .tasks import get_task, load_examples
+from .validate import check_config
 
 
 @dataclass
@@ -127,9 +130,7 @@ def zero_shot_key(cfg: JobConfig, data: Data) -> dict:
 class Job:
     def __init__(self, cfg: JobConfig, log=print):
         self.cfg, self.log = cfg, log
-        for m in cfg.methods:
-            M.check_method(m)
-        get_task(cfg.task)
+        check_config(cfg)  # every argument, before any data, model or output is touched
         self.data = prepare_data(cfg)
         self._base = self._tok = None
 
@@ -167,30 +168,53 @@ class Job:
 
     # ----- one (method, seed) -----
     def run(self, method: str, seed: int) -> dict:
+        """The (method, seed) result: the verified one on disk, or a new run. Raises runlock.RunBusy
+        when another live process is running it (with or without --force: see runlock.py)."""
         cfg = self.cfg
         out = run_dir(cfg, method, seed)
+        done = None if cfg.force else self.finished(method, seed)
+        if done is not None:
+            self.log(f"{method} seed {seed}: already done ({os.path.join(out, 'results.json')}), skipped")
+            return done
+        zero = self.zero_shot()
+        with runlock.claim(out):
+            removed = runfiles.remove_leftovers(out)
+            if removed:
+                self.log(f"{method} seed {seed}: removed {len(removed)} folder(s) left by a crashed run")
+            done = None if cfg.force else self.finished(method, seed)  # finished by another process meanwhile
+            return done if done is not None else self._run(method, seed, out, zero)
+
+    def finished(self, method: str, seed: int) -> dict | None:
+        """The finished result of (method, seed) on disk, or None. A ValueError when it was made with
+        other settings or its adapter files no longer match the sha256 it recorded."""
+        out = run_dir(self.cfg, method, seed)
         path = os.path.join(out, "results.json")
-        budget = cfg.training_budget()
-        if os.path.isfile(path) and not cfg.force:
-            done = report.read_json(path)
-            if done.get("budget") == json.loads(json.dumps(budget)):
-                self.log(f"{method} seed {seed}: already done ({path}), skipped")
-                return done
+        if not os.path.isfile(path):
+            return None
+        done = report.read_json(path)
+        budget = self.cfg.training_budget()
+        if done.get("budget") != json.loads(json.dumps(budget)):
             raise ValueError(f"{path} holds a result with other settings; use another --output-dir or --force "
                              f"(differences: {_diff(done.get('budget', {}), budget)})")
-        zero = self.zero_shot()
-        owner = _claim(out)
-        if owner is not None:
-            self.log(f"{method} seed {seed}: being run by process {owner} ({out}/.running), skipped")
-            return None
-        try:
-            if os.path.isfile(path) and not cfg.force:  # finished by another process meanwhile
-                return report.read_json(path)
-            return self._run(method, seed, out, path, budget, zero)
-        finally:
-            _release(out)
+        if "adapter_sha256" in done:  # results of older versions have none: trusted as before
+            runfiles.check_adapter_digest(os.path.join(out, "adapter"), done["adapter_sha256"], path)
+        return done
 
-    def _run(self, method, seed, out, path, budget, zero) -> dict:
+    def _run(self, method, seed, out, zero) -> dict:
+        """Train and score into a fresh folder beside `out`, then swap it in whole (runfiles.py)."""
+        new = runfiles.fresh_dir(out)
+        try:
+            result = self._run_into(method, seed, new, out, zero)
+            runfiles.swap_in(new, out)
+        except BaseException:
+            shutil.rmtree(new, ignore_errors=True)
+            raise
+        zero, tuned = result["zero_shot"], result["finetuned"]
+        self.log(f"{method} seed {seed}: zero-shot acc {zero['acc']:.4f} -> fine-tuned acc {tuned['acc']:.4f} "
+                 f"(acc_norm {zero['acc_norm']:.4f} -> {tuned['acc_norm']:.4f}); {out}/results.json")
+        return result
+
+    def _run_into(self, method, seed, new, out, zero) -> dict:
         cfg = self.cfg
         import transformers
 
@@ -203,25 +227,25 @@ class Job:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         wall = time.perf_counter()
-        train = self._train(model, tok, method, seed, out)
+        train = self._train(model, tok, method, seed, new)
         finetuned = self._evaluate(model, tok)
         routing = {"injection": routing_at_injection, "trained": measure_routing(model, tok, self.data.eval, cfg.max_length)}
-        os.makedirs(out, exist_ok=True)
-        model.save_pretrained(os.path.join(out, "adapter"))
+        adapter = os.path.join(new, "adapter")
+        model.save_pretrained(adapter)
+        runfiles.chmod_default(adapter)
         result = {
-            "task": cfg.task, "method": method, "seed": seed, "model": cfg.model, "budget": budget,
+            "task": cfg.task, "method": method, "seed": seed, "model": cfg.model, "budget": cfg.training_budget(),
             "config": dataclasses.asdict(cfg), "adapter_config": _adapter_config(model),
             "split": self.data.split, "zero_shot": zero, "finetuned": finetuned,
             "trainable_params": params, "train": train, "routing": routing, "peak_memory": report.peak_memory_mib(),
             "wall_seconds": time.perf_counter() - wall, "versions": report.versions(),
             "machine": report.machine(), "adapter": os.path.join(out, "adapter"),
+            "adapter_sha256": runfiles.adapter_digest(adapter),
         }
-        result["plots"] = self._plots(result, train, out)
-        report.write_json(path, result)
+        result["plots"] = runfiles.relocate(self._plots(result, train, new), new, out)
+        report.write_json(os.path.join(new, "results.json"), result)  # last: the folder is complete
         del model
         gc.collect()  # Trainer, optimizer and adapter hold reference cycles: free them before the next run
-        self.log(f"{method} seed {seed}: zero-shot acc {zero['acc']:.4f} -> fine-tuned acc {finetuned['acc']:.4f} "
-                 f"(acc_norm {zero['acc_norm']:.4f} -> {finetuned['acc_norm']:.4f}); {path}")
         return result
 
     def _train(self, model, tok, method, seed, out) -> dict:
@@ -276,16 +300,44 @@ class Job:
 
     # ----- several methods and seeds -----
     def compare(self) -> dict:
+        """Run every asked (method, seed) not done yet, then rebuild the summary from what is on disk.
+
+        The summary is written under a lock (`.summary.lock` in the task folder) and read from disk
+        inside it, so of two processes sharing an output folder the one that writes last lists
+        every run finished by then. Runs another live process holds are skipped and returned in
+        "busy"; asked runs with no finished result are listed in "missing" (the table says so)."""
+        busy = []
         # seed-major order: a table stopped half-way has every method at its first seeds
-        results = {m: [] for m in self.cfg.methods}
         for s in self.cfg.seeds:
             for m in self.cfg.methods:
-                res = self.run(m, s)
-                if res is not None:  # None: another process is running it
-                    results[m].append(res)
-        return self.write_summary({m: r for m, r in results.items() if r})
+                try:
+                    self.run(m, s)
+                except runlock.RunBusy as err:
+                    self.log(f"{m} seed {s}: skipped: {err}")
+                    busy.append({"method": m, "seed": s, "reason": str(err)})
+        with runlock.claim(os.path.join(task_dir(self.cfg), "summary"), wait=True):
+            results, missing = self.finished_results()
+            summary = self.write_summary(results, missing)
+        summary["busy"] = busy
+        summary["runs"] = [{"method": m, "seed": r["seed"], "files": [
+            os.path.join(run_dir(self.cfg, m, r["seed"]), "results.json"), *r.get("plots", {}).values()]}
+            for m, rs in results.items() for r in rs]
+        return summary
 
-    def write_summary(self, results: dict) -> dict:
+    def finished_results(self) -> tuple[dict, list]:
+        """{method: [results of its finished seeds]} of the asked methods and seeds, and the
+        (method, seed) pairs asked for that have no finished result."""
+        results, missing = {}, []
+        for m in self.cfg.methods:
+            for s in self.cfg.seeds:
+                done = self.finished(m, s)
+                if done is None:
+                    missing.append((m, s))
+                else:
+                    results.setdefault(m, []).append(done)
+        return results, missing
+
+    def write_summary(self, results: dict, missing: list = ()) -> dict:
         cfg = self.cfg
         zero = self.zero_shot()
         chance = sum(1.0 / ex.num_choices for ex in self.data.eval) / len(self.data.eval)
@@ -302,9 +354,10 @@ class Job:
                   f"batch {cfg.batch_size}×{cfg.grad_accum}, warmup {cfg.warmup_ratio:g}, r {cfg.r}, alpha {cfg.alpha:g}, "
                   f"E {cfg.experts}, K {cfg.top_k}; seeds {cfg.seeds}")
         summary["markdown"] = report.markdown_table(summary, header)
-        with open(base + ".md.tmp", "w") as f:
-            f.write(summary["markdown"])
-        os.replace(base + ".md.tmp", base + ".md")
+        summary["missing"] = [{"method": m, "seed": s} for m, s in missing]
+        if missing:
+            summary["markdown"] += f"\nPARTIAL: no finished result yet for {_pairs(missing)}.\n"
+        report.write_text(base + ".md", summary["markdown"])
         summary["plot"] = plots.comparison_bars(summary["rows"], base + ".png", f"{cfg.task}: acc, mean ± std over seeds")
         report.write_json(base + ".json", summary)
         summary["paths"] = {"markdown": base + ".md", "json": base + ".json", "plot": summary["plot"]}
@@ -323,44 +376,5 @@ def _diff(a: dict, b: dict) -> dict:
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
-def _claim(out: str) -> int | None:
-    """Mark `out` as being run by this process; the id of another live process that holds it, else None."""
-    os.makedirs(out, exist_ok=True)
-    marker = os.path.join(out, ".running")
-    for _ in range(2):
-        try:
-            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                with open(marker) as f:
-                    pid = int(f.read().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and pid != os.getpid() and _alive(pid):
-                return pid
-            try:  # left behind by a process that died: take it over
-                os.unlink(marker)
-            except FileNotFoundError:
-                pass
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        return None
-    return None
-
-
-def _release(out: str) -> None:
-    try:
-        os.unlink(os.path.join(out, ".running"))
-    except FileNotFoundError:
-        pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _pairs(pairs) -> str:
+    return ", ".join(f"{m} seed {s}" for m, s in pairs)

@@ -74,8 +74,8 @@ def apply_method(model, method: str, spec: AdapterSpec):
     return gmoe.get_gmoe_model(model, gmoe_config(method, spec))
 
 
-def load_adapter(model, path: str, trainable: bool = False):
-    """A saved adapter (GMoE or PEFT LoRA folder) onto the base model."""
+def read_adapter_config(path: str) -> dict:
+    """The adapter folder's adapter_config.json as a dict, or an error naming the file and the problem."""
     import json
     import os
 
@@ -83,15 +83,37 @@ def load_adapter(model, path: str, trainable: bool = False):
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"--adapter {path} has no adapter_config.json: pass a folder written by a "
                                 "training run (<run dir>/adapter)")
-    with open(cfg_path) as f:
-        peft_type = json.load(f).get("peft_type")
-    if peft_type == "GMOE":
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            data = json.load(f)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{cfg_path} is not UTF-8 text ({err.reason} at byte {err.start}); "
+                         "the adapter folder is corrupt") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{cfg_path} is not valid JSON ({err}); the adapter folder is corrupt") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{cfg_path} must hold a JSON object, got {type(data).__name__}; "
+                         "the adapter folder is corrupt")
+    return data
+
+
+def load_adapter(model, path: str, trainable: bool = False):
+    """A saved adapter (GMoE or PEFT LoRA folder) onto the base model."""
+    if read_adapter_config(path).get("peft_type") == "GMOE":
         import gmoe
 
         return gmoe.GMoEModel.from_pretrained(model, path, is_trainable=trainable)
     import peft
 
-    return peft.PeftModel.from_pretrained(model, path, is_trainable=trainable)
+    try:
+        return peft.PeftModel.from_pretrained(model, path, is_trainable=trainable)
+    except RuntimeError as err:  # torch's size-mismatch report of load_state_dict
+        if "size mismatch" not in str(err):
+            raise
+        detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line
+                       and "copying a param" in line), str(err).splitlines()[0])
+        raise ValueError(f"--adapter {path} does not fit this base model (it was trained on a base of "
+                         f"another size): {detail}") from err
 
 
 def trainable_parameters(model) -> dict:

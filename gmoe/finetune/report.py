@@ -8,25 +8,33 @@ import os
 import platform
 import resource
 import statistics
-import tempfile
+import secrets
 
 import torch
 
 
-def write_json(path: str, data) -> None:
-    """Write via a temporary file in the same folder and rename: a reader never sees half a file."""
+def write_text(path: str, text: str) -> None:
+    """Write via a uniquely named temporary file in the same folder, flushed, then renamed: a reader
+    (or a concurrent writer of the same path) never sees half a file. The file gets the mode the
+    user's umask gives (mkstemp would make it 0600)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{secrets.token_hex(4)}-{os.path.basename(path)}")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=False, default=str)
-            f.write("\n")
+        with open(tmp, "x") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json(path: str, data) -> None:
+    """`write_text` of the JSON (atomic)."""
+    write_text(path, json.dumps(data, indent=1, sort_keys=False, default=str) + "\n")
 
 
 def read_json(path: str):

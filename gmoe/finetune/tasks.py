@@ -29,9 +29,28 @@ class Example:
         return len(self.continuations)
 
 
-def _mc(context: str, choices: list[str], gold: int) -> Example:
+def _text(value, field: str, allow_empty: bool = False) -> str:
+    """A text field: a string, non-empty unless allowed (a null or a number would become the prompt
+    "None" or "3" and score silently)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{field} must be a string, got {type(value).__name__} {value!r}")
+    if not allow_empty and not value.strip():
+        raise ValueError(f"{field} must be a non-empty string")
+    return value
+
+
+def _index(value, field: str) -> int:
+    """A whole-number label (an int, or a string of digits): 1.7 or True is not a label."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    raise ValueError(f"{field} {value!r} must be a whole number")
+
+
+def _mc(context: str, choices: list, gold: int) -> Example:
     """An ordinary multiple-choice example: one context, a continuation per choice."""
-    choices = [str(c) for c in choices]
+    choices = [_text(c, f"choice {i}") for i, c in enumerate(choices)]
     if not 0 <= gold < len(choices):
         raise ValueError(f"gold index {gold} is out of range for {len(choices)} choices")
     return Example(contexts=(context,) * len(choices),
@@ -46,19 +65,26 @@ def _letter_index(labels: list[str], key: str) -> int:
     return labels.index(key)
 
 
+def _labelled_choices(row: dict) -> tuple[list, int]:
+    """ARC / OBQA `choices`: as many labels as texts, and the gold one among them."""
+    texts, labels = list(row["choices"]["text"]), [str(x) for x in row["choices"]["label"]]
+    if len(texts) != len(labels):
+        raise ValueError(f"choices has {len(texts)} texts but {len(labels)} labels")
+    return texts, _letter_index(labels, row["answerKey"])
+
+
 # ----- one mapping per dataset: its own fields -> Example -----
 
 def arc(row: dict) -> Example:
     """ARC (arc_challenge / arc_easy): "Question: {question}\\nAnswer:" + " {choice}"."""
-    labels = list(row["choices"]["label"])
-    return _mc(f"Question: {row['question']}\nAnswer:", list(row["choices"]["text"]),
-               _letter_index(labels, row["answerKey"]))
+    texts, gold = _labelled_choices(row)
+    return _mc(f"Question: {_text(row['question'], 'question')}\nAnswer:", texts, gold)
 
 
 def openbookqa(row: dict) -> Example:
     """OpenBookQA: the question stem is the context, " {choice}"."""
-    labels = list(row["choices"]["label"])
-    return _mc(row["question_stem"], list(row["choices"]["text"]), _letter_index(labels, row["answerKey"]))
+    texts, gold = _labelled_choices(row)
+    return _mc(_text(row["question_stem"], "question_stem"), texts, gold)
 
 
 def boolq(row: dict) -> Example:
@@ -68,18 +94,23 @@ def boolq(row: dict) -> Example:
         if answer.strip().lower() not in ("true", "false"):
             raise ValueError(f"boolq answer {answer!r} must be true/false")
         answer = answer.strip().lower() == "true"
-    return _mc(f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:", ["no", "yes"], int(bool(answer)))
+    if not isinstance(answer, bool):
+        raise ValueError(f"boolq answer {answer!r} must be true/false")
+    passage, question = _text(row["passage"], "passage"), _text(row["question"], "question")
+    return _mc(f"{passage}\nQuestion: {question}?\nAnswer:", ["no", "yes"], int(answer))
 
 
 def social_iqa(row: dict) -> Example:
     """Social IQa: "Q: {context} {question}\\nA:" + " {answer}"; label "1".."3"."""
-    return _mc(f"Q: {row['context']} {row['question']}\nA:",
-               [row["answerA"], row["answerB"], row["answerC"]], int(row["label"]) - 1)
+    context, question = _text(row["context"], "context"), _text(row["question"], "question")
+    return _mc(f"Q: {context} {question}\nA:", [row["answerA"], row["answerB"], row["answerC"]],
+               _index(row["label"], "label") - 1)
 
 
 def piqa(row: dict) -> Example:
     """PIQA: "Question: {goal}\\nAnswer:" + " {sol}"; label 0/1."""
-    return _mc(f"Question: {row['goal']}\nAnswer:", [row["sol1"], row["sol2"]], int(row["label"]))
+    return _mc(f"Question: {_text(row['goal'], 'goal')}\nAnswer:", [row["sol1"], row["sol2"]],
+               _index(row["label"], "label"))
 
 
 def hellaswag_preprocess(text: str) -> str:
@@ -91,19 +122,23 @@ def hellaswag_preprocess(text: str) -> str:
 
 def hellaswag(row: dict) -> Example:
     """HellaSwag: "{activity_label}: {ctx_a} {ctx_b.capitalize()}" (preprocessed) + " {ending}"."""
-    context = hellaswag_preprocess(f"{row['activity_label']}: {row['ctx_a']} {row['ctx_b'].capitalize()}")
-    return _mc(context, [hellaswag_preprocess(e) for e in row["endings"]], int(row["label"]))
+    # ctx_b may be empty (the whole context is in ctx_a), but it must be text
+    label, ctx_a = _text(row["activity_label"], "activity_label"), _text(row["ctx_a"], "ctx_a", allow_empty=True)
+    ctx_b = _text(row["ctx_b"], "ctx_b", allow_empty=True)
+    endings = [_text(e, f"endings[{i}]") for i, e in enumerate(row["endings"])]
+    context = hellaswag_preprocess(f"{label}: {ctx_a} {ctx_b.capitalize()}")
+    return _mc(context, [hellaswag_preprocess(e) for e in endings], _index(row["label"], "label"))
 
 
 def winogrande(row: dict) -> Example:
     """Winogrande, partial evaluation: each option fills the blank in the context (the sentence up to
     "_"), and the shared continuation is the text after "_" (stripped, after the target delimiter)."""
-    sentence = row["sentence"]
+    sentence = _text(row["sentence"], "sentence")
     if "_" not in sentence:
         raise ValueError(f"winogrande sentence has no '_' blank: {sentence!r}")
     blank = sentence.index("_")
     target = sentence[blank + 1:].strip()
-    contexts = tuple(sentence[:blank] + row[f"option{i}"] for i in (1, 2))
+    contexts = tuple(sentence[:blank] + _text(row[f"option{i}"], f"option{i}") for i in (1, 2))
     gold = {"1": 0, "2": 1}.get(str(row["answer"]).strip())
     if gold is None:
         raise ValueError(f"winogrande answer {row['answer']!r} must be '1' or '2'")
@@ -163,8 +198,13 @@ def read_jsonl(path: str) -> list[dict]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist: pass an existing JSONL file (one JSON object per line)")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes, decoded per line: an encoding error names its line
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{n} is not UTF-8 text ({err.reason} at byte {err.start} of the line); "
+                                 "save the file as UTF-8") from err
             if not line.strip():
                 continue
             try:

@@ -1,0 +1,103 @@
+"""Every argument of a job checked before anything is loaded: a bad value fails in a second with
+a message naming the flag, not after the model load and the zero-shot scoring.
+
+The adapter fields are checked by building the GMoEConfig of each MoE method from the spec
+(its own checks, no model needed); the rest here.
+"""
+from __future__ import annotations
+
+import math
+import os
+import secrets
+
+from . import methods as M
+from .tasks import get_task
+
+
+def _require(ok: bool, flag: str, value, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"{flag} {value!r} is invalid: {rule}")
+
+
+def _positive_int(value, flag: str, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, flag, value,
+             "it must be a whole number of at least 1")
+
+
+def _finite(value, flag: str, low: float, high: float = math.inf, low_open: bool = True,
+            high_open: bool = True) -> None:
+    ok = isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    _require(ok, flag, value, f"it must be a finite number in {interval}")
+
+
+def check_budget(cfg) -> None:
+    """Training and scoring sizes: a 0-step run or an empty batch is never what was meant."""
+    _finite(cfg.epochs, "--epochs", 0.0)
+    _require(cfg.max_steps == -1 or (isinstance(cfg.max_steps, int) and cfg.max_steps >= 1), "--max-steps",
+             cfg.max_steps, "it must be at least 1 (or left unset to train for --epochs)")
+    _finite(cfg.lr, "--lr", 0.0)
+    _finite(cfg.warmup_ratio, "--warmup-ratio", 0.0, 1.0, low_open=False)
+    for flag, value in (("--batch-size", cfg.batch_size), ("--eval-batch-size", cfg.eval_batch_size),
+                        ("--eval-batch-tokens", cfg.eval_batch_tokens), ("--grad-accum", cfg.grad_accum),
+                        ("--max-length", cfg.max_length), ("--log-steps", cfg.log_steps)):
+        _positive_int(value, flag)
+    for flag, value in (("--eval-size", cfg.eval_size), ("--max-train-examples", cfg.max_train_examples),
+                        ("--max-eval-examples", cfg.max_eval_examples)):
+        _positive_int(value, flag, allow_none=True)
+    _finite(cfg.eval_fraction, "--eval-fraction", 0.0, 1.0)
+    _require(all(isinstance(s, int) and s >= 0 for s in cfg.seeds), "--seed", cfg.seeds,
+             "seeds must be whole numbers >= 0")
+
+
+def check_adapter_spec(cfg) -> None:
+    """r, alpha, dropout, experts, top-k: as the adapters' own configs check them."""
+    spec = cfg.spec()
+    _positive_int(spec.r, "--r")
+    _finite(spec.alpha, "--alpha", 0.0)
+    _finite(spec.dropout, "--dropout", 0.0, 1.0, low_open=False)
+    for method in cfg.methods:
+        if method != "lora":
+            try:
+                M.gmoe_config(method, spec)
+            except ValueError as err:
+                raise ValueError(f"--experts/--top-k/--r/--alpha/--dropout: {err}") from err
+
+
+def check_output_dir(path: str) -> None:
+    """The output folder exists or can be made, and a file can be created in it (tried, not guessed
+    from permission bits, which root ignores and ACLs override)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--output-dir {path} exists and is not a folder; choose another path")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}-{secrets.token_hex(4)}")
+        with open(probe, "x"):
+            pass
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(f"--output-dir {path} is not writable ({err.strerror}); choose another path") from err
+
+
+def check_inputs(cfg) -> None:
+    """Files named on the command line exist (their content is read, and checked, with the data)."""
+    for flag, path in (("--train-file", cfg.train_file), ("--eval-file", cfg.eval_file)):
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(f"{flag} {path} does not exist: pass an existing JSONL file "
+                                    "(one JSON object per line)")
+    if cfg.adapter is not None:
+        M.read_adapter_config(cfg.adapter)
+
+
+def check_config(cfg) -> None:
+    """All of the above, in the order a user fixes them; raises ValueError / FileNotFoundError."""
+    for method in cfg.methods:
+        M.check_method(method)
+    get_task(cfg.task)
+    check_budget(cfg)
+    check_adapter_spec(cfg)
+    check_inputs(cfg)
+    check_output_dir(cfg.output_dir)  # every job writes at least its zero-shot cache there
