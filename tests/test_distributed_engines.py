@@ -251,7 +251,7 @@ def test_example_train_distributed_under_torchrun(tmp_path):
     """examples/train_distributed.py on 2 ranks: trains, every rank holds the same load, and the
     adapter it saves loads back onto the base model."""
     from gmoe import GMoEModel
-    from gmoe.train import tiny_llama
+    from examples.train_tiny import tiny_llama
     cmd = [sys.executable, "-m", *torchrun(), str(ROOT / "examples" / "train_distributed.py"), "--steps", "3",
            "--seq-len", "32", "--batch-size", "2", "--num-experts", "4", "--gcn-dim", "16", "--save", str(tmp_path / "adapter")]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)

@@ -1,7 +1,9 @@
-"""Training helpers: a plain loop for GMoE fine-tuning and the `gmoe-train` demo command.
+"""A plain training loop for GMoE on a random tiny Llama and a bundled text, with no download:
 
-`transformers.Trainer` works unchanged too (the router loss is inside out.loss); this loop
-exists for the demo and for users who want expert-load logging without writing one.
+    python examples/train_tiny.py [--steps 150] [--router graph|linear] [--save my-adapter]
+
+`transformers.Trainer` works unchanged too (the router loss is inside out.loss); this loop shows
+the model API in a few lines and prints the LM loss, the router loss and the expert load.
 """
 from __future__ import annotations
 
@@ -11,8 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .config import GMoEConfig
-from .model import GMoEModel, get_gmoe_model
+from gmoe import GMoEConfig, GMoEModel, get_gmoe_model
 
 
 def byte_batches(text: str, seq_len: int, batch_size: int, generator: torch.Generator):
@@ -74,7 +75,7 @@ def tiny_llama(vocab_size=256, hidden_size=128, intermediate_size=344, layers=2,
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="GMoE demo: fine-tune a tiny Llama on a bundled text")
-    parser.add_argument("--text", type=Path, default=Path(__file__).resolve().parents[1] / "examples" / "data" / "tiny_corpus.txt")
+    parser.add_argument("--text", type=Path, default=Path(__file__).resolve().parent / "data" / "tiny_corpus.txt")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
