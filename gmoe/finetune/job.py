@@ -20,46 +20,23 @@ import torch
 from . import methods as M
 from . import plots, report, runfiles, runlock
 from .encoding import PadCollator, training_features
+from .options import DataOptions, ModelOptions, OutputOptions, RerunOptions, ScoringOptions, TrainOptions
 from .routing import measure_routing
 from .scoring import evaluate
-from .split import DEFAULT_EVAL_FRACTION, DEFAULT_SPLIT_SEED, split_indices
+from .split import split_indices
 from .tasks import get_task, load_examples
 from .validate import check_config
 
 
 @dataclass
-class JobConfig:
-    model: str = "smollm2-135m"
-    task: str = "arc-c"
+class JobConfig(ModelOptions, DataOptions, ScoringOptions, TrainOptions, OutputOptions, RerunOptions):
+    """One job's settings: the option fields (options.py, where every default lives) plus the
+    methods and seeds to run and, for scoring only, the adapter."""
     methods: list[str] = field(default_factory=lambda: ["gmoe"])
     seeds: list[int] = field(default_factory=lambda: [0])
-    epochs: float = 2.0
-    max_steps: int = -1
-    lr: float = 5e-4
-    batch_size: int = 8
-    eval_batch_size: int = 64
-    eval_batch_tokens: int = 2048
-    grad_accum: int = 1
-    max_length: int = 256
-    warmup_ratio: float = 0.1
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    experts: int = 8
-    top_k: int = 2
-    train_file: str | None = None
-    eval_file: str | None = None
-    split_seed: int = DEFAULT_SPLIT_SEED
-    eval_fraction: float = DEFAULT_EVAL_FRACTION
-    eval_size: int | None = None
-    max_train_examples: int | None = None
-    max_eval_examples: int | None = None
-    output_dir: str = "outputs/finetune"
     eval_only: bool = False
     adapter: str | None = None
     preset: str | None = None
-    log_steps: int = 5
-    force: bool = False
 
     def spec(self) -> M.AdapterSpec:
         return M.AdapterSpec(r=self.r, alpha=self.alpha, dropout=self.dropout, experts=self.experts, top_k=self.top_k)
