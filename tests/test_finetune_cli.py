@@ -235,3 +235,47 @@ def test_a_run_lock_is_held_until_released_and_stale_text_blocks_nothing(tmp_pat
     lock.release()
     (tmp_path / "gmoe" / ".seed0.lock").write_text("pid 1 on elsewhere")  # text alone holds nothing
     claim(out).release()
+
+
+def test_eval_harness_loads_the_adapter_and_writes_the_harness_results(setup, tmp_path, monkeypatch, capsys):
+    """`eval --harness`: the base model + --adapter go to gmoe.finetune.harness.run_harness (a fake
+    module here) with the tasks and options; its result is printed and written as JSON."""
+    import sys
+    import types
+
+    import gmoe.finetune.methods as methods
+
+    root, model, data = setup
+    seen = {}
+
+    def run_harness(model, tokenizer, tasks, *, batch_size=8, limit=None, task_dir=None):
+        seen.update(model=model, tokenizer=tokenizer, tasks=tasks, batch_size=batch_size, limit=limit,
+                    task_dir=task_dir)
+        return {t: {"acc,none": 0.25, "acc_norm,none": 0.5} for t in tasks}
+
+    fake = types.ModuleType("gmoe.finetune.harness")
+    fake.run_harness = run_harness
+    monkeypatch.setitem(sys.modules, "gmoe.finetune.harness", fake)
+    monkeypatch.setattr("gmoe.finetune.harness", fake, raising=False)
+    loaded = []
+    real_load = methods.load_adapter
+    monkeypatch.setattr(methods, "load_adapter", lambda m, p: loaded.append(p) or real_load(m, p))
+    from gmoe.finetune.methods import AdapterSpec, apply_method
+    from gmoe.finetune.assets import load_base_model
+
+    base, _ = load_base_model(model)
+    adapter = tmp_path / "adapter"
+    apply_method(base, "gmoe", AdapterSpec(r=2, alpha=4, experts=4, top_k=2)).save_pretrained(adapter)
+    (tmp_path / "tasks").mkdir()
+    assert main(["eval", "--model", model, "--adapter", str(adapter), "--harness", "arc_challenge,boolq",
+                 "--harness-limit", "5", "--harness-task-dir", str(tmp_path / "tasks"), "--harness-batch-size", "2",
+                 "--output-dir", str(tmp_path / "out")]) == 0
+    assert loaded == [str(adapter)]
+    assert seen["tasks"] == ["arc_challenge", "boolq"] and (seen["batch_size"], seen["limit"]) == (2, 5)
+    assert seen["task_dir"] == str(tmp_path / "tasks") and type(seen["model"]).__name__ == "GMoEModel"
+    printed = capsys.readouterr().out
+    assert "arc_challenge: acc,none 0.2500  acc_norm,none 0.5000" in printed
+    path = printed.split("results: ")[1].strip()
+    written = json.loads(open(path).read())
+    assert written["results"]["boolq"] == {"acc,none": 0.25, "acc_norm,none": 0.5}
+    assert written["adapter"] == str(adapter) and written["tasks"] == ["arc_challenge", "boolq"]

@@ -158,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         _fail("--eval-only is now the eval subcommand: gmoe-finetune eval --task TASK [--adapter RUN_DIR/adapter]")
     cfg = parse_command(command, rest)
     try:
+        if command == "eval" and cfg.harness:
+            return harness_eval(cfg)
         job = Job(cfg)
         if command == "eval":
             return _print_eval(job.eval_only(), cfg)
@@ -177,6 +179,37 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{PROG}: error: {b['method']} seed {b['seed']} not run here: {b['reason']}; "
                   "rerun this command once that process has finished", file=sys.stderr)
         return BUSY
+    return 0
+
+
+def harness_eval(cfg: JobConfig) -> int:
+    """`eval --harness TASKS`: lm-evaluation-harness (gmoe/finetune/harness.py) on the base model, with
+    `--adapter` loaded onto it when given; its results printed and written as JSON."""
+    import copy
+    import hashlib
+    import json
+
+    from . import report
+    from .assets import load_base_model
+    from .methods import load_adapter
+    from .validate import check_config
+
+    check_config(cfg)
+    tasks = csv(cfg.harness)
+    base, tok = load_base_model(cfg.model)
+    model = load_adapter(copy.deepcopy(base), cfg.adapter) if cfg.adapter else base
+    from .harness import run_harness
+
+    results = run_harness(model, tok, tasks, batch_size=cfg.harness_batch_size, limit=cfg.harness_limit,
+                          task_dir=cfg.harness_task_dir)
+    for task, metrics in results.items():
+        print(f"{task}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    key = json.dumps([cfg.model, os.path.abspath(cfg.adapter) if cfg.adapter else None, tasks, cfg.harness_limit])
+    path = os.path.join(cfg.output_dir, "harness", f"harness-{hashlib.sha1(key.encode()).hexdigest()[:10]}.json")
+    report.write_json(path, {"model": cfg.model, "adapter": cfg.adapter, "tasks": tasks, "limit": cfg.harness_limit,
+                             "task_dir": cfg.harness_task_dir, "results": results, "versions": report.versions(),
+                             "machine": report.machine()})
+    print(f"results: {path}")
     return 0
 
 

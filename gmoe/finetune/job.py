@@ -20,7 +20,7 @@ import torch
 from . import methods as M
 from . import plots, report, runfiles, runlock
 from .encoding import PadCollator, training_features
-from .options import DataOptions, ModelOptions, OutputOptions, RerunOptions, ScoringOptions, TrainOptions
+from .options import DataOptions, EvalOptions, ModelOptions, OutputOptions, RerunOptions, ScoringOptions, TrainOptions
 from .routing import measure_routing
 from .scoring import evaluate
 from .split import split_indices
@@ -29,13 +29,12 @@ from .validate import check_config
 
 
 @dataclass
-class JobConfig(ModelOptions, DataOptions, ScoringOptions, TrainOptions, OutputOptions, RerunOptions):
+class JobConfig(ModelOptions, DataOptions, ScoringOptions, TrainOptions, OutputOptions, RerunOptions, EvalOptions):
     """One job's settings: the option fields (options.py, where every default lives) plus the
-    methods and seeds to run and, for scoring only, the adapter."""
+    methods and seeds to run."""
     methods: list[str] = field(default_factory=lambda: ["gmoe"])
     seeds: list[int] = field(default_factory=lambda: [0])
     eval_only: bool = False
-    adapter: str | None = None
     preset: str | None = None
 
     def spec(self) -> M.AdapterSpec:

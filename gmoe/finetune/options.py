@@ -122,6 +122,13 @@ class EvalOptions:
     _argument_group_name = "evaluation"
     adapter: str | None = field(default=None, metadata=_help(
         "a saved adapter folder (GMoE or PEFT; <run dir>/adapter); without it the zero-shot base model is scored"))
+    harness: str | None = field(default=None, metadata=_help(
+        "comma-separated lm-evaluation-harness task names (e.g. arc_challenge,boolq): score the base model "
+        "(+ --adapter) with the harness itself instead of this job's scoring"))
+    harness_limit: int | None = field(default=None, metadata=_help("with --harness: examples per task, at most"))
+    harness_task_dir: str | None = field(default=None, metadata=_help(
+        "with --harness: a folder of extra task YAML files"))
+    harness_batch_size: int = field(default=8, metadata=_help("with --harness: its batch size"))
 
 
 def make_parser(classes, prog: str, description: str):

@@ -43,10 +43,11 @@ def check_budget(cfg) -> None:
     _finite(cfg.warmup_ratio, "--warmup-ratio", 0.0, 1.0, low_open=False)
     for flag, value in (("--batch-size", cfg.batch_size), ("--eval-batch-size", cfg.eval_batch_size),
                         ("--eval-batch-tokens", cfg.eval_batch_tokens), ("--grad-accum", cfg.grad_accum),
-                        ("--max-length", cfg.max_length), ("--log-steps", cfg.log_steps)):
+                        ("--max-length", cfg.max_length), ("--log-steps", cfg.log_steps),
+                        ("--harness-batch-size", cfg.harness_batch_size)):
         _positive_int(value, flag)
     for flag, value in (("--eval-size", cfg.eval_size), ("--max-train-examples", cfg.max_train_examples),
-                        ("--max-eval-examples", cfg.max_eval_examples)):
+                        ("--max-eval-examples", cfg.max_eval_examples), ("--harness-limit", cfg.harness_limit)):
         _positive_int(value, flag, allow_none=True)
     _finite(cfg.eval_fraction, "--eval-fraction", 0.0, 1.0)
     _require(all(isinstance(s, int) and s >= 0 for s in cfg.seeds), "--seed", cfg.seeds,
@@ -90,6 +91,8 @@ def check_inputs(cfg) -> None:
                                     "(one JSON object per line)")
     if cfg.adapter is not None:
         M.read_adapter_config(cfg.adapter)
+    if cfg.harness_task_dir is not None and not os.path.isdir(cfg.harness_task_dir):
+        raise FileNotFoundError(f"--harness-task-dir {cfg.harness_task_dir} is not a folder")
 
 
 def check_config(cfg) -> None:
