@@ -36,10 +36,10 @@ _COMMON = [O.ModelOptions, O.DataOptions]
 COMMANDS = {
     "run": ("Fine-tune one method (or --methods several) for --seeds seeds on a task and score the held-out "
             "part before and after", [*_COMMON, O.TrainOptions, O.ScoringOptions, O.RunOptions, O.OutputOptions,
-                                      O.ConfigOptions]),
+                                      O.TrackingOptions, O.ConfigOptions]),
     "compare": ("Compare several methods on one task: mean ± std over seeds, a Markdown table, JSON and a bar "
                 "chart", [*_COMMON, O.TrainOptions, O.ScoringOptions, O.CompareOptions, O.OutputOptions,
-                          O.ConfigOptions]),
+                          O.TrackingOptions, O.ConfigOptions]),
     "eval": ("Score the base model zero-shot and, with --adapter, a saved adapter on the task's held-out part",
              [*_COMMON, O.ScoringOptions, O.EvalOptions, O.OutputOptions, O.ConfigOptions]),
 }
@@ -190,13 +190,13 @@ def harness_eval(cfg: JobConfig) -> int:
     import json
 
     from . import report
-    from .assets import load_base_model
+    from .assets import load_base_model, resolve_dtype
     from .methods import load_adapter
     from .validate import check_config
 
     check_config(cfg)
     tasks = csv(cfg.harness)
-    base, tok = load_base_model(cfg.model)
+    base, tok = load_base_model(cfg.model, resolve_dtype(cfg.dtype), cfg.attn_implementation)
     model = load_adapter(copy.deepcopy(base), cfg.adapter) if cfg.adapter else base
     from .harness import run_harness
 

@@ -20,7 +20,8 @@ import torch
 from . import methods as M
 from . import plots, report, runfiles, runlock
 from .encoding import PadCollator, training_features
-from .options import DataOptions, EvalOptions, ModelOptions, OutputOptions, RerunOptions, ScoringOptions, TrainOptions
+from .options import (DataOptions, EvalOptions, ModelOptions, OutputOptions, RerunOptions, ScoringOptions,
+                      TrackingOptions, TrainOptions)
 from .routing import measure_routing
 from .scoring import evaluate
 from .split import split_indices
@@ -29,7 +30,8 @@ from .validate import check_config
 
 
 @dataclass
-class JobConfig(ModelOptions, DataOptions, ScoringOptions, TrainOptions, OutputOptions, RerunOptions, EvalOptions):
+class JobConfig(ModelOptions, DataOptions, ScoringOptions, TrainOptions, OutputOptions, RerunOptions, TrackingOptions,
+                EvalOptions):
     """One job's settings: the option fields (options.py, where every default lives) plus the
     methods and seeds to run."""
     methods: list[str] = field(default_factory=lambda: ["gmoe"])
@@ -45,7 +47,23 @@ class JobConfig(ModelOptions, DataOptions, ScoringOptions, TrainOptions, OutputO
         keys = ("model", "task", "epochs", "max_steps", "lr", "batch_size", "grad_accum", "max_length",
                 "warmup_ratio", "r", "alpha", "dropout", "experts", "top_k", "train_file", "eval_file",
                 "split_seed", "eval_fraction", "eval_size", "max_train_examples", "max_eval_examples")
-        return {k: getattr(self, k) for k in keys}
+        budget = {k: getattr(self, k) for k in keys}
+        if self.torch_dtype() != torch.float32:  # only then: budgets of fp32 runs stay as they were
+            budget["dtype"] = str(self.torch_dtype()).replace("torch.", "")
+        return budget
+
+    def torch_dtype(self) -> torch.dtype:
+        from .assets import resolve_dtype
+
+        return resolve_dtype(self.dtype)
+
+    def precision_info(self) -> dict:
+        from .training import precision
+
+        return {"dtype": str(self.torch_dtype()).replace("torch.", ""), "asked": self.dtype,
+                "mixed_precision": precision(self.torch_dtype()),
+                "gradient_checkpointing": self.gradient_checkpointing,
+                "attn_implementation": self.attn_implementation}
 
 
 @dataclass
@@ -100,7 +118,10 @@ def run_dir(cfg: JobConfig, method: str, seed: int) -> str:
 
 
 def zero_shot_key(cfg: JobConfig, data: Data) -> dict:
-    return {"model": cfg.model, "task": cfg.task, "split": data.split, "max_length": cfg.max_length}
+    key = {"model": cfg.model, "task": cfg.task, "split": data.split, "max_length": cfg.max_length}
+    if "dtype" in cfg.training_budget():  # float32 caches keep their old key
+        key["dtype"] = cfg.training_budget()["dtype"]
+    return key
 
 
 class Job:
@@ -116,7 +137,8 @@ class Job:
             from .assets import load_base_model
 
             start = time.perf_counter()
-            self._base, self._tok = load_base_model(self.cfg.model)
+            self._base, self._tok = load_base_model(self.cfg.model, self.cfg.torch_dtype(),
+                                                    self.cfg.attn_implementation)
             if torch.cuda.is_available():
                 self._base.to("cuda")
             self.log(f"loaded {self.cfg.model} in {time.perf_counter() - start:.1f}s")
@@ -214,6 +236,7 @@ class Job:
             "config": dataclasses.asdict(cfg), "adapter_config": _adapter_config(model),
             "split": self.data.split, "zero_shot": zero, "finetuned": finetuned,
             "trainable_params": params, "train": train, "routing": routing, "peak_memory": report.peak_memory_mib(),
+            "precision": cfg.precision_info(),
             "wall_seconds": time.perf_counter() - wall, "versions": report.versions(),
             "machine": report.machine(), "adapter": os.path.join(out, "adapter"),
             "adapter_sha256": runfiles.adapter_digest(adapter),
@@ -232,7 +255,9 @@ class Job:
             raise ValueError("no training examples: check --train-file / --max-train-examples")
         feats = training_features(tok, self.data.train, cfg.max_length)
         args = training_arguments(os.path.join(out, "trainer"), seed, cfg.epochs, cfg.lr, cfg.batch_size,
-                                  cfg.grad_accum, cfg.warmup_ratio, cfg.max_steps, cfg.log_steps)
+                                  cfg.grad_accum, cfg.warmup_ratio, cfg.max_steps, cfg.log_steps,
+                                  dtype=cfg.torch_dtype(), gradient_checkpointing=cfg.gradient_checkpointing,
+                                  report_to=cfg.report_to)
         trainer = FinetuneTrainer(model=model, args=args, train_dataset=feats, data_collator=PadCollator(tok.pad_token_id))
         self.log(f"training {method} seed {seed} on {len(feats)} examples ...")
         metrics = trainer.train().metrics
@@ -262,6 +287,7 @@ class Job:
         cfg = self.cfg
         zero = self.zero_shot()
         result = {"task": cfg.task, "model": cfg.model, "split": self.data.split, "zero_shot": zero,
+                  "precision": cfg.precision_info(),
                   "versions": report.versions(), "machine": report.machine()}
         if cfg.adapter:
             base, tok = self.base()

