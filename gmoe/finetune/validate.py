@@ -85,6 +85,8 @@ def check_output_dir(path: str) -> None:
 
 def check_inputs(cfg) -> None:
     """Files named on the command line exist (their content is read, and checked, with the data)."""
+    if cfg.dataset and (cfg.train_file or cfg.eval_file):
+        raise ValueError("--dataset excludes --train-file / --eval-file: pass one source")
     for flag, path in (("--train-file", cfg.train_file), ("--eval-file", cfg.eval_file)):
         if path is not None and not os.path.isfile(path):
             raise FileNotFoundError(f"{flag} {path} does not exist: pass an existing JSONL file "
