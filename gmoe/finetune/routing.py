@@ -7,9 +7,10 @@ import torch
 
 from ..model import GMoEModel
 from .encoding import PadCollator, training_features
+from .options import DataOptions, RoutingOptions
 
 #: Examples routed for a report: enough tokens (~5k on SmolLM2 prompts) for stable shares at E 8.
-REPORT_EXAMPLES = 128
+REPORT_EXAMPLES = RoutingOptions.max_examples
 
 
 def measure_routing(model, tokenizer, examples, max_length: int, max_examples: int = REPORT_EXAMPLES,
@@ -37,7 +38,7 @@ def measure_routing(model, tokenizer, examples, max_length: int, max_examples: i
 
 
 def report_routing(model_name: str, task: str, adapter: str | None = None, method: str = "gmoe", seed: int = 0,
-                   max_examples: int = REPORT_EXAMPLES, max_length: int = 256, log=print) -> dict:
+                   max_examples: int = REPORT_EXAMPLES, max_length: int = DataOptions.max_length, log=print) -> dict:
     """Routing telemetry on a task's held-out examples (the job's default split): of a freshly
     injected adapter (the baseline: `adapter`'s own config, or `method`'s, seeded by `seed`) and,
     when given, of the saved `adapter`."""
@@ -80,32 +81,28 @@ def _format(result: dict) -> str:
 
 def main(argv: list[str]) -> int:
     """`gmoe-finetune routing`: the routing report of a saved adapter, or of a method's fresh injection."""
-    import argparse
     import sys
 
     from .methods import METHODS
+    from .options import ModelOptions, make_parser
     from .report import write_json
     from .tasks import TASKS
 
-    p = argparse.ArgumentParser(
-        prog="gmoe-finetune routing",
-        description="Routing telemetry (per layer: busiest expert's share, load entropy, tokens on the most common "
+    p = make_parser(
+        [ModelOptions, RoutingOptions], "gmoe-finetune routing",
+        "Routing telemetry (per layer: busiest expert's share, load entropy, tokens on the most common "
                     "top-K set, idle experts, λ, σ) on a task's held-out examples, for a saved GMoE adapter and a "
                     "freshly injected one with the same config")
-    p.add_argument("--model", default="smollm2-135m", help="local Hugging Face folder, a .gguf file, or smollm2-135m")
-    p.add_argument("--task", default="arc-c", choices=list(TASKS))
-    p.add_argument("--adapter", help="a saved GMoE adapter folder (<run dir>/adapter)")
-    p.add_argument("--method", default="gmoe", choices=[m for m in METHODS if m != "lora"],
-                   help="without --adapter: the method whose fresh injection is reported")
-    p.add_argument("--seed", type=int, default=0, help="seed of the fresh injection")
-    p.add_argument("--max-examples", type=int, default=REPORT_EXAMPLES)
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--json", help="also write the report here")
-    args = p.parse_args(argv)
+    model_opts, args = p.parse_args_into_dataclasses(argv, look_for_args_file=False)
+    if args.task not in TASKS:
+        p.error(f"argument --task: invalid choice: {args.task!r} (choose from {', '.join(TASKS)})")
+    if args.method not in METHODS or args.method == "lora":
+        p.error(f"argument --method: invalid choice: {args.method!r} (choose from "
+                f"{', '.join(m for m in METHODS if m != 'lora')})")
     if args.max_examples < 1 or args.max_length < 2:
         p.error("--max-examples must be at least 1 and --max-length at least 2")
     try:
-        result = report_routing(args.model, args.task, args.adapter, args.method, args.seed, args.max_examples,
+        result = report_routing(model_opts.model, args.task, args.adapter, args.method, args.seed, args.max_examples,
                                 args.max_length)
     except (ValueError, FileNotFoundError) as err:
         print(f"gmoe-finetune routing: error: {err}", file=sys.stderr)

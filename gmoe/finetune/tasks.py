@@ -176,10 +176,23 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
+def _boolq_label(row: dict) -> dict:
+    """super_glue's boolq (lm-evaluation-harness's dataset) has `label` 0/1 where google/boolq has `answer`."""
+    if "answer" not in row and row.get("label") in (0, 1):
+        return {**row, "answer": bool(row["label"])}
+    return row
+
+
+#: per task, a row in another hub dataset's fields -> the fields the task reads
+ROW_ADAPTERS = {"boolq": _boolq_label}
+
+
 def to_examples(task: Task, rows, source: str) -> list[Example]:
     """Map raw rows to Examples, naming the source, row and missing fields on bad input."""
     out = []
+    adapt = ROW_ADAPTERS.get(task.name, lambda r: r)
     for i, row in enumerate(rows):
+        row = adapt(row)
         missing = [f for f in task.fields if f not in row]
         if missing:
             raise ValueError(f"{source}: row {i} lacks the field(s) {missing} that task {task.name!r} needs "

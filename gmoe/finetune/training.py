@@ -41,19 +41,36 @@ class FinetuneTrainer(GMoETrainer):
         super().log(logs, *args, **kwargs)
 
 
+def precision(dtype: torch.dtype) -> str:
+    """The mixed-precision mode that follows from the base model's dtype: bf16, fp16 or no."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+
+
 def training_arguments(output_dir: str, seed: int, epochs: float, lr: float, batch_size: int, grad_accum: int,
-                       warmup_ratio: float, max_steps: int = -1, log_steps: int = 5) -> transformers.TrainingArguments:
+                       warmup_ratio: float, max_steps: int = -1, log_steps: int = 5, dtype: torch.dtype = torch.float32,
+                       gradient_checkpointing: bool = False,
+                       report_to: str | list[str] = "none") -> transformers.TrainingArguments:
+    """The job's TrainingArguments. `dtype` (the base model's) selects bf16 / fp16 mixed precision;
+    gradient checkpointing is non-reentrant (the router loss needs the forward's graph)."""
     if not 0.0 <= warmup_ratio < 1.0:
         raise ValueError(f"--warmup-ratio {warmup_ratio} must be in [0, 1)")
     use_cpu = not torch.cuda.is_available()
     # transformers 5 takes a ratio as a float warmup_steps < 1; 4.x has warmup_ratio
     params = inspect.signature(transformers.TrainingArguments.__init__).parameters
     warmup = {"warmup_ratio": warmup_ratio} if "warmup_ratio" in params else {"warmup_steps": float(warmup_ratio)}
+    if isinstance(report_to, str):
+        report_to = [t.strip() for t in report_to.split(",") if t.strip() and t.strip() != "none"]
+    mode = precision(dtype)
+    # transformers 5 names it activation_checkpointing (gradient_checkpointing is its deprecated alias)
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in params else "gradient_checkpointing"
+    checkpointing = {ckpt: gradient_checkpointing,
+                     f"{ckpt}_kwargs": {"use_reentrant": False} if gradient_checkpointing else None}
     return transformers.TrainingArguments(
         output_dir=output_dir, seed=seed, data_seed=seed, num_train_epochs=epochs, max_steps=max_steps,
         learning_rate=lr, lr_scheduler_type="linear", weight_decay=0.0, **warmup,
         per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum, max_grad_norm=1.0,
         logging_steps=log_steps, logging_first_step=True, save_strategy="no", eval_strategy="no",
-        report_to=[], use_cpu=use_cpu, dataloader_num_workers=0, remove_unused_columns=False,
-        disable_tqdm=False, bf16=False, fp16=False,
+        report_to=report_to or "none", use_cpu=use_cpu, dataloader_num_workers=0, remove_unused_columns=False,
+        disable_tqdm=False, bf16=mode == "bf16", fp16=mode == "fp16",
+        **checkpointing,
     )

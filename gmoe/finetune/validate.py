@@ -43,10 +43,11 @@ def check_budget(cfg) -> None:
     _finite(cfg.warmup_ratio, "--warmup-ratio", 0.0, 1.0, low_open=False)
     for flag, value in (("--batch-size", cfg.batch_size), ("--eval-batch-size", cfg.eval_batch_size),
                         ("--eval-batch-tokens", cfg.eval_batch_tokens), ("--grad-accum", cfg.grad_accum),
-                        ("--max-length", cfg.max_length), ("--log-steps", cfg.log_steps)):
+                        ("--max-length", cfg.max_length), ("--log-steps", cfg.log_steps),
+                        ("--harness-batch-size", cfg.harness_batch_size)):
         _positive_int(value, flag)
     for flag, value in (("--eval-size", cfg.eval_size), ("--max-train-examples", cfg.max_train_examples),
-                        ("--max-eval-examples", cfg.max_eval_examples)):
+                        ("--max-eval-examples", cfg.max_eval_examples), ("--harness-limit", cfg.harness_limit)):
         _positive_int(value, flag, allow_none=True)
     _finite(cfg.eval_fraction, "--eval-fraction", 0.0, 1.0)
     _require(all(isinstance(s, int) and s >= 0 for s in cfg.seeds), "--seed", cfg.seeds,
@@ -84,12 +85,28 @@ def check_output_dir(path: str) -> None:
 
 def check_inputs(cfg) -> None:
     """Files named on the command line exist (their content is read, and checked, with the data)."""
+    if cfg.dataset and (cfg.train_file or cfg.eval_file):
+        raise ValueError("--dataset excludes --train-file / --eval-file: pass one source")
     for flag, path in (("--train-file", cfg.train_file), ("--eval-file", cfg.eval_file)):
         if path is not None and not os.path.isfile(path):
             raise FileNotFoundError(f"{flag} {path} does not exist: pass an existing JSONL file "
                                     "(one JSON object per line)")
     if cfg.adapter is not None:
         M.read_adapter_config(cfg.adapter)
+    if cfg.harness_task_dir is not None and not os.path.isdir(cfg.harness_task_dir):
+        raise FileNotFoundError(f"--harness-task-dir {cfg.harness_task_dir} is not a folder")
+
+
+def check_model_options(cfg) -> None:
+    """--dtype names a dtype this machine can train in."""
+    import torch
+
+    from .assets import resolve_dtype
+
+    dtype = resolve_dtype(cfg.dtype)
+    if dtype == torch.float16 and not torch.cuda.is_available():
+        raise ValueError("--dtype float16 is invalid here: float16 mixed precision needs a CUDA GPU; use bfloat16 "
+                         "or float32 on a CPU")
 
 
 def check_config(cfg) -> None:
@@ -97,6 +114,7 @@ def check_config(cfg) -> None:
     for method in cfg.methods:
         M.check_method(method)
     get_task(cfg.task)
+    check_model_options(cfg)
     check_budget(cfg)
     check_adapter_spec(cfg)
     check_inputs(cfg)
