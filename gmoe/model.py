@@ -16,9 +16,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from gmoe_kernels.activations import ACTIVATIONS, act, canonical_activation
-
 from . import losses
+from .activation import detect_activation as _detect_activation
 from .config import CONFIG_NAME, WEIGHTS_NAME, GMoEConfig
 from .io import atomic_save_dir, check_adapter_state, read_safetensors
 from .layers import GMoEMLP, LoRALinear, adapter_dtype
@@ -30,29 +29,6 @@ SUPPORTED = "Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2 (any decoder whose MLP 
 def _is_gated_mlp(module: nn.Module) -> bool:
     return all(isinstance(getattr(module, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")) \
         and callable(getattr(module, "act_fn", None))
-
-
-def _detect_activation(model: nn.Module, mlp: nn.Module) -> str:
-    """The canonical name of the MLP's activation, checked numerically against act_fn."""
-    config = getattr(model, "config", None)
-    names = [getattr(config, key, None) for key in ("hidden_activation", "hidden_act")]
-    candidates = [canonical_activation(n) for n in names if isinstance(n, str) and _known(n)]
-    probe = torch.linspace(-6, 6, 97, dtype=torch.float64)
-    with torch.no_grad():
-        expected = mlp.act_fn(probe)
-        for name in candidates + [a for a in ACTIVATIONS if a not in candidates]:
-            if torch.allclose(act(name, probe), expected, atol=1e-6):
-                return name
-    raise ValueError(f"{type(mlp).__name__}.act_fn ({type(mlp.act_fn).__name__}) matches none of the "
-                     f"supported activations {ACTIVATIONS}")
-
-
-def _known(name: str) -> bool:
-    try:
-        canonical_activation(name)
-        return True
-    except ValueError:
-        return False
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
