@@ -12,7 +12,7 @@ skewed routings from `shapes.make_routing` (zipf; one hot expert with most token
 import pytest
 import torch
 
-from benchmarks import contenders as C
+from benchmarks import contenders
 from benchmarks.shapes import SHAPES, Case, make_routing
 from gmoe_kernels import functional
 
@@ -30,7 +30,7 @@ def case_id(case):
 def problem(case, device):
     key = (case, device.type)
     if key not in _problems:
-        p = C.make_problem(case, device, torch.float32 if device.type == "cpu" else torch.bfloat16)
+        p = contenders.make_problem(case, device, torch.float32 if device.type == "cpu" else torch.bfloat16)
         if case.routing != "balanced":   # make_problem routes by its linear router (balanced)
             v = case.variant
             p.indices, weights = make_routing(case.shape.tokens, v.experts, v.top_k, case.routing, device=device)
@@ -58,7 +58,7 @@ def _run(benchmark, contender, group, mode, device):
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 @pytest.mark.parametrize("impl", ["gmoe-reference", "loop", "gmoe-triton"])
 def test_expert_ffn(benchmark, device, impl, case, mode):
-    c = C.ffn_contenders(problem(case, device), [impl])[0]
+    c = contenders.ffn_contenders(problem(case, device), [impl])[0]
     _run(benchmark, c, f"expert_ffn {case.label} {mode}", mode, device)
 
 
@@ -68,7 +68,7 @@ def test_expert_ffn(benchmark, device, impl, case, mode):
 def test_expert_mix(benchmark, device, backend, case, mode):
     """The fused op alone (frozen GEMMs outside): h_c and z from x, W_g x, W_u x."""
     p = problem(case, device)
-    why = C.triton_missing("expert_mix", device) if backend == "triton" else None
+    why = contenders.triton_missing("expert_mix", device) if backend == "triton" else None
     if why:
         pytest.skip(why)
     with torch.no_grad():
@@ -83,7 +83,7 @@ def test_expert_mix(benchmark, device, backend, case, mode):
 
     E, _, R = lo["lora_b_down"].shape
     grads = (torch.randn_like(gate_base), torch.randn(p.x.shape[0], E * R, device=device, dtype=p.x.dtype))
-    c = C.Contender(f"expert_mix-{backend}", "ffn", forward=forward,
+    c = contenders.Contender(f"expert_mix-{backend}", "ffn", forward=forward,
                     leaves=[p.x, gate_base, up_base, *args, p.weights], grads=lambda outs: grads)
     _run(benchmark, c, f"expert_mix {case.label} {mode}", mode, device)
 
@@ -92,7 +92,7 @@ def test_expert_mix(benchmark, device, backend, case, mode):
 @pytest.mark.parametrize("case", CASES[:2], ids=case_id)   # routes itself
 @pytest.mark.parametrize("impl", ["graph-reference", "graph-loop", "graph-triton", "graph-pyg"])
 def test_graph_router(benchmark, device, impl, case, mode):
-    c = C.router_contenders(problem(case, device), [impl])[0]
+    c = contenders.router_contenders(problem(case, device), [impl])[0]
     _run(benchmark, c, f"graph_router {case.label} {mode}", mode, device)
 
 
@@ -102,7 +102,7 @@ def test_graph_router(benchmark, device, impl, case, mode):
 def test_routing(benchmark, device, op, backend, case):
     """The routing helpers: top-K, the plan (group by expert), gather and weighted combine."""
     if backend == "triton":
-        why = C.triton_missing(op, device)
+        why = contenders.triton_missing(op, device)
         if why:
             pytest.skip(why)
     p = problem(case, device)
@@ -117,5 +117,5 @@ def test_routing(benchmark, device, op, backend, case):
         "dispatch": lambda: functional.dispatch(p.x.detach(), plan, backend=backend),
         "combine": lambda: functional.combine(rows, weights, plan, backend=backend),
     }[op]
-    c = C.Contender(f"{op}-{backend}", "router", forward=lambda: (call(),), leaves=[p.x])
+    c = contenders.Contender(f"{op}-{backend}", "router", forward=lambda: (call(),), leaves=[p.x])
     _run(benchmark, c, f"routing {op} {case.label}", "fwd", device)

@@ -3,7 +3,7 @@
 How: the launchers run on `meta` tensors at the benchmark registry's real shapes while
 `JITFunction.run` and `Autotuner.run` are replaced by recorders, so each launch the package
 would make is captured with its exact arguments and, for an autotuned kernel, every config
-its pruning keeps. Each (kernel, specialisation, config) is then compiled with
+its launcher's pruning keeps (the launchers prune for the target they are given). Each (kernel, specialisation, config) is then compiled with
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`, the argument
 specialisation done as the JIT does it (`native_specialize_impl`: 16-divisible ints and
 pointers, ints equal to 1 as constants), and `cuobjdump -res-usage` reads registers and
@@ -80,13 +80,12 @@ def recorded_launches():
         launches.append(Launch(self, args, kwargs, None))
 
     def tuner_run(self, *args, **kwargs):
-        self.nargs = dict(zip(self.arg_names, args))
-        configs = self.prune_configs(kwargs) if len(self.configs) > 1 else list(self.configs)
-        self.nargs = None
+        # the launchers prune configs before they reach triton.autotune (see
+        # gmoe_kernels/triton/_common.py `launch`): every config here is one it can pick
         fn = self.fn
         while not isinstance(fn, JITFunction):
             fn = fn.fn
-        launches.append(Launch(fn, args, kwargs, configs))
+        launches.append(Launch(fn, args, kwargs, list(self.configs)))
 
     saved = JITFunction.run, Autotuner.run, torch._assert_async
     JITFunction.run, Autotuner.run = jit_run, tuner_run
@@ -168,8 +167,8 @@ def _meta(*shape, dtype):
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
-def _capture_expert_mix(tokens, hidden, inter, experts, top_k, rank, dtype, mode):
-    expert_ffn = importlib.import_module("gmoe_kernels.triton.expert_ffn")
+def _capture_expert_mix(tokens, hidden, inter, experts, top_k, rank, dtype, mode, target):
+    expert_mix = importlib.import_module("gmoe_kernels.triton.expert_mix")
     previous = os.environ.get("GMOE_EXPAND")
     os.environ["GMOE_EXPAND"] = mode
     try:
@@ -181,8 +180,8 @@ def _capture_expert_mix(tokens, hidden, inter, experts, top_k, rank, dtype, mode
         indices = _meta(tokens, top_k, dtype=torch.int64)
         weights = _meta(tokens, top_k, dtype=torch.float32)
         args = (x, gate, up, a_g, b_g, a_u, b_u, a_d, indices, weights, 2.0, "silu")
-        h_c, z = expert_ffn.expert_mix_forward(*args)
-        expert_ffn.expert_mix_backward(h_c, z, *args)
+        h_c, z = expert_mix.expert_mix_forward(*args)
+        expert_mix.expert_mix_backward(h_c, z, *args, target=target)
     finally:
         if previous is None:
             del os.environ["GMOE_EXPAND"]
@@ -202,42 +201,42 @@ def _capture_graph_router(tokens, experts, width, layers):
 
 
 def _capture_routing(tokens, hidden, experts, top_k, dtype):
+    """The plan kernels, then the launchers behind dispatch (gather), combine and combine's
+    backward (scaled gather): called directly, since the custom ops run their fakes on meta
+    tensors."""
     routing = importlib.import_module("gmoe_kernels.triton.routing")
     indices = _meta(tokens, top_k, dtype=torch.int64)
     plan = routing.make_routing_plan(indices, experts)
-    rows = routing.dispatch(_meta(tokens, hidden, dtype=dtype), plan)
+    x = _meta(tokens, hidden, dtype=dtype)
+    rows = routing.gather_rows(x, plan.sorted_pairs, top_k, None, dtype)
     weights = _meta(tokens, top_k, dtype=torch.float32)
-    routing._combine_rows(rows, plan, weights, dtype)
-    routing._gather_rows(_meta(tokens, hidden, dtype=dtype), plan, weights, dtype)
+    routing.combine_rows(rows, plan.inverse, tokens, top_k, weights, dtype)
+    routing.gather_rows(x, plan.sorted_pairs, top_k, weights, dtype)
 
 
 def capture_all() -> list[tuple[Launch, str, str]]:
     """Every launch at the gate's shapes: (launch, dtype label, target). Captured once per
-    target, since config pruning may depend on it (expert_ffn.TARGET_CAPABILITY)."""
-    expert_ffn = importlib.import_module("gmoe_kernels.triton.expert_ffn")
+    target, since config pruning may depend on it (the launchers' `target` argument)."""
     captured = []
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     for target, capability in TARGETS.items():
-        expert_ffn.TARGET_CAPABILITY = capability
-        try:
-            for label, dtype in dtypes.items():
-                with recorded_launches() as launches:
-                    _capture_shapes(expert_ffn, dtype)
-                captured.extend((launch, label, target) for launch in launches)
-        finally:
-            expert_ffn.TARGET_CAPABILITY = None
+        for label, dtype in dtypes.items():
+            with recorded_launches() as launches:
+                _capture_shapes(dtype, capability)
+            captured.extend((launch, label, target) for launch in launches)
     return captured
 
 
-def _capture_shapes(expert_ffn, dtype):
+def _capture_shapes(dtype, capability):
+    modes = importlib.import_module("gmoe_kernels.triton.expert_mix_configs").EXPAND_MODES
     for name in GATE_SHAPES:
         shape = SHAPES[name]
         variants = {(v.experts, v.top_k, v.rank) for v in shape.variants} | set(EXTRA_VARIANTS)
         for tokens in (shape.tokens, DECODE_TOKENS):
             for experts, top_k, rank in sorted(variants):
-                for mode in expert_ffn.EXPAND_MODES:
+                for mode in modes:
                     _capture_expert_mix(tokens, shape.hidden, shape.inter, experts, top_k, rank,
-                                        dtype, mode)
+                                        dtype, mode, capability)
                 _capture_graph_router(tokens, experts, shape.gcn_dim, shape.gcn_layers)
                 _capture_routing(tokens, shape.hidden, experts, top_k, dtype)
 

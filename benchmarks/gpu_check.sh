@@ -8,15 +8,15 @@
 # when present; without PEFT, `lora-plain` (the same LoRA maths) stands in for peft-lora.
 # Steps, each under its own `timeout`, logs teed into OUT_DIR:
 #   1. environment: nvidia-smi, versions                       -> env.txt
-#   2. GPU-marked tests of tests/ (pytest -m gpu), if any        -> tests_gpu.log
+#   2. other GPU-marked tests of tests/ (pytest -m gpu), if any  -> tests_gpu.log
 #   3. kernels vs reference at real shapes, bf16/fp16/fp32,
-#      NaN-poisoned outputs (benchmarks/test_gpu_kernels.py)     -> gpu_kernels.log, .jsonl
+#      NaN-poisoned outputs (tests/gpu/test_kernels.py)          -> gpu_kernels.log, .jsonl
 #   4. the full benchmark (benchmarks/run.py --device cuda)      -> bench.json/.csv/.log, plots/
 #   4b. the expert-mix token kernels forced to each variant
 #       (GMOE_EXPAND=gather|dot|grouped), llama3-8b E8-K2-R16,
 #       E32-K8-R8                                                -> expand_<variant>.json/.log
 #   4c. one training step under set_sync_debug_mode("error")
-#       (benchmarks/sync_check.py)                               -> sync_check.json/.log
+#       (tests/gpu/test_sync.py)                                 -> sync_check.json/.log
 #   4d. the compile table: every kernel and config for sm_90 and
 #       sm_80, registers, spills, shared, atomics (CPU only)     -> compile_gate.json/.log
 #   5. a short summary table, printed last                       -> summary.txt
@@ -74,8 +74,9 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
   DEVICE_ARGS=(--device cpu --quick)
 fi
 
-step "GPU-marked tests (pytest tests -m gpu), limit ${TESTS_S}s"
-timeout -k 10 "$TESTS_S" "$PY" -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/tests_gpu.log"
+step "other GPU-marked tests (pytest tests -m gpu, steps 3 and 4c apart), limit ${TESTS_S}s"
+timeout -k 10 "$TESTS_S" "$PY" -m pytest tests -m gpu -q -p no:cacheprovider \
+  --ignore=tests/gpu/test_kernels.py --ignore=tests/gpu/test_sync.py 2>&1 | tee "$OUT/tests_gpu.log"
 rc=${PIPESTATUS[0]}
 case $rc in
   0) tests_line="tests -m gpu: passed" ;;
@@ -87,7 +88,7 @@ esac
 step "Triton kernels vs reference at real shapes (bf16/fp16/fp32, poisoned), limit ${KERNELS_S}s"
 rm -f "$OUT/gpu_kernels.jsonl"
 GMOE_GPU_REPORT="$OUT/gpu_kernels.jsonl" timeout -k 10 "$KERNELS_S" \
-  "$PY" -m pytest benchmarks/test_gpu_kernels.py -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/gpu_kernels.log"
+  "$PY" -m pytest tests/gpu/test_kernels.py -m gpu -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/gpu_kernels.log"
 rc=${PIPESTATUS[0]}
 case $rc in
   0) kernels_line="kernel checks: passed" ;;
@@ -117,8 +118,10 @@ for mode in gather dot grouped; do
 done
 
 step "one training step under torch.cuda.set_sync_debug_mode('error'), limit ${SYNC_S}s"
-timeout -k 10 "$SYNC_S" "$PY" benchmarks/sync_check.py --json "$OUT/sync_check.json" 2>&1 | tee "$OUT/sync_check.log"
+GMOE_SYNC_REPORT="$OUT/sync_check.json" timeout -k 10 "$SYNC_S" \
+  "$PY" -m pytest tests/gpu/test_sync.py -m gpu -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/sync_check.log"
 rc=${PIPESTATUS[0]}
+[ $rc = 0 ] && grep -q "skipped" "$OUT/sync_check.log" && ! grep -q "passed" "$OUT/sync_check.log" && rc=2
 case $rc in
   0) sync_line="host syncs: none in a training step" ;;
   2) sync_line="host syncs: skipped (no CUDA device)" ;;

@@ -260,7 +260,7 @@ def summary(rows: list[dict], stamp: dict | None = None) -> str:
 
 
 def kernel_summary(path) -> str:
-    """Worst relative error per (case, dtype) from test_gpu_kernels.py's GMOE_GPU_REPORT lines."""
+    """Worst relative error per (case, dtype) from tests/gpu/test_kernels.py's GMOE_GPU_REPORT lines."""
     worst: dict[tuple, dict] = {}
     for line in Path(path).read_text().splitlines():
         e = json.loads(line)
@@ -284,7 +284,7 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="?", help="a JSON file written by benchmarks/run.py --json")
-    parser.add_argument("--kernels", metavar="JSONL", help="summarise test_gpu_kernels.py's GMOE_GPU_REPORT file")
+    parser.add_argument("--kernels", metavar="JSONL", help="summarise tests/gpu/test_kernels.py's GMOE_GPU_REPORT file")
     parser.add_argument("--markdown", action="store_true", help="print the README table")
     parser.add_argument("--summary", action="store_true", help="print the short summary")
     parser.add_argument("--plot", metavar="PREFIX", help="write PNG charts PREFIX-<op>-<shape>.png")

@@ -16,9 +16,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from gmoe_kernels.activations import ACTIVATIONS, act, canonical_activation
-
 from . import losses, telemetry
+from .activation import detect_activation
 from .config import CONFIG_NAME, WEIGHTS_NAME, GMoEConfig
 from .io import atomic_save_dir, check_adapter_state, read_safetensors
 from .layers import GMoEMLP, LoRALinear, adapter_dtype
@@ -27,32 +26,9 @@ from .topology import warn_if_twins
 SUPPORTED = "Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2 (any decoder whose MLP has gate_proj, up_proj, down_proj and act_fn)"
 
 
-def _is_gated_mlp(module: nn.Module) -> bool:
+def is_gated_mlp(module: nn.Module) -> bool:
     return all(isinstance(getattr(module, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")) \
         and callable(getattr(module, "act_fn", None))
-
-
-def _detect_activation(model: nn.Module, mlp: nn.Module) -> str:
-    """The canonical name of the MLP's activation, checked numerically against act_fn."""
-    config = getattr(model, "config", None)
-    names = [getattr(config, key, None) for key in ("hidden_activation", "hidden_act")]
-    candidates = [canonical_activation(n) for n in names if isinstance(n, str) and _known(n)]
-    probe = torch.linspace(-6, 6, 97, dtype=torch.float64)
-    with torch.no_grad():
-        expected = mlp.act_fn(probe)
-        for name in candidates + [a for a in ACTIVATIONS if a not in candidates]:
-            if torch.allclose(act(name, probe), expected, atol=1e-6):
-                return name
-    raise ValueError(f"{type(mlp).__name__}.act_fn ({type(mlp.act_fn).__name__}) matches none of the "
-                     f"supported activations {ACTIVATIONS}")
-
-
-def _known(name: str) -> bool:
-    try:
-        canonical_activation(name)
-        return True
-    except ValueError:
-        return False
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -77,14 +53,14 @@ class GMoEModel(nn.Module):
         if any(isinstance(m, (GMoEMLP, LoRALinear)) for m in model.modules()):
             raise ValueError(f"this {type(model).__name__} already holds GMoE layers; call unload() on the "
                              "GMoEModel that wraps it first")
-        mlps = [(n, m) for n, m in model.named_modules() if _is_gated_mlp(m)]
+        mlps = [(n, m) for n, m in model.named_modules() if is_gated_mlp(m)]
         if not mlps:
             raise ValueError(f"{type(model).__name__} has no decoder MLP with gate_proj, up_proj, down_proj and "
                              f"act_fn, so GMoE cannot be injected. Supported: {SUPPORTED}")
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         for param in model.parameters():
             param.requires_grad_(False)
-        activation = _detect_activation(model, mlps[0][1])
+        activation = detect_activation(model, mlps[0][1])
         targets = [(n, m) for n, m in model.named_modules()
                    if isinstance(m, nn.Linear) and n.rpartition(".")[2] in config.target_modules]
         missing = sorted(set(config.target_modules) - {n.rpartition(".")[2] for n, _ in targets})

@@ -34,10 +34,10 @@ def _check_routing(indices, num_tokens, num_experts, device):
         raise ValueError(f"K = {indices.shape[1]} must be in [1, E = {num_experts}]")
     if indices.device != device:
         raise ValueError(f"indices is on {indices.device} but x is on {device}")
-    _check_expert_range(indices, num_experts)
+    check_expert_range(indices, num_experts)
 
 
-def _check_expert_range(indices, num_experts):
+def check_expert_range(indices, num_experts):
     """Expert ids in [0, E), by a device-side assertion: no host synchronisation on a GPU
     (a failure surfaces at the next synchronising call, as torch's embedding reports a bad
     id); on a CPU it fails at once and is reported as a ValueError. Skipped while
@@ -60,7 +60,7 @@ def check_routing_indices(indices, num_experts):
     """(T, K) int64 expert ids in [0, E), for the routing-plan op."""
     if indices.dim() != 2 or indices.dtype != torch.int64:
         raise ValueError(f"indices must be a (T, K) int64 tensor, got {tuple(indices.shape)} {indices.dtype}")
-    _check_expert_range(indices, num_experts)
+    check_expert_range(indices, num_experts)
 
 
 def check_activation(activation):

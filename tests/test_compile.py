@@ -6,7 +6,7 @@ generating code, so it runs on this CPU under the Triton interpreter.
 import torch
 
 from gmoe_kernels import functional
-from tests.helpers import expert_problem, router_problem
+from tests.problems import expert_problem, router_problem
 from tests.tolerances import assert_close
 
 
@@ -39,6 +39,28 @@ def test_compiled_graph_router_matches_eager():
     g_eager = torch.autograd.grad(eager_out[1].square().sum(), [p["x"], p["token_weight"]])
     g_compiled = torch.autograd.grad(compiled_out[1].square().sum(), [p["x"], p["token_weight"]])
     for a, b in zip(g_compiled, g_eager):
+        assert_close(a, b, name="grad")
+
+
+def test_compiled_dispatch_combine_match_eager():
+    """dispatch and combine (public ops the model layer does not call) trace whole with
+    fullgraph, through their custom ops, forward and backward."""
+    T, H, E, K = 7, 12, 4, 2
+    probs = torch.softmax(torch.randn(T, E), -1)
+    indices, weights = functional.topk_route(probs, K, backend="reference")
+    plan = functional.make_routing_plan(indices, E, backend="triton")
+    x = torch.randn(T, H, requires_grad=True)
+    weights = weights.detach().requires_grad_()
+
+    def route(x, weights):
+        rows = functional.dispatch(x, plan, backend="triton")
+        return functional.combine(rows * 1.5, weights, plan, backend="triton")
+
+    compiled = torch.compile(route, backend="aot_eager", fullgraph=True)
+    out_eager, out_compiled = route(x, weights), compiled(x, weights)
+    assert_close(out_compiled, out_eager, name="out")
+    for a, b in zip(torch.autograd.grad(out_compiled.square().sum(), [x, weights]),
+                    torch.autograd.grad(out_eager.square().sum(), [x, weights])):
         assert_close(a, b, name="grad")
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from gmoe import GMoEModel
-from gmoe.convert import from_gmoe_reference, from_mixlora, published_expert_graph
+from gmoe.convert import from_published_gmoe, from_mixlora, published_expert_graph
 from gmoe.layers import GMoEMLP, LoRALinear
 from tests.models import tiny_model
 
@@ -57,7 +57,7 @@ def _lora_pair(g, r, in_f, out_f, scale=0.25):
 
 # ----------------------------------------------------------------------------- writers
 
-def write_gmoe_reference(folder, base, *, target_modules=None, seed=0, **overrides):
+def write_published_gmoe(folder, base, *, target_modules=None, seed=0, **overrides):
     """An adapter folder as the published code's save_adapter_weight writes it (no balance_strategy)."""
     cfg = dict(bias="none", peft_type="MIXLORA", r=4, lora_alpha=8, lora_dropout=0.05,
                target_modules=target_modules or [*ATTENTION, "w1_proj", "w2_proj", "w3_proj"],
@@ -139,7 +139,7 @@ def _save(folder, cfg, weights):
 def _load_gmoe(base, folder):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # twins in the published graph are reported, not errors
-        return from_gmoe_reference(base, folder)
+        return from_published_gmoe(base, folder)
 
 
 # ----------------------------------------------------------------------------- published forward, transcribed
@@ -289,7 +289,7 @@ def test_gmoe_reference_logits_match_published_forward(tmp_path, family, gcn):
     if gcn == "pyg":
         pytest.importorskip("torch_geometric")
     base = tiny_model(family)
-    cfg, weights = write_gmoe_reference(tmp_path / "adapter", base)
+    cfg, weights = write_published_gmoe(tmp_path / "adapter", base)
     ids, mask = _ids()
     expected = _logits(published_model(base, cfg, weights, gcn), ids, mask)
     model = _load_gmoe(copy.deepcopy(base), tmp_path / "adapter")
@@ -305,7 +305,7 @@ def test_gmoe_reference_logits_match_published_forward(tmp_path, family, gcn):
 def test_gmoe_reference_graph_and_routing_matter(tmp_path):
     """The comparison is sensitive: without the expert-expert edges the published logits move."""
     base = tiny_model("llama")
-    cfg, weights = write_gmoe_reference(tmp_path / "adapter", base)
+    cfg, weights = write_published_gmoe(tmp_path / "adapter", base)
     ids, mask = _ids()
     got = _logits(_load_gmoe(copy.deepcopy(base), tmp_path / "adapter"), ids, mask)
     no_graph = _logits(published_model(base, cfg, weights, drop_graph=True), ids, mask)
@@ -318,13 +318,13 @@ def test_gmoe_reference_variants(tmp_path, variant):
     if variant == "subset_dict_targets":
         targets = {"q_proj": True, "k_proj": False, "v_proj": True, "o_proj": False,
                    "w1_proj": True, "w2_proj": True, "w3_proj": False}
-        cfg, weights = write_gmoe_reference(tmp_path / "a", base, target_modules=targets)
+        cfg, weights = write_published_gmoe(tmp_path / "a", base, target_modules=targets)
         cfg = {**cfg, "target_modules": [k for k, v in targets.items() if v]}
     elif variant == "threshold_list_top1":
-        cfg, weights = write_gmoe_reference(tmp_path / "a", base, edges_thresholds=[0.5], top_k=1,
+        cfg, weights = write_published_gmoe(tmp_path / "a", base, edges_thresholds=[0.5], top_k=1,
                                             num_gcnlayer=3, balance_strategy="goe")
     else:
-        cfg, weights = write_gmoe_reference(tmp_path / "a", base, target_modules=["w1_proj", "w2_proj", "w3_proj"],
+        cfg, weights = write_published_gmoe(tmp_path / "a", base, target_modules=["w1_proj", "w2_proj", "w3_proj"],
                                             use_rslora=True)
         cfg = {**cfg, "lora_alpha": cfg["lora_alpha"] * cfg["r"] ** 0.5}  # rsLoRA: alpha / sqrt(r)
     ids, mask = _ids()
@@ -355,12 +355,12 @@ def test_published_expert_graph_threshold_rule():
 
 def test_gmoe_reference_twins_are_kept_and_named(tmp_path):
     base = tiny_model("llama")
-    cfg, weights = write_gmoe_reference(tmp_path / "a", base, edges_thresholds=0.2)
+    cfg, weights = write_published_gmoe(tmp_path / "a", base, edges_thresholds=0.2)
     for i in range(2):  # experts 0 and 1 alike: their edge comes first, and they share neighbours
         weights[f"mixlora.layers.{i}.gate.X"][1] = weights[f"mixlora.layers.{i}.gate.X"][0] * 1.001
     _save(tmp_path / "a", cfg, weights)
     with pytest.warns(UserWarning, match=r"experts \[\(0, 1\).*twins"):
-        model = from_gmoe_reference(copy.deepcopy(base), tmp_path / "a")
+        model = from_published_gmoe(copy.deepcopy(base), tmp_path / "a")
     assert model.gmoe_layers()[0].router.expert_adjacency[0, 1]
     ids, mask = _ids()
     expected = _logits(published_model(base, cfg, weights), ids, mask)
@@ -369,7 +369,7 @@ def test_gmoe_reference_twins_are_kept_and_named(tmp_path):
 
 def test_gmoe_reference_config_is_faithful_and_roundtrips(tmp_path):
     base = tiny_model("qwen2")
-    cfg, weights = write_gmoe_reference(tmp_path / "a", base, lora_dropout=0.1)
+    cfg, weights = write_published_gmoe(tmp_path / "a", base, lora_dropout=0.1)
     model = _load_gmoe(copy.deepcopy(base), tmp_path / "a")
     c = model.gmoe_config
     assert (c.router, c.num_experts, c.top_k, c.r, c.lora_alpha, c.lora_dropout) == ("graph", 6, 2, 4, 8, 0.1)
@@ -399,7 +399,7 @@ def test_gmoe_reference_config_is_faithful_and_roundtrips(tmp_path):
     ("mixtral", True, (0.0, 0.0, 0.005)), ("goe", False, (0.0, 0.0, 0.0))])
 def test_gmoe_reference_loss_settings(tmp_path, balance, router_loss, coefs):
     base = tiny_model("llama")
-    write_gmoe_reference(tmp_path / "a", base, balance_strategy=balance, router_loss=router_loss)
+    write_published_gmoe(tmp_path / "a", base, balance_strategy=balance, router_loss=router_loss)
     c = _load_gmoe(base, tmp_path / "a").gmoe_config
     assert (c.poisson_loss_coef, c.normal_loss_coef, c.aux_loss_coef) == coefs
 
@@ -472,13 +472,13 @@ def _untouched(model):
 def test_wrong_kind_of_folder(tmp_path):
     base = tiny_model("llama")
     write_mixlora(tmp_path / "mix", base)
-    write_gmoe_reference(tmp_path / "goe", base)
+    write_published_gmoe(tmp_path / "goe", base)
     with pytest.raises(ValueError, match="from_mixlora"):
-        from_gmoe_reference(base, tmp_path / "mix")
-    with pytest.raises(ValueError, match="from_gmoe_reference"):
+        from_published_gmoe(base, tmp_path / "mix")
+    with pytest.raises(ValueError, match="from_published_gmoe"):
         from_mixlora(base, tmp_path / "goe")
     from_mixlora(copy.deepcopy(base), tmp_path / "mix").save_pretrained(tmp_path / "ours")
-    for loader in (from_mixlora, from_gmoe_reference):
+    for loader in (from_mixlora, from_published_gmoe):
         with pytest.raises(ValueError, match="GMoEModel.from_pretrained"):
             loader(base, tmp_path / "ours")
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
@@ -495,7 +495,7 @@ def test_wrong_kind_of_folder(tmp_path):
 @pytest.mark.parametrize("fmt", ["gmoe", "mixlora"])
 def test_missing_unexpected_and_misshapen_keys(tmp_path, fmt):
     base = tiny_model("llama")
-    write, load = (write_gmoe_reference, from_gmoe_reference) if fmt == "gmoe" else (write_mixlora, from_mixlora)
+    write, load = (write_published_gmoe, from_published_gmoe) if fmt == "gmoe" else (write_mixlora, from_mixlora)
     cfg, weights = write(tmp_path / "a", base)
     key = ("mixlora.layers.1.gate.mlp_struct.weight" if fmt == "gmoe"
            else "mixlora.layers.1.mlp.moe_gate.weight")
@@ -538,8 +538,8 @@ def test_missing_unexpected_and_misshapen_keys(tmp_path, fmt):
 ])
 def test_inexpressible_configs_are_rejected(tmp_path, fmt, override, pattern):
     base = tiny_model("llama")
-    write = write_gmoe_reference if fmt == "gmoe" else write_mixlora
-    load = from_gmoe_reference if fmt == "gmoe" else from_mixlora
+    write = write_published_gmoe if fmt == "gmoe" else write_mixlora
+    load = from_published_gmoe if fmt == "gmoe" else from_mixlora
     write(tmp_path / "a", base, **override)
     with pytest.raises(ValueError, match=pattern):
         load(base, tmp_path / "a")

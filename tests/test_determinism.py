@@ -18,7 +18,8 @@ import triton.language as tl
 from triton.runtime import interpreter
 
 from gmoe_kernels import functional
-from gmoe_kernels.triton import expert_ffn as triton_expert_ffn
+from gmoe_kernels.triton import expert_mix_configs
+from gmoe_kernels.triton._common import launch
 
 
 @contextlib.contextmanager
@@ -75,7 +76,7 @@ def test_expert_mix_is_bitwise_reproducible(mode, dtype, monkeypatch):
     indices = _skewed_indices(T, E, K, g)
     weights = torch.softmax(torch.randn(T, K, generator=g), -1)
     grad_h, grad_z = (torch.randn(T, n, generator=g).to(dtype) for n in (F, E * R))
-    assert triton_expert_ffn.expand_mode(E, R, (dtype,) * 4, K, H) == mode
+    assert expert_mix_configs.expand_mode(E, R, (dtype,) * 4, K, H) == mode
 
     def step():
         inputs = [t.clone().requires_grad_() for t in (x, gate, up, *lora)]
@@ -146,8 +147,6 @@ def test_graph_router_is_bitwise_reproducible():
     _assert_same_bits(*_run_twice(step))
 
 
-@triton.autotune(configs=[triton.Config({"BLOCK": 4}), triton.Config({"BLOCK": 8})], key=["n"],
-                 prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: configs[::-1]})
 @triton.jit
 def _block_size_kernel(out_ptr, n, BLOCK: tl.constexpr):
     tl.store(out_ptr, BLOCK)
@@ -158,9 +157,10 @@ def test_deterministic_mode_takes_the_first_pruned_config_without_timing():
     launcher uses the first config the pruning keeps (here BLOCK 8), never a timed choice
     (timing would also fail here: the interpreter cannot benchmark two configs)."""
     out = torch.zeros(1, dtype=torch.int32)
+    pruned = [triton.Config({"BLOCK": 8}), triton.Config({"BLOCK": 4})]
     torch.use_deterministic_algorithms(True)
     try:
-        triton_expert_ffn._launch(_block_size_kernel, (1,), out, 5)
+        launch(_block_size_kernel, (1,), pruned, key=("n",), out_ptr=out, n=5)
     finally:
         torch.use_deterministic_algorithms(False)
     assert out.item() == 8

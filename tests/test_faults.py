@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gmoe import GMoEConfig, GMoEModel, get_gmoe_model
-from gmoe.convert import from_gmoe_reference, from_mixlora
+from gmoe.convert import from_published_gmoe, from_mixlora
 from gmoe.trainer import load_checkpoint_adapter
 from tests.models import tiny_model
-from tests.test_convert import write_gmoe_reference, write_mixlora
+from tests.test_convert import write_published_gmoe, write_mixlora
 
 SMALL = dict(num_experts=4, top_k=2, r=2, lora_alpha=4, gcn_dim=16, edge_density=0.5)
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -90,7 +90,7 @@ class _RunsCode:
 @pytest.mark.parametrize("fmt", ["gmoe", "mixlora"])
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path, fmt):
     base = _base()
-    write, load = (write_gmoe_reference, from_gmoe_reference) if fmt == "gmoe" else (write_mixlora, from_mixlora)
+    write, load = (write_published_gmoe, from_published_gmoe) if fmt == "gmoe" else (write_mixlora, from_mixlora)
     _, weights = write(tmp_path / "a", base)
     sentinel = tmp_path / "pwned"
     torch.save({**weights, "payload": _RunsCode(sentinel)}, tmp_path / "a" / "adapter_model.bin")

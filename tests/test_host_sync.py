@@ -23,7 +23,7 @@ from gmoe.finetune.methods import AdapterSpec, gmoe_config
 from gmoe.topology import build_expert_graph
 from gmoe_kernels import functional
 from gmoe_kernels.reference import normalized_adjacency
-from tests.helpers import expert_problem, router_problem
+from tests.problems import expert_problem, router_problem
 from tests.host_sync import check_training_step, record_host_syncs
 from tests.models import tiny_model
 

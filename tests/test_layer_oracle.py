@@ -10,7 +10,8 @@ import transformers
 
 import gmoe
 from gmoe import losses
-from gmoe_kernels.reference import expert_ffn_loop, graph_router_loop, normalized_adjacency
+from gmoe_kernels.naive import expert_ffn_loop, graph_router_loop
+from gmoe_kernels.reference import normalized_adjacency
 from tests.tolerances import assert_close
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from gmoe_kernels import functional
-from tests.helpers import expert_problem, router_problem
+from tests.problems import expert_problem, router_problem
 
 
 def _mix_args(**overrides):

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from gmoe import GMoEConfig
 from gmoe_kernels import functional
 from gmoe_kernels.activations import act
-from gmoe_kernels.reference import expert_ffn_loop
+from gmoe_kernels.naive import expert_ffn_loop
+from tests.problems import property_expert_inputs
 from tests.tolerances import assert_close
 
 # The autouse seed fixture is function-scoped; every example draws its own seed anyway.
@@ -43,19 +44,6 @@ def problems(draw, max_tokens=10, max_experts=6, max_width=8):
     dead = draw(st.sets(st.integers(0, E - 1), max_size=E - K))
     logits[:, sorted(dead)] = -1e4
     return sizes, torch.softmax(logits, dim=-1), sorted(dead), g
-
-
-def _expert_inputs(sizes, g, dtype):
-    T, E, R, H, F = (sizes[k] for k in "TERHF")
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).requires_grad_()
-
-    frozen = [rand(F, H, scale=H ** -0.5).detach(), rand(F, H, scale=H ** -0.5).detach(),
-              rand(H, F, scale=F ** -0.5).detach()]
-    lora = [rand(E, R, H, scale=0.5), rand(E, F, R, scale=0.5), rand(E, R, H, scale=0.5),
-            rand(E, F, R, scale=0.5), rand(E, R, F, scale=0.5), rand(E, H, R, scale=0.5)]
-    return rand(T, H), frozen, lora
 
 
 def _pairs_of(indices, expert):
@@ -155,7 +143,7 @@ def _check_expert_ops(problem, activation, backend, dtype):
     sizes, probs, _, g = problem
     indices, weights = functional.topk_route(probs.to(dtype), sizes["K"], backend=backend)
     weights = weights.to(dtype).detach().requires_grad_()
-    x, frozen, lora = _expert_inputs(sizes, g, dtype)
+    x, frozen, lora = property_expert_inputs(sizes, g, dtype)
     inputs, scaling = [x, weights, *lora], 0.75
     y = functional.expert_ffn(x, *frozen, *lora, indices, weights, scaling, activation, backend=backend)
     y_loop = expert_ffn_loop(x, *frozen, *lora, indices, weights, scaling, activation)

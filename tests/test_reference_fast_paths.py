@@ -8,7 +8,7 @@ import torch
 from gmoe_kernels import functional
 from gmoe_kernels.activations import ACTIVATIONS, act_backward, act_grad
 from gmoe_kernels.reference import router_logits
-from tests.helpers import expert_problem, router_problem
+from tests.problems import expert_problem, router_problem
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)

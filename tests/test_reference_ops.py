@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from gmoe_kernels import functional
-from gmoe_kernels.reference import (combine, dispatch, expert_ffn_loop, graph_router,
-                                    graph_router_loop, make_routing_plan, router_logits, topk_route)
-from tests.helpers import expert_problem, router_problem
+from gmoe_kernels.naive import expert_ffn_loop, graph_router_loop
+from gmoe_kernels.reference import (combine, dispatch, graph_router, make_routing_plan, router_logits,
+                                    topk_route)
+from tests.problems import expert_problem, router_problem
 from tests.tolerances import assert_close, assert_same_routing
 
 

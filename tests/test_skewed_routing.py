@@ -4,11 +4,12 @@ the public functional API, Triton (under the interpreter) and reference, against
 per-expert loop oracle, output and the gradient of every input, outputs NaN-poisoned."""
 import pytest
 import torch
-from tolerances import assert_close
 
 from benchmarks.shapes import ROUTINGS, expert_popularity, make_routing
 from gmoe_kernels import functional
-from gmoe_kernels.reference.loop import expert_ffn_loop
+from gmoe_kernels.naive import expert_ffn_loop
+from tests.problems import skewed_ffn_problem
+from tests.tolerances import assert_close
 
 T, H, F, E, K, R = 40, 32, 48, 6, 2, 4
 NAMES = ["x", "gate_weight", "up_weight", "down_weight", "lora_a_gate", "lora_b_gate", "lora_a_up",
@@ -45,21 +46,6 @@ def test_make_routing_refuses_too_few_experts():
         expert_popularity("uniform", 4)
 
 
-def _ffn_problem(kind, dtype):
-    g = torch.Generator().manual_seed(3)
-
-    def rand(*shape, scale):
-        return (torch.randn(*shape, generator=g) * scale).to(dtype)
-
-    params = dict(x=rand(T, H, scale=1.0), gate_weight=rand(F, H, scale=H ** -0.5),
-                  up_weight=rand(F, H, scale=H ** -0.5), down_weight=rand(H, F, scale=F ** -0.5),
-                  lora_a_gate=rand(E, R, H, scale=H ** -0.5), lora_b_gate=rand(E, F, R, scale=0.3),
-                  lora_a_up=rand(E, R, H, scale=H ** -0.5), lora_b_up=rand(E, F, R, scale=0.3),
-                  lora_a_down=rand(E, R, F, scale=F ** -0.5), lora_b_down=rand(E, H, R, scale=0.3))
-    indices, weights = make_routing(T, E, K, kind, empty=1, seed=3)
-    return params, indices, weights
-
-
 def _run(fn, params, indices, weights, grad_y, **kw):
     leaves = [params[n].detach().clone().requires_grad_() for n in NAMES]
     w = weights.detach().clone().requires_grad_()
@@ -72,7 +58,7 @@ def _run(fn, params, indices, weights, grad_y, **kw):
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("kind", ["zipf", "hot"])
 def test_expert_ffn_on_skewed_routing_matches_loop_oracle(kind, backend, dtype):
-    params, indices, weights = _ffn_problem(kind, dtype)
+    params, indices, weights = skewed_ffn_problem(kind, dtype, T, H, F, E, K, R)
     counts = torch.bincount(indices.reshape(-1), minlength=E)
     assert counts[-1] == 0 and (kind != "hot" or counts[0] > T // 2), counts
     grad_y = torch.randn(T, H)
@@ -88,7 +74,7 @@ def test_expert_ffn_on_skewed_routing_matches_loop_oracle(kind, backend, dtype):
 @pytest.mark.parametrize("kind", ["zipf", "hot"])
 def test_expert_mix_on_skewed_routing_matches_reference(kind):
     """The fused op's own outputs (h_c, z) and gradients, Triton against the reference, fp32."""
-    params, indices, weights = _ffn_problem(kind, torch.float32)
+    params, indices, weights = skewed_ffn_problem(kind, torch.float32, T, H, F, E, K, R)
     x = params["x"]
     base = [x @ params["gate_weight"].t(), x @ params["up_weight"].t()]
     lora = [params[n] for n in ("lora_a_gate", "lora_b_gate", "lora_a_up", "lora_b_up", "lora_a_down")]

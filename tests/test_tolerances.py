@@ -1,6 +1,6 @@
 """The error model of the GPU checks (tests/tolerances.py: `error_bound`) on a CPU.
 
-benchmarks/test_gpu_kernels.py needs a GPU; its helpers do not. Here they run the reference
+tests/gpu/test_kernels.py needs a GPU; its problems and runners (tests/problems.py) do not. Here they run the reference
 path (and the Triton path under the interpreter, fp16 and fp32: the interpreter gets bf16
 wrong) in low precision against the fp64 reference on the same rounded inputs, as the GPU
 test does, and check that the model's bound holds for correct results, is not vacuous
@@ -12,10 +12,10 @@ import dataclasses
 import pytest
 import torch
 
-from benchmarks import contenders as C
-from benchmarks import test_gpu_kernels as gpu
-from benchmarks.shapes import Case, Shape, Variant, make_routing
+from benchmarks.shapes import make_routing
 from gmoe_kernels import functional
+from tests.problems import caster, ffn_outputs, gpu_problem, router_gpu_problem, router_outputs
+from tests.tolerances import measure
 
 LOW = [torch.bfloat16, torch.float16, torch.float32]
 FFN_CASES = {  # name: (H, F, T, E, K, R, routing), each with one empty expert
@@ -30,10 +30,10 @@ def ffn_rows(spec, dtype, backend="reference", wrong=None):
     """measure() rows of functional.expert_ffn in `dtype` (optionally on a wrong variant of
     the problem) against the fp64 reference of the right one."""
     H, F, T, E, K, R, routing = spec
-    p = gpu._problem(H, F, T, E, K, R, dtype, routing, empty=1, device="cpu")
-    _, want = gpu._ffn(p, "reference", gpu._caster(torch.float64))
-    names, got = gpu._ffn(wrong(p) if wrong else p, backend, gpu._caster(dtype))
-    return gpu.measure("expert_ffn", dtype, names, got, want, max(H, F, T))
+    p = gpu_problem(H, F, T, E, K, R, dtype, routing, empty=1, device="cpu")
+    _, want = ffn_outputs(p, "reference", caster(torch.float64))
+    names, got = ffn_outputs(wrong(p) if wrong else p, backend, caster(dtype))
+    return measure("expert_ffn", dtype, names, got, want, max(H, F, T))
 
 
 def assert_within(rows, slack=10.0):
@@ -86,14 +86,13 @@ def test_expert_ffn_bound_fails_real_errors(case, wrong):
 
 def _router_rows(dtype, backend, wrong=False):
     H, T, E, K, G, L = 32, 24, 4, 2, 16, 2
-    shape = Shape("tolerance", H, 64, T, (Variant(E, K, 2),), gcn_dim=G, gcn_layers=L)
-    p = C.make_problem(Case(shape, shape.variants[0]), torch.device("cpu"), dtype)
-    _, want, _, _ = gpu._router(p, "reference", gpu._caster(torch.float64))
-    _, fp32, _, _ = gpu._router(p, "reference", gpu._caster(torch.float32))
+    p = router_gpu_problem(H, T, E, K, G, L, dtype, device="cpu", name="tolerance")
+    _, want, _, _ = router_outputs(p, "reference", caster(torch.float64))
+    _, fp32, _, _ = router_outputs(p, "reference", caster(torch.float32))
     if wrong:  # the GCN layers in the wrong order
         p.router = dict(p.router, gcn_weight=p.router["gcn_weight"].flip(0).detach().requires_grad_())
-    names, got, _, _ = gpu._router(p, backend, gpu._caster(dtype))
-    return gpu.measure("router", dtype, names, got, want, max(H, G, T), fp32)
+    names, got, _, _ = router_outputs(p, backend, caster(dtype))
+    return measure("router", dtype, names, got, want, max(H, G, T), fp32)
 
 
 @pytest.mark.parametrize("dtype,backend", [(torch.bfloat16, "reference"), (torch.float16, "triton"),
@@ -124,6 +123,6 @@ def test_combine_bound(dtype):
     dropped = weights.clone()
     dropped[:, -1] = 0.0
     bad = functional.combine(rows, dropped, plan, backend="reference")
-    assert_within(gpu.measure("routing", dtype, ["combine"], [got], [want], K))
-    [(_, bad_err, bound, _, _)] = gpu.measure("routing", dtype, ["combine"], [bad], [want], K)
+    assert_within(measure("routing", dtype, ["combine"], [got], [want], K))
+    [(_, bad_err, bound, _, _)] = measure("routing", dtype, ["combine"], [bad], [want], K)
     assert bad_err > 10 * bound

@@ -15,8 +15,11 @@ import pytest
 import torch
 
 from gmoe_kernels import functional
-from gmoe_kernels.reference import graph_router_loop, normalized_adjacency
-from tolerances import TOLERANCES, assert_close, assert_same_routing
+from gmoe_kernels.naive import graph_router_loop
+from gmoe_kernels.reference import normalized_adjacency
+from gmoe_kernels.triton._common import new_output
+from tests.problems import expert_graph, graph_router_problem
+from tests.tolerances import assert_close, assert_same_routing
 
 triton_router = importlib.import_module("gmoe_kernels.triton.graph_router")
 
@@ -24,52 +27,6 @@ triton_router = importlib.import_module("gmoe_kernels.triton.graph_router")
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     monkeypatch.setenv("GMOE_POISON", "1")
-
-
-def _expert_graph(E, kind, g):
-    """(E, E) bool expert-expert edges of a named kind."""
-    if kind == "complete":
-        a = torch.ones(E, E, dtype=torch.bool)
-    elif kind == "twins":  # experts 0 and 1: joined, same neighbours -> identical logits
-        a = torch.zeros(E, E, dtype=torch.bool)
-        a[0, 1] = True
-        for j in range(2, E, 2):
-            a[0, j] = a[1, j] = True
-    else:
-        a = torch.rand(E, E, generator=g) < 0.4
-        if kind == "isolated":  # the last expert has no expert neighbour
-            a[E - 1, :] = False
-            a[:, E - 1] = False
-    a = a | a.t()
-    a.fill_diagonal_(False)
-    return a
-
-
-def make_problem(T=20, H=32, G=24, E=8, L=2, graph="random", dtype=torch.float32, seed=0,
-                 zero_score=False, twin_features=False, noncontiguous=False, asymmetric=False):
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=1.0):
-        return torch.randn(*shape, generator=g) * scale
-
-    edges = _expert_graph(E, graph, g)
-    features = rand(E, H)
-    if twin_features:
-        features[1] = features[0]
-    gcn = rand(L, G, G, scale=G ** -0.5)
-    if noncontiguous:  # a transposed view: the kernels take any strides
-        gcn = gcn.transpose(1, 2).contiguous().transpose(1, 2)
-    score = torch.zeros(G) if zero_score else rand(G, scale=G ** -0.5)
-    trainable = dict(x=rand(T, H), token_weight=rand(G, H, scale=H ** -0.5),
-                     expert_weight=rand(G, H, scale=H ** -0.5), gcn_weight=gcn,
-                     score_weight=score)
-    trainable = {k: v.to(dtype).requires_grad_(True) for k, v in trainable.items()}
-    adjacency = normalized_adjacency(edges)
-    if asymmetric:  # not a GCN Â, but it tells Â from Âᵀ in the backward
-        adjacency = adjacency * (0.5 + torch.rand(E + 1, E + 1, generator=g))
-    frozen = dict(expert_features=features.to(dtype),
-                  adjacency=adjacency.to(dtype if dtype == torch.float64 else torch.float32))
-    return trainable, frozen, edges
 
 
 TRAINABLE = ("x", "token_weight", "expert_weight", "gcn_weight", "score_weight")
@@ -173,7 +130,7 @@ EXTRA_FP32_CASES = [
 
 @pytest.mark.parametrize("kwargs,top_k,activation", CASES + EXTRA_FP32_CASES)
 def test_graph_router_fp32(kwargs, top_k, activation):
-    trainable, frozen, edges = make_problem(dtype=torch.float32, **kwargs)
+    trainable, frozen, edges = graph_router_problem(dtype=torch.float32, **kwargs)
     if kwargs.get("graph") == "isolated":
         assert not edges[-1].any() and edges[:-1].any()
     _check(trainable, frozen, top_k, activation, torch.float32)
@@ -181,7 +138,7 @@ def test_graph_router_fp32(kwargs, top_k, activation):
 
 @pytest.mark.parametrize("kwargs,top_k,activation", CASES)
 def test_graph_router_fp16(kwargs, top_k, activation):
-    trainable, frozen, _ = make_problem(dtype=torch.float16, **kwargs)
+    trainable, frozen, _ = graph_router_problem(dtype=torch.float16, **kwargs)
     _check(trainable, frozen, top_k, activation, torch.float32)
 
 
@@ -189,27 +146,27 @@ def test_graph_router_fp16(kwargs, top_k, activation):
                          ids=["grad-from-weights-only", "grad-from-logits-only",
                               "grad-from-probs-only"])
 def test_graph_router_single_output_gradients(cotangent_kinds):
-    trainable, frozen, _ = make_problem(T=9)
+    trainable, frozen, _ = graph_router_problem(T=9)
     _check(trainable, frozen, 3, "silu", torch.float32, cotangent_kinds)
 
 
 def test_ties_all_equal_resolved_as_torch_topk():
     """w_p = 0: every logit is exactly 0, every prob exactly 1/E: a tie across the K boundary."""
-    trainable, frozen, _ = make_problem(T=7, E=4, zero_score=True)
+    trainable, frozen, _ = graph_router_problem(T=7, E=4, zero_score=True)
     got = _check(trainable, frozen, 2, "silu", torch.float32)
     assert (got["probs"] == 0.25).all()
 
 
 def test_ties_twin_experts_resolved_as_torch_topk():
     """Experts 0 and 1 are twins with the same features: equal logits for every token."""
-    trainable, frozen, _ = make_problem(T=9, E=5, graph="twins", twin_features=True)
+    trainable, frozen, _ = graph_router_problem(T=9, E=5, graph="twins", twin_features=True)
     got = _check(trainable, frozen, 1, "silu", torch.float32)
     assert torch.equal(got["probs"][:, 0], got["probs"][:, 1])
 
 
 def test_gradcheck_fp64():
     """float64 gradcheck (fast_mode: the interpreter is slow) through the whole router."""
-    trainable, frozen, _ = make_problem(T=4, H=6, G=16, E=3, L=2, dtype=torch.float64)
+    trainable, frozen, _ = graph_router_problem(T=4, H=6, G=16, E=3, L=2, dtype=torch.float64)
     features = frozen["expert_features"].clone().requires_grad_(True)
 
     def fn(x, token_weight, expert_weight, expert_features, gcn_weight, score_weight):
@@ -225,9 +182,8 @@ def test_gradcheck_fp64():
 
 
 def test_fp64_outputs_match_reference():
-    trainable, frozen, _ = make_problem(T=6, G=16, E=4, L=3, dtype=torch.float64)
-    _check(trainable, frozen, 2, "silu", torch.float64)
-    assert TOLERANCES[torch.float64][0] < 1e-9  # compared at the fp64 row of the table
+    trainable, frozen, _ = graph_router_problem(T=6, G=16, E=4, L=3, dtype=torch.float64)
+    _check(trainable, frozen, 2, "silu", torch.float64)   # at the fp64 row of the table
 
 
 def test_custom_op_registration_opcheck():
@@ -236,46 +192,47 @@ def test_custom_op_registration_opcheck():
     T, G, E, L = 5, 16, 3, 2
     c1 = torch.randn(E + 1, G, generator=g).requires_grad_(True)
     token_proj = torch.randn(T, G, generator=g).requires_grad_(True)
-    adjacency = normalized_adjacency(_expert_graph(E, "complete", g))
+    adjacency = normalized_adjacency(expert_graph(E, "complete", g))
     gcn_weight = (torch.randn(L, G, G, generator=g) / 4).requires_grad_(True)
     score_weight = torch.randn(G, generator=g).requires_grad_(True)
     torch.library.opcheck(torch.ops.gmoe_kernels.graph_router_gcn.default,
                           (c1, token_proj, adjacency, gcn_weight, score_weight, "silu"))
 
 
-def test_autograd_function_matches_op():
-    """GraphRouterGCN.apply (the documented Function) and the registered op agree."""
+def test_op_autograd_matches_the_backward_launcher():
+    """The registered op's autograd (setup_context, backward op) gives bitwise what the
+    backward launcher returns for the same cotangents."""
     g = torch.Generator().manual_seed(0)
     T, G, E, L = 6, 16, 3, 2
     args = [torch.randn(E + 1, G, generator=g), torch.randn(T, G, generator=g),
-            normalized_adjacency(_expert_graph(E, "random", g)),
+            normalized_adjacency(expert_graph(E, "random", g)),
             torch.randn(L, G, G, generator=g) / 4, torch.randn(G, generator=g)]
-    grads = []
-    for fn in (triton_router.GraphRouterGCN.apply, torch.ops.gmoe_kernels.graph_router_gcn):
-        leaves = [a.clone().requires_grad_(i != 2) for i, a in enumerate(args)]
-        logits, probs = fn(*leaves, "silu")
-        (logits.sum() + (probs * probs).sum()).backward()
-        grads.append([leaves[i].grad for i in (0, 1, 3, 4)])
-    for a, b in zip(*grads):
+    leaves = [a.clone().requires_grad_(i != 2) for i, a in enumerate(args)]
+    logits, probs = torch.ops.gmoe_kernels.graph_router_gcn(*leaves, "silu")
+    (logits.sum() + (probs * probs).sum()).backward()
+    got = [leaves[i].grad for i in (0, 1, 3, 4)]
+    want = triton_router.graph_router_gcn_backward(torch.ones_like(logits), 2 * probs.detach(),
+                                                   probs.detach(), *args, "silu")
+    for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
-    assert not grads[0][2][0].any()  # W_1's slice: carried by torch, not the op
+    assert not got[2][0].any()  # W_1's slice: carried by torch, not the op
 
 
 def test_poisoning_is_active():
     """The guard the comparisons rely on: kernel outputs start as NaN under GMOE_POISON=1."""
-    assert triton_router.new_output((2, 3), torch.float32, torch.device("cpu")).isnan().all()
+    assert new_output((2, 3), torch.float32, torch.device("cpu")).isnan().all()
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_unknown_activation_raises_like_reference(backend):
-    trainable, frozen, _ = make_problem(T=3)
+    trainable, frozen, _ = graph_router_problem(T=3)
     fn = _triton if backend == "triton" else _reference
     with pytest.raises(ValueError, match="not one of"):
         _call(fn, trainable, frozen, 2, "gelu_pytorch_tanh")
 
 
 def test_empty_batch():
-    trainable, frozen, _ = make_problem(T=0)
+    trainable, frozen, _ = graph_router_problem(T=0)
     logits, probs, indices, weights = _call(_triton, trainable, frozen, 2, "silu")
     assert logits.shape == probs.shape == (0, 8) and indices.shape == weights.shape == (0, 2)
 

@@ -6,10 +6,11 @@ import dataclasses
 
 import pytest
 import torch
-from tolerances import assert_close
 
 from gmoe_kernels import functional, reference
 from gmoe_kernels.triton import routing as triton_routing
+from tests.problems import case_routing_indices
+from tests.tolerances import assert_close
 
 DTYPES = [torch.float32, torch.float16]
 
@@ -41,26 +42,13 @@ CASES = [
 ]
 
 
-def make_indices(case: Case):
-    logits = torch.randn(case.T, case.E)
-    if case.routing == "empty_expert":
-        logits[:, 1] = -torch.inf
-    elif case.routing == "one_expert":
-        logits[:, 3] = 1e4
-    probs = torch.softmax(logits, dim=-1)
-    indices, weights = reference.topk_route(probs, case.K)
-    counts = torch.bincount(indices.reshape(-1), minlength=case.num_experts)
-    assert (counts == 0).any(), "every routing test includes an empty expert"
-    return indices, weights
-
-
 def ids(cases):
     return [c.name for c in cases]
 
 
 @pytest.mark.parametrize("case", CASES, ids=ids(CASES))
 def test_routing_plan_matches_reference_exactly(case):
-    indices, _ = make_indices(case)
+    indices, _ = case_routing_indices(case)
     got = triton_routing.make_routing_plan(indices, case.num_experts)
     want = reference.make_routing_plan(indices, case.num_experts)
     for field in ("sorted_pairs", "expert_offsets", "inverse"):
@@ -74,7 +62,7 @@ def test_routing_plan_matches_reference_exactly(case):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("case", CASES, ids=ids(CASES))
 def test_dispatch_and_combine_match_reference(case, dtype):
-    indices, weights = make_indices(case)
+    indices, weights = case_routing_indices(case)
     plan = triton_routing.make_routing_plan(indices, case.num_experts)
     x = torch.randn(case.T, case.H, dtype=dtype)
 
@@ -104,7 +92,7 @@ def test_dispatch_and_combine_match_reference(case, dtype):
 def test_combine_round_trip_is_identity_with_unit_weights():
     """dispatch then combine with weights 1/K gives x back (every pair written and read)."""
     case = Case("round_trip", T=17, K=3, E=5, num_experts=6)
-    indices, _ = make_indices(case)
+    indices, _ = case_routing_indices(case)
     plan = triton_routing.make_routing_plan(indices, case.num_experts)
     x = torch.randn(case.T, 40)
     w = torch.full((case.T, case.K), 1.0 / case.K)
@@ -114,7 +102,7 @@ def test_combine_round_trip_is_identity_with_unit_weights():
 
 def test_dispatch_combine_gradcheck_fp64():
     case = Case("gradcheck", T=5, K=2, E=4, num_experts=5)
-    indices, weights = make_indices(case)
+    indices, weights = case_routing_indices(case)
     plan = triton_routing.make_routing_plan(indices, case.num_experts)
     x = torch.randn(case.T, 7, dtype=torch.float64, requires_grad=True)
     w = weights.double().requires_grad_()
@@ -155,6 +143,6 @@ def test_routing_plan_refuses_expert_ids_out_of_range(build, bad):
 def test_plan_kernels_dropping_a_pair_fail_in_routing_plan(bad, monkeypatch):
     """Without the launcher's id check, the pair the kernels skip still fails RoutingPlan's
     offsets assertion, so no plan with an unwritten `inverse` slot ever leaves the launcher."""
-    monkeypatch.setattr(triton_routing, "_check_expert_range", lambda indices, num_experts: None)
+    monkeypatch.setattr(triton_routing, "check_expert_range", lambda indices, num_experts: None)
     with pytest.raises(RuntimeError, match="dropped"):
         triton_routing.make_routing_plan(torch.tensor([[0, 1], [2, bad]]), 3)

@@ -1,5 +1,5 @@
 """One tolerance table per dtype, used by every comparison in the tests, and the error model
-of the GPU checks (benchmarks/test_gpu_kernels.py imports `error_bound` from here).
+of the GPU checks (tests/gpu/test_kernels.py measures with `measure` from here).
 
 TOLERANCES: (atol, rtol) for outputs and gradients of a fast path against the reference twin
 or the per-expert oracle, elementwise. Indices are always compared exactly.
@@ -43,7 +43,7 @@ def assert_same_routing(indices, ref_probs, ref_indices, dtype, name="indices"):
 
 # ------------------------------------------------------------------------------------------
 # Error model of a kernel run in `dtype` against the reference run in fp64 on the same
-# dtype-rounded inputs (benchmarks/test_gpu_kernels.py), in the Frobenius norm.
+# dtype-rounded inputs (tests/gpu/test_kernels.py), in the Frobenius norm.
 #
 # Input rounding is shared, so only what the low-precision path rounds on the way counts:
 #  * a stored intermediate or output (a GEMM's result, a kernel's store, a tl.dot operand
@@ -126,3 +126,15 @@ def error_bound(quantity: str, dtype: torch.dtype, want: torch.Tensor, reduction
 
 def frobenius_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return (got.detach().double() - want.detach().double()).norm().item()
+
+
+def measure(op, dtype, names, got, want, reduction, fp32=None):
+    """(name, Frobenius error, its error_bound, ||want||, finite) of each output of `op`;
+    `fp32`: an fp32 reference's outputs, whose own error enters the bound (router)."""
+    rows = []
+    for i, (name, a, b) in enumerate(zip(names, got, want, strict=True)):
+        extra = frobenius_error(fp32[i], b) if fp32 is not None else 0.0
+        bound = error_bound(f"{op}.{name}", dtype, b, reduction, extra)
+        rows.append((name, frobenius_error(a, b), bound, b.double().norm().item(),
+                     bool(torch.isfinite(a).all())))
+    return rows

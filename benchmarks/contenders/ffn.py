@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from gmoe_kernels import functional
 from gmoe_kernels.activations import act
-from gmoe_kernels.reference import expert_ffn_loop
+from gmoe_kernels.naive import expert_ffn_loop
 
 from .common import FFN_IMPLS, MLP, Contender, Problem, collect, package_missing, triton_missing, unavailable
 

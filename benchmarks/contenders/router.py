@@ -93,7 +93,7 @@ def _graph_router(p: Problem, backend: str) -> Contender:
 
 
 def _loop_router(p: Problem) -> Contender:
-    from gmoe_kernels.reference import graph_router_loop
+    from gmoe_kernels.naive import graph_router_loop
 
     r = p.router
     K = p.case.variant.top_k

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from gmoe_kernels.reference import expert_ffn_loop
+from gmoe_kernels.naive import expert_ffn_loop
 
 from ..shapes import StepModel
 from .common import ATTENTION, EXTRA_IMPLS, MLP, STEP_IMPLS, Contender, collect, package_missing, triton_missing, unavailable

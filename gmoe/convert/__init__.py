@@ -1,7 +1,8 @@
 """Load adapters trained elsewhere: the published GMoE code and the `mixlora` package.
 
-- `from_gmoe_reference(model, path)`: an adapter folder written by the published GMoE code
-  (BAI-LAB/GMoE on mLoRA 0.3.2; `routing_strategy: "goe"`), graph router.
+- `from_published_gmoe(model, path)`: an adapter folder written by the published GMoE code
+  (BAI-LAB/GMoE on mLoRA 0.3.2; `routing_strategy: "goe"`), graph router. Its former name,
+  `from_gmoe_reference`, still works for one release and warns (DeprecationWarning).
 - `from_mixlora(model, path)`: an adapter folder of the `mixlora` PyPI package
   (`peft_type: "MIXLORA"`, `routing_strategy: "mixlora"`), linear router.
 
@@ -31,11 +32,11 @@ Settings this package cannot express (DoRA, MixLoRA's jitter noise, an activatio
 the MLP's, expert LoRA settings that differ from the attention LoRA's) raise a ValueError
 that says so, rather than load something that computes differently.
 
-Modules: `published` (from_gmoe_reference, published_expert_graph), `mixlora` (from_mixlora),
+Modules: `published` (from_published_gmoe, published_expert_graph), `mixlora` (from_mixlora),
 `_common` (what both loaders share: reading the folder, settings, key and shape checks, the copy
 into a GMoEModel).
 """
 from .mixlora import from_mixlora
-from .published import from_gmoe_reference, published_expert_graph
+from .published import from_gmoe_reference, from_published_gmoe, published_expert_graph
 
-__all__ = ["from_gmoe_reference", "from_mixlora", "published_expert_graph"]
+__all__ = ["from_gmoe_reference", "from_mixlora", "from_published_gmoe", "published_expert_graph"]

@@ -18,7 +18,8 @@ import torch.nn as nn
 from gmoe_kernels.activations import canonical_activation
 
 from ..config import EXPERT_MODULES, GMoEConfig
-from ..model import GMoEModel, _detect_activation, _is_gated_mlp
+from ..activation import detect_activation
+from ..model import GMoEModel, is_gated_mlp
 
 CONFIG_NAME = "adapter_config.json"
 BIN_NAME = "adapter_model.bin"
@@ -113,7 +114,7 @@ def _split_targets(raw: dict, where: Path, expert_names: dict[str, str],
     known = (*ATTENTION_MODULES, *expert_names)
     ignored = [n for n in names if n not in known]
     if ignored:
-        # stacklevel 3: the caller of from_gmoe_reference / from_mixlora
+        # stacklevel 3: the caller of from_published_gmoe / from_mixlora
         warnings.warn(f"{where}: target_modules {ignored} are not names {tool} knows ({', '.join(known)}); "
                       f"{tool} ignores them, and so does this loader", stacklevel=3)
     attention = [n for n in ATTENTION_MODULES if n in names]
@@ -168,7 +169,7 @@ def _expert_lora(raw: dict, where: Path, top: _Lora, has_attention: bool, honour
 
 
 def _check_activation(raw: dict, where: Path, model: nn.Module, mlp: nn.Module) -> str:
-    activation = _detect_activation(model, mlp)
+    activation = detect_activation(model, mlp)
     act_fn = raw.get("act_fn")
     if act_fn is not None:
         try:
@@ -205,7 +206,7 @@ def _layers(model: nn.Module, attention_targets: list[str]) -> list[_Layer]:
         raise TypeError("pass the plain Hugging Face model: this one already carries GMoE adapters")
     found: dict[int, _Layer] = {}
     for name, module in model.named_modules():
-        if not _is_gated_mlp(module):
+        if not is_gated_mlp(module):
             continue
         match = re.fullmatch(r"(.*(?:^|\.)layers\.(\d+))\.[^.]+", name)
         if match is None:

@@ -40,7 +40,7 @@ def from_mixlora(hf_model: nn.Module, path: str | os.PathLike, backend: str | No
     if peft_type != "MIXLORA" or strategy != "mixlora":
         hint = ""
         if strategy == "goe":
-            hint = " (an adapter of the published GMoE code: use gmoe.convert.from_gmoe_reference)"
+            hint = " (an adapter of the published GMoE code: use gmoe.convert.from_published_gmoe)"
         elif peft_type == "MIXLORA":
             hint = " (the mixlora package loads routing_strategy 'mixlora' only)"
         raise ValueError(f"{where} has peft_type={peft_type!r}, routing_strategy={strategy!r}: not a mixlora "

@@ -1,10 +1,12 @@
 """Adapters of the published GMoE code (BAI-LAB/GMoE on mLoRA 0.3.2, `routing_strategy: "goe"`):
-`from_gmoe_reference`, which loads one onto the graph router, and `published_expert_graph`, the
-expert graph that code rebuilds at load time.
+`from_published_gmoe`, which loads one onto the graph router, and `published_expert_graph`, the
+expert graph that code rebuilds at load time. `from_gmoe_reference` is its former name, kept
+for one release as a deprecated alias.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -63,7 +65,7 @@ def _layer_threshold(thresholds, index: int, where: Path) -> float:
                      "(a number, or a list with one number per group of 8 layers)")
 
 
-def from_gmoe_reference(hf_model: nn.Module, path: str | os.PathLike, backend: str | None = None) -> GMoEModel:
+def from_published_gmoe(hf_model: nn.Module, path: str | os.PathLike, backend: str | None = None) -> GMoEModel:
     """Load an adapter written by the published GMoE code (BAI-LAB/GMoE, mLoRA 0.3.2) onto `hf_model`.
 
     `hf_model` must be the base model it was trained on. The expert graph is rebuilt from the
@@ -164,3 +166,11 @@ def from_gmoe_reference(hf_model: nn.Module, path: str | os.PathLike, backend: s
         extra[f"{layer.mlp_name}.router.expert_adjacency"] = adjacency
         warn_if_twins(adjacency, f"published GMoE adapter {folder}, layer {layer.index}")
     return _build(hf_model, config, weights, specs, extra, source, backend)
+
+
+def from_gmoe_reference(hf_model: nn.Module, path: str | os.PathLike, backend: str | None = None) -> GMoEModel:
+    """Deprecated name of `from_published_gmoe` (same arguments and result); warns, and will be
+    removed in the next release."""
+    warnings.warn("gmoe.convert.from_gmoe_reference is deprecated: use gmoe.convert.from_published_gmoe",
+                  DeprecationWarning, stacklevel=2)
+    return from_published_gmoe(hf_model, path, backend)

@@ -71,16 +71,16 @@ def router_logits(x, token_weight, expert_weight, expert_features, adjacency, gc
     transposed copies. The last layer computes the E expert rows only (the token node's own
     row is scored by nobody), which saves 1/(E+1) of its GEMM.
     """
-    f32 = compute_dtype(x)
+    compute = compute_dtype(x)
     num_experts = expert_features.shape[0]
     num_layers = gcn_weight.shape[0]
-    adj = adjacency.to(f32)
-    token_node = act(activation, x.to(f32) @ token_weight.to(f32).t())                 # (T, G)
-    expert_nodes = act(activation, expert_features.to(f32) @ expert_weight.to(f32).t())  # (E, G)
+    adj = adjacency.to(compute)
+    token_node = act(activation, x.to(compute) @ token_weight.to(compute).t())                 # (T, G)
+    expert_nodes = act(activation, expert_features.to(compute) @ expert_weight.to(compute).t())  # (E, G)
     num_tokens, width = token_node.shape
     nodes = None
     for layer in range(num_layers):
-        w = gcn_weight[layer].to(f32)
+        w = gcn_weight[layer].to(compute)
         rows = adj[:num_experts] if layer == num_layers - 1 else adj  # which nodes this layer outputs
         if layer == 0:
             constant = (rows[:, :num_experts] @ expert_nodes) @ w.t()                 # (n, G)
@@ -92,7 +92,7 @@ def router_logits(x, token_weight, expert_weight, expert_features, adjacency, gc
             mixed = _mix(rows, nodes.view(nodes.shape[0], num_tokens * width))        # (n, T·G)
             pre = (mixed.view(-1, width) @ w.t()).view(rows.shape[0], num_tokens, width)
         nodes = act(activation, pre)
-    return (nodes.view(-1, width) @ score_weight.to(f32)).view(num_experts, num_tokens).t()
+    return (nodes.view(-1, width) @ score_weight.to(compute)).view(num_experts, num_tokens).t()
 
 
 def graph_router(x, token_weight, expert_weight, expert_features, adjacency, gcn_weight,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..activations import compute_dtype
-from ..checks import _check_expert_range
+from ..checks import check_expert_range
 from ..routing_plan import RoutingPlan
 
 
@@ -26,7 +26,7 @@ def make_routing_plan(indices: torch.Tensor, num_experts: int) -> RoutingPlan:
 
     Histogram + prefix sum, with no host synchronisation.
     """
-    _check_expert_range(indices, num_experts)  # bincount would fail on them, unclearly
+    check_expert_range(indices, num_experts)  # bincount would fail on them, unclearly
     num_tokens, top_k = indices.shape
     flat = indices.reshape(-1)
     # A stable sort keeps pairs of one expert in ascending pair (token) order.
@@ -50,6 +50,6 @@ def combine(rows: torch.Tensor, weights: torch.Tensor, plan: RoutingPlan) -> tor
     rows: (T·K, H) in grouped order; weights: (T, K). Returns (T, H) in rows' dtype.
     """
     per_pair = rows.index_select(0, plan.inverse).view(plan.num_tokens, plan.top_k, rows.shape[1])
-    acc = compute_dtype(rows)  # fp32, or fp64 for fp64 rows, as the kernel accumulates
-    out = (per_pair.to(acc) * weights.to(acc).unsqueeze(-1)).sum(dim=1)
+    compute = compute_dtype(rows)  # fp32, or fp64 for fp64 rows, as the kernel accumulates
+    out = (per_pair.to(compute) * weights.to(compute).unsqueeze(-1)).sum(dim=1)
     return out.to(rows.dtype)

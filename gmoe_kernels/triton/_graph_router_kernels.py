@@ -37,31 +37,31 @@ def _accumulate(ptr, value, mask):
 
 
 @triton.jit
-def _mix_matrix(adj_ptr, stride_adj_row, stride_adj_col, node, local_tok, row_ok,
+def _mix_matrix(adjacency_ptr, stride_adjacency_row, stride_adjacency_col, node, local_tok, row_ok,
                 TRANSPOSE: tl.constexpr):
     """diag(Â, …, Â) over the tile's rows (BLOCK_M, BLOCK_M); diag(Âᵀ, …) if TRANSPOSE."""
     same = (local_tok[:, None] == local_tok[None, :]) & row_ok[:, None] & row_ok[None, :]
     if TRANSPOSE:
-        ptrs = adj_ptr + node[None, :] * stride_adj_row + node[:, None] * stride_adj_col
+        ptrs = adjacency_ptr + node[None, :] * stride_adjacency_row + node[:, None] * stride_adjacency_col
     else:
-        ptrs = adj_ptr + node[:, None] * stride_adj_row + node[None, :] * stride_adj_col
+        ptrs = adjacency_ptr + node[:, None] * stride_adjacency_row + node[None, :] * stride_adjacency_col
     return tl.load(ptrs, mask=same, other=0.0)
 
 
 @triton.jit
-def _layer1_preact(c1_ptr, stride_c1_node, stride_c1_g, u_ptr, stride_u_t, stride_u_g,
+def _layer1_preact(c1_ptr, stride_c1_node, stride_c1_g, token_proj_ptr, stride_token_proj_t, stride_token_proj_g,
                    node, tok, row_ok, adj_tok, offs_n, n_ok):
     """Z^1[rows, offs_n] = C1[node] + Â[node, E] · u[tok]  (BLOCK_M, BLOCK_N)."""
     mask = row_ok[:, None] & n_ok[None, :]
     c1 = tl.load(c1_ptr + node[:, None] * stride_c1_node + offs_n[None, :] * stride_c1_g,
                  mask=mask, other=0.0)
-    u = tl.load(u_ptr + tok[:, None] * stride_u_t + offs_n[None, :] * stride_u_g,
+    u = tl.load(token_proj_ptr + tok[:, None] * stride_token_proj_t + offs_n[None, :] * stride_token_proj_g,
                 mask=mask, other=0.0)
     return c1 + adj_tok[:, None] * u
 
 
 @triton.jit
-def _act_rows_times_wt(z_ptr, stride_z_row, w_ptr, stride_w_out, stride_w_in, width,
+def _act_rows_times_wt(z_ptr, stride_z_row, gcn_weight_ptr, stride_gcn_weight_out, stride_gcn_weight_in, width,
                        offs_m, offs_n, n_ok, ACTIVATION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """sum_k act(Z[rows, k]) W[offs_n, k]  (BLOCK_M, BLOCK_N), Z read from scratch."""
@@ -72,27 +72,29 @@ def _act_rows_times_wt(z_ptr, stride_z_row, w_ptr, stride_w_out, stride_w_in, wi
         k_ok = offs_k < width
         z = tl.load(z_ptr + offs_m[:, None] * stride_z_row + offs_k[None, :],
                     mask=k_ok[None, :], other=0.0)
-        w_t = tl.load(w_ptr + offs_k[:, None] * stride_w_in + offs_n[None, :] * stride_w_out,
+        w_t = tl.load(gcn_weight_ptr + offs_k[:, None] * stride_gcn_weight_in + offs_n[None, :] * stride_gcn_weight_out,
                       mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(dtype)
         acc = tl.dot(_act(z, ACTIVATION), w_t, acc, input_precision="ieee")
     return acc
 
 
+# Longer than 80 lines on purpose: the persistent tile loop and its layer loop read and
+# write the program's scratch between tl.debug_barrier() calls, which must stay in the
+# kernel's own control flow to order them; a split would pass ~20 pointers and strides
+# per helper call. The signature, one stride per tensor dimension, is a fifth of it.
 # tokens_per_tile is 1 from E = 32 on: specialised to a constant, it made ptxas spill.
 @triton.jit(do_not_specialize=["tokens_per_tile"])
 def _graph_router_fwd_kernel(
-    c1_ptr, u_ptr, adj_ptr, w_ptr, score_ptr, logits_ptr, probs_ptr, scratch_ptr,
+    c1_ptr, token_proj_ptr, adjacency_ptr, gcn_weight_ptr, score_weight_ptr, logits_ptr,
+    probs_ptr, scratch_ptr,
     num_tokens, num_experts, width, tokens_per_tile, num_tiles,
-    stride_c1_node, stride_c1_g,
-    stride_u_t, stride_u_g,
-    stride_adj_row, stride_adj_col,
-    stride_w_layer, stride_w_out, stride_w_in,
-    stride_score_g,
-    stride_logits_t, stride_logits_e,
-    stride_probs_t, stride_probs_e,
+    stride_c1_node, stride_c1_g, stride_token_proj_t, stride_token_proj_g,
+    stride_adjacency_row, stride_adjacency_col,
+    stride_gcn_weight_layer, stride_gcn_weight_out, stride_gcn_weight_in, stride_score_weight_g,
+    stride_logits_t, stride_logits_e, stride_probs_t, stride_probs_e,
     stride_scratch_prog, stride_scratch_slot, stride_scratch_row,
-    NUM_LAYERS: tl.constexpr, ACTIVATION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_LAYERS: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """logits = N^L[:, :E] w_p and probs = softmax(logits) for every token.
 
@@ -107,7 +109,7 @@ def _graph_router_fwd_kernel(
     node = offs_m % num_nodes
     in_tile = local_tok < tokens_per_tile
     is_expert = node < num_experts
-    adj_tok = tl.load(adj_ptr + node * stride_adj_row + num_experts * stride_adj_col,
+    adj_tok = tl.load(adjacency_ptr + node * stride_adjacency_row + num_experts * stride_adjacency_col,
                       mask=in_tile, other=0.0)
     scratch = scratch_ptr + pid * stride_scratch_prog
 
@@ -122,10 +124,11 @@ def _graph_router_fwd_kernel(
         for n0 in range(0, width, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < width
-            z = _layer1_preact(c1_ptr, stride_c1_node, stride_c1_g, u_ptr, stride_u_t,
-                               stride_u_g, node, tok, row_ok, adj_tok, offs_n, n_ok)
+            z = _layer1_preact(c1_ptr, stride_c1_node, stride_c1_g, token_proj_ptr,
+                               stride_token_proj_t,
+                               stride_token_proj_g, node, tok, row_ok, adj_tok, offs_n, n_ok)
             if NUM_LAYERS == 1:
-                score = tl.load(score_ptr + offs_n * stride_score_g, mask=n_ok,
+                score = tl.load(score_weight_ptr + offs_n * stride_score_weight_g, mask=n_ok,
                                 other=0.0).to(dtype)
                 logit += tl.sum(_act(z, ACTIVATION) * score[None, :], axis=1)
             else:
@@ -140,14 +143,16 @@ def _graph_router_fwd_kernel(
             for n0 in range(0, width, BLOCK_N):
                 offs_n = n0 + tl.arange(0, BLOCK_N)
                 n_ok = offs_n < width
-                acc = _act_rows_times_wt(src, stride_scratch_row, w_ptr + layer * stride_w_layer,
-                                         stride_w_out, stride_w_in, width, offs_m, offs_n, n_ok,
+                acc = _act_rows_times_wt(src, stride_scratch_row, gcn_weight_ptr + layer * stride_gcn_weight_layer,
+                                         stride_gcn_weight_out, stride_gcn_weight_in, width, offs_m,
+                                         offs_n, n_ok,
                                          ACTIVATION, BLOCK_M, BLOCK_N, BLOCK_K)
-                mix = _mix_matrix(adj_ptr, stride_adj_row, stride_adj_col, node, local_tok,
+                mix = _mix_matrix(adjacency_ptr, stride_adjacency_row, stride_adjacency_col, node,
+                                  local_tok,
                                   row_ok, False)
                 z = tl.dot(mix, acc, input_precision="ieee")
                 if layer == NUM_LAYERS - 1:
-                    score = tl.load(score_ptr + offs_n * stride_score_g, mask=n_ok,
+                    score = tl.load(score_weight_ptr + offs_n * stride_score_weight_g, mask=n_ok,
                                     other=0.0).to(dtype)
                     logit += tl.sum(_act(z, ACTIVATION) * score[None, :], axis=1)
                 else:
@@ -169,10 +174,10 @@ def _graph_router_fwd_kernel(
 @triton.jit
 def _emit_layer_grad(dz, LAYER: tl.constexpr, offs_n, n_ok, offs_m, node, local_tok, row_ok,
                      adj_tok, tile, tokens_per_tile, num_tokens, num_nodes,
-                     adj_ptr, stride_adj_row, stride_adj_col,
+                     adjacency_ptr, stride_adjacency_row, stride_adjacency_col,
                      d_slot_ptr, stride_scratch_row,
                      d_c1_ptr, stride_d_c1_node, stride_d_c1_g,
-                     d_u_ptr, stride_d_u_t, stride_d_u_g):
+                     d_token_proj_ptr, stride_d_token_proj_t, stride_d_token_proj_g):
     """Consume dZ^{LAYER+1}[:, offs_n] (0-based LAYER).
 
     LAYER ≥ 1: store D = diag(Âᵀ) dZ to the D slot (the next layer down reads all of it).
@@ -180,7 +185,8 @@ def _emit_layer_grad(dz, LAYER: tl.constexpr, offs_n, n_ok, offs_m, node, local_
                du[t] = sum over token t's rows of Â[node, E] dZ (each token in one tile).
     """
     if LAYER >= 1:
-        mix_t = _mix_matrix(adj_ptr, stride_adj_row, stride_adj_col, node, local_tok, row_ok,
+        mix_t = _mix_matrix(adjacency_ptr, stride_adjacency_row, stride_adjacency_col, node,
+                            local_tok, row_ok,
                             True)
         d = tl.dot(mix_t, dz, input_precision="ieee")
         tl.store(d_slot_ptr + offs_m[:, None] * stride_scratch_row + offs_n[None, :], d,
@@ -195,33 +201,36 @@ def _emit_layer_grad(dz, LAYER: tl.constexpr, offs_n, n_ok, offs_m, node, local_
         d_u = tl.dot(sel_tok, dz, input_precision="ieee")
         out_tok = (tile * tokens_per_tile + offs_m).to(tl.int64)
         tok_ok = (offs_m < tokens_per_tile) & (out_tok < num_tokens)
-        tl.store(d_u_ptr + out_tok[:, None] * stride_d_u_t + offs_n[None, :] * stride_d_u_g, d_u,
+        tl.store(d_token_proj_ptr + out_tok[:, None] * stride_d_token_proj_t
+                 + offs_n[None, :] * stride_d_token_proj_g, d_u,
                  mask=tok_ok[:, None] & n_ok[None, :])
 
 
+# Longer than 80 lines on purpose: the persistent tile loop and its layer loop read and
+# write the program's scratch between tl.debug_barrier() calls, which must stay in the
+# kernel's own control flow to order them; a split would pass ~20 pointers and strides
+# per helper call. The signature, one stride per tensor dimension, is a fifth of it.
 # tokens_per_tile is 1 from E = 32 on: specialised to a constant, it made ptxas spill.
 @triton.jit(do_not_specialize=["tokens_per_tile"])
 def _graph_router_bwd_kernel(
-    grad_logits_ptr, grad_probs_ptr, probs_ptr, c1_ptr, u_ptr, adj_ptr, w_ptr, score_ptr,
-    d_c1_ptr, d_u_ptr, d_w_ptr, d_score_ptr, scratch_ptr,
+    grad_logits_ptr, grad_probs_ptr, probs_ptr, c1_ptr, token_proj_ptr, adjacency_ptr,
+    gcn_weight_ptr, score_weight_ptr, d_c1_ptr, d_token_proj_ptr, d_gcn_weight_ptr,
+    d_score_weight_ptr, scratch_ptr,
     num_tokens, num_experts, width, tokens_per_tile, num_tiles,
-    stride_gl_t, stride_gl_e,
-    stride_gp_t, stride_gp_e,
-    stride_probs_t, stride_probs_e,
-    stride_c1_node, stride_c1_g,
-    stride_u_t, stride_u_g,
-    stride_adj_row, stride_adj_col,
-    stride_w_layer, stride_w_out, stride_w_in,
-    stride_score_g,
+    stride_grad_logits_t, stride_grad_logits_e, stride_grad_probs_t, stride_grad_probs_e,
+    stride_probs_t, stride_probs_e, stride_c1_node, stride_c1_g,
+    stride_token_proj_t, stride_token_proj_g, stride_adjacency_row, stride_adjacency_col,
+    stride_gcn_weight_layer, stride_gcn_weight_out, stride_gcn_weight_in, stride_score_weight_g,
     stride_d_c1_prog, stride_d_c1_node, stride_d_c1_g,
-    stride_d_u_t, stride_d_u_g,
-    stride_d_w_prog, stride_d_w_layer, stride_d_w_out, stride_d_w_in,
-    stride_d_score_prog, stride_d_score_g,
+    stride_d_token_proj_t, stride_d_token_proj_g,
+    stride_d_gcn_weight_prog, stride_d_gcn_weight_layer, stride_d_gcn_weight_out,
+    stride_d_gcn_weight_in,
+    stride_d_score_weight_prog, stride_d_score_weight_g,
     stride_scratch_prog, stride_scratch_slot, stride_scratch_row,
-    NUM_LAYERS: tl.constexpr, ACTIVATION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_LAYERS: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dC1, du, dW_2..dW_L, dw_p from d logits and d probs (maths: GraphRouterGCN).
+    """dC1, du, dW_2..dW_L, dw_p from d logits and d probs (maths: graph_router.py, `_autograd_backward`).
 
     Scratch per program: slots 0..L-1 hold the recomputed Z^1..Z^L of the tile, slots L and
     L+1 the ping-pong D^l = diag(Âᵀ) dZ^l. dC1, dW and dw_p are sums over all tokens: each
@@ -236,12 +245,12 @@ def _graph_router_bwd_kernel(
     node = offs_m % num_nodes
     in_tile = local_tok < tokens_per_tile
     is_expert = node < num_experts
-    adj_tok = tl.load(adj_ptr + node * stride_adj_row + num_experts * stride_adj_col,
+    adj_tok = tl.load(adjacency_ptr + node * stride_adjacency_row + num_experts * stride_adjacency_col,
                       mask=in_tile, other=0.0)
     scratch = scratch_ptr + pid * stride_scratch_prog
     d_c1_ptr += pid * stride_d_c1_prog
-    d_w_ptr += pid * stride_d_w_prog
-    d_score_ptr += pid * stride_d_score_prog
+    d_gcn_weight_ptr += pid * stride_d_gcn_weight_prog
+    d_score_weight_ptr += pid * stride_d_score_weight_prog
 
     for tile in range(pid, num_tiles, num_programs):
         tok = (tile * tokens_per_tile + local_tok).to(tl.int64)
@@ -253,8 +262,9 @@ def _graph_router_bwd_kernel(
         for n0 in range(0, width, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < width
-            z = _layer1_preact(c1_ptr, stride_c1_node, stride_c1_g, u_ptr, stride_u_t,
-                               stride_u_g, node, tok, row_ok, adj_tok, offs_n, n_ok)
+            z = _layer1_preact(c1_ptr, stride_c1_node, stride_c1_g, token_proj_ptr,
+                               stride_token_proj_t,
+                               stride_token_proj_g, node, tok, row_ok, adj_tok, offs_n, n_ok)
             tl.store(scratch + offs_m[:, None] * stride_scratch_row + offs_n[None, :], z,
                      mask=n_ok[None, :])
         tl.debug_barrier()
@@ -264,10 +274,12 @@ def _graph_router_bwd_kernel(
             for n0 in range(0, width, BLOCK_N):
                 offs_n = n0 + tl.arange(0, BLOCK_N)
                 n_ok = offs_n < width
-                acc = _act_rows_times_wt(src, stride_scratch_row, w_ptr + layer * stride_w_layer,
-                                         stride_w_out, stride_w_in, width, offs_m, offs_n, n_ok,
+                acc = _act_rows_times_wt(src, stride_scratch_row, gcn_weight_ptr + layer * stride_gcn_weight_layer,
+                                         stride_gcn_weight_out, stride_gcn_weight_in, width, offs_m,
+                                         offs_n, n_ok,
                                          ACTIVATION, BLOCK_M, BLOCK_N, BLOCK_K)
-                mix = _mix_matrix(adj_ptr, stride_adj_row, stride_adj_col, node, local_tok,
+                mix = _mix_matrix(adjacency_ptr, stride_adjacency_row, stride_adjacency_col, node,
+                                  local_tok,
                                   row_ok, False)
                 z = tl.dot(mix, acc, input_precision="ieee")
                 tl.store(dst + offs_m[:, None] * stride_scratch_row + offs_n[None, :], z,
@@ -276,9 +288,9 @@ def _graph_router_bwd_kernel(
 
         # d logits: the given one plus the softmax backward of d probs.
         same = (local_tok[:, None] == local_tok[None, :]) & out_ok[None, :]
-        g_logit = tl.load(grad_logits_ptr + tok * stride_gl_t + node * stride_gl_e, mask=out_ok,
+        g_logit = tl.load(grad_logits_ptr + tok * stride_grad_logits_t + node * stride_grad_logits_e, mask=out_ok,
                           other=0.0).to(dtype)
-        g_prob = tl.load(grad_probs_ptr + tok * stride_gp_t + node * stride_gp_e, mask=out_ok,
+        g_prob = tl.load(grad_probs_ptr + tok * stride_grad_probs_t + node * stride_grad_probs_e, mask=out_ok,
                          other=0.0).to(dtype)
         prob = tl.load(probs_ptr + tok * stride_probs_t + node * stride_probs_e, mask=out_ok,
                        other=0.0).to(dtype)
@@ -292,17 +304,17 @@ def _graph_router_bwd_kernel(
             n_ok = offs_n < width
             z = tl.load(z_top + offs_m[:, None] * stride_scratch_row + offs_n[None, :],
                         mask=n_ok[None, :], other=0.0)
-            _accumulate(d_score_ptr + offs_n * stride_d_score_g,
+            _accumulate(d_score_weight_ptr + offs_n * stride_d_score_weight_g,
                         tl.sum(d_logit[:, None] * _act(z, ACTIVATION), axis=0), n_ok)
-            score = tl.load(score_ptr + offs_n * stride_score_g, mask=n_ok, other=0.0).to(dtype)
+            score = tl.load(score_weight_ptr + offs_n * stride_score_weight_g, mask=n_ok, other=0.0).to(dtype)
             dz = d_logit[:, None] * score[None, :] * _act_grad(z, ACTIVATION)
             _emit_layer_grad(dz, NUM_LAYERS - 1, offs_n, n_ok, offs_m, node, local_tok, row_ok,
                              adj_tok, tile, tokens_per_tile, num_tokens, num_nodes,
-                             adj_ptr, stride_adj_row, stride_adj_col,
+                             adjacency_ptr, stride_adjacency_row, stride_adjacency_col,
                              scratch + (NUM_LAYERS + (NUM_LAYERS - 1) % 2) * stride_scratch_slot,
                              stride_scratch_row,
                              d_c1_ptr, stride_d_c1_node, stride_d_c1_g,
-                             d_u_ptr, stride_d_u_t, stride_d_u_g)
+                             d_token_proj_ptr, stride_d_token_proj_t, stride_d_token_proj_g)
         tl.debug_barrier()
 
         # Layers L..2: dW_l += D^lᵀ N^{l-1}, dZ^{l-1} = (D^l W_l) ⊙ act'(Z^{l-1}).
@@ -322,19 +334,22 @@ def _graph_router_bwd_kernel(
                     n_ok = offs_n < width
                     d = tl.load(d_src + offs_m[:, None] * stride_scratch_row + offs_n[None, :],
                                 mask=n_ok[None, :], other=0.0)
-                    w = tl.load(w_ptr + layer * stride_w_layer + offs_n[:, None] * stride_w_out
-                                + offs_k[None, :] * stride_w_in,
+                    w = tl.load(gcn_weight_ptr + layer * stride_gcn_weight_layer
+                                + offs_n[:, None] * stride_gcn_weight_out
+                                + offs_k[None, :] * stride_gcn_weight_in,
                                 mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(dtype)
                     acc = tl.dot(d, w, acc, input_precision="ieee")
                     d_w = tl.dot(tl.trans(d), h_prev, input_precision="ieee")
-                    _accumulate(d_w_ptr + layer * stride_d_w_layer + offs_n[:, None] * stride_d_w_out
-                                + offs_k[None, :] * stride_d_w_in, d_w, n_ok[:, None] & k_ok[None, :])
+                    _accumulate(d_gcn_weight_ptr + layer * stride_d_gcn_weight_layer
+                                + offs_n[:, None] * stride_d_gcn_weight_out
+                                + offs_k[None, :] * stride_d_gcn_weight_in, d_w,
+                                n_ok[:, None] & k_ok[None, :])
                 dz = acc * _act_grad(z_prev, ACTIVATION)
                 _emit_layer_grad(dz, layer - 1, offs_k, k_ok, offs_m, node, local_tok, row_ok,
                                  adj_tok, tile, tokens_per_tile, num_tokens, num_nodes,
-                                 adj_ptr, stride_adj_row, stride_adj_col,
+                                 adjacency_ptr, stride_adjacency_row, stride_adjacency_col,
                                  scratch + (NUM_LAYERS + (layer - 1) % 2) * stride_scratch_slot,
                                  stride_scratch_row,
                                  d_c1_ptr, stride_d_c1_node, stride_d_c1_g,
-                                 d_u_ptr, stride_d_u_t, stride_d_u_g)
+                                 d_token_proj_ptr, stride_d_token_proj_t, stride_d_token_proj_g)
             tl.debug_barrier()

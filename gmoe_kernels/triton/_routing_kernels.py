@@ -40,7 +40,7 @@ def _plan_scatter_kernel(indices_ptr, expert_offsets_ptr, sorted_pairs_ptr, inve
 
 
 @triton.jit
-def _gather_rows_kernel(src_ptr, pairs_ptr, scale_ptr, out_ptr, P, H, K,
+def _gather_rows_kernel(src_ptr, sorted_pairs_ptr, scale_ptr, out_ptr, P, H, K,
                         stride_src_t, stride_src_h, stride_scale_t, stride_scale_k,
                         stride_out_p, stride_out_h,
                         HAS_SCALE: tl.constexpr, ACC_FP64: tl.constexpr,
@@ -52,7 +52,7 @@ def _gather_rows_kernel(src_ptr, pairs_ptr, scale_ptr, out_ptr, P, H, K,
     offs_h = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask_p = offs_p < P
     mask = mask_p[:, None] & (offs_h < H)[None, :]
-    pairs = tl.load(pairs_ptr + offs_p, mask=mask_p, other=0)
+    pairs = tl.load(sorted_pairs_ptr + offs_p, mask=mask_p, other=0)
     tok = pairs // K
     rows = tl.load(src_ptr + tok[:, None] * stride_src_t + offs_h[None, :] * stride_src_h,
                    mask=mask, other=0.0)
@@ -66,7 +66,7 @@ def _gather_rows_kernel(src_ptr, pairs_ptr, scale_ptr, out_ptr, P, H, K,
 
 @triton.jit
 def _combine_rows_kernel(rows_ptr, inverse_ptr, weights_ptr, out_ptr, T, H, K,
-                         stride_rows_p, stride_rows_h, stride_w_t, stride_w_k,
+                         stride_rows_p, stride_rows_h, stride_weights_t, stride_weights_k,
                          stride_out_t, stride_out_h,
                          HAS_WEIGHTS: tl.constexpr, ACC_FP64: tl.constexpr,
                          BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
@@ -83,7 +83,7 @@ def _combine_rows_kernel(rows_ptr, inverse_ptr, weights_ptr, out_ptr, T, H, K,
         rows = tl.load(rows_ptr + pos[:, None] * stride_rows_p + offs_h[None, :] * stride_rows_h,
                        mask=mask, other=0.0).to(ACC_DTYPE)
         if HAS_WEIGHTS:
-            w = tl.load(weights_ptr + offs_t * stride_w_t + k * stride_w_k, mask=mask_t,
+            w = tl.load(weights_ptr + offs_t * stride_weights_t + k * stride_weights_k, mask=mask_t,
                         other=0.0).to(ACC_DTYPE)
             rows = rows * w[:, None]
         acc += rows

@@ -23,20 +23,18 @@ element a kernel fails to write shows up.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 
 from ..activations import act, compute_dtype
-from ..checks import check_graph_router
 from ..backend import interpreting
+from ..checks import check_graph_router
 from ..reference.routing import topk_route
+from ..registration import DeprecatedFunction, register_differentiable_op
+from ._common import device_guard, new_output, strides
 from ._graph_router_kernels import _graph_router_bwd_kernel, _graph_router_fwd_kernel
-from .routing import new_output
 
-__all__ = ["GraphRouterGCN", "graph_router", "graph_router_gcn_backward",
-           "graph_router_gcn_forward"]
+__all__ = ["graph_router", "graph_router_gcn_backward", "graph_router_gcn_forward"]
 
 _INTERPRETER_PROGRAMS = 2  # a small persistent grid, so tests run the multi-tile loop
 
@@ -66,9 +64,9 @@ def _config(num_experts: int, width: int, num_tokens: int, device: torch.device,
     tokens_per_tile = block_m // num_nodes
     num_tiles = triton.cdiv(num_tokens, tokens_per_tile)
     num_programs = max(1, min(num_tiles, max_programs))
-    return dict(block_m=block_m, block_g=block_g, num_warps=num_warps,
-                num_stages=1 if backward else 2, tokens_per_tile=tokens_per_tile,
-                num_tiles=num_tiles, num_programs=num_programs)
+    return dict(num_experts=num_experts, width=width, block_m=block_m, block_g=block_g,
+                num_warps=num_warps, num_stages=1 if backward else 2,
+                tokens_per_tile=tokens_per_tile, num_tiles=num_tiles, num_programs=num_programs)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -77,12 +75,6 @@ def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 132
-
-
-def _device_guard(device: torch.device):
-    if device.type == "cuda":
-        return torch.cuda.device(device)
-    return contextlib.nullcontext()
 
 
 def graph_router_gcn_forward(c1, token_proj, adjacency, gcn_weight, score_weight,
@@ -99,35 +91,44 @@ def graph_router_gcn_forward(c1, token_proj, adjacency, gcn_weight, score_weight
     """
     num_tokens, width = token_proj.shape
     num_experts = c1.shape[0] - 1
-    num_layers = gcn_weight.shape[0]
     logits = new_output((num_tokens, num_experts), c1.dtype, c1.device)
     probs = new_output((num_tokens, num_experts), c1.dtype, c1.device)
     if num_tokens == 0:
         return logits, probs
     cfg = _config(num_experts, width, num_tokens, c1.device)
     scratch = new_output((cfg["num_programs"], 2, cfg["block_m"], width), c1.dtype, c1.device)
-    with _device_guard(c1.device):
+    with device_guard(c1.device):
         _graph_router_fwd_kernel[(cfg["num_programs"],)](
-            c1, token_proj, adjacency, gcn_weight, score_weight, logits, probs, scratch,
-            num_tokens, num_experts, width, cfg["tokens_per_tile"], cfg["num_tiles"],
-            c1.stride(0), c1.stride(1),
-            token_proj.stride(0), token_proj.stride(1),
-            adjacency.stride(0), adjacency.stride(1),
-            gcn_weight.stride(0), gcn_weight.stride(1), gcn_weight.stride(2),
-            score_weight.stride(0),
-            logits.stride(0), logits.stride(1),
-            probs.stride(0), probs.stride(1),
-            scratch.stride(0), scratch.stride(1), scratch.stride(2),
-            NUM_LAYERS=num_layers, ACTIVATION=activation,
-            BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_g"], BLOCK_K=cfg["block_g"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
+            **_inputs(c1, token_proj, adjacency, gcn_weight, score_weight),
+            logits_ptr=logits, probs_ptr=probs, scratch_ptr=scratch,
+            **strides("logits", logits, "te"), **strides("probs", probs, "te"),
+            **strides("scratch", scratch, ("prog", "slot", "row")),
+            **_launch_settings(cfg, num_tokens, gcn_weight, activation))
     return logits, probs
+
+
+def _inputs(c1, token_proj, adjacency, gcn_weight, score_weight) -> dict:
+    """Pointers and strides of the inputs both kernels read."""
+    return dict(c1_ptr=c1, token_proj_ptr=token_proj, adjacency_ptr=adjacency,
+                gcn_weight_ptr=gcn_weight, score_weight_ptr=score_weight,
+                **strides("c1", c1, ("node", "g")), **strides("token_proj", token_proj, "tg"),
+                **strides("adjacency", adjacency, ("row", "col")),
+                **strides("gcn_weight", gcn_weight, ("layer", "out", "in")),
+                **strides("score_weight", score_weight, "g"))
+
+
+def _launch_settings(cfg, num_tokens, gcn_weight, activation) -> dict:
+    """Sizes, constexprs and launch options both kernels take."""
+    return dict(num_tokens=num_tokens, num_experts=cfg["num_experts"], width=cfg["width"],
+                tokens_per_tile=cfg["tokens_per_tile"], num_tiles=cfg["num_tiles"],
+                NUM_LAYERS=gcn_weight.shape[0], ACTIVATION=activation,
+                BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_g"], BLOCK_K=cfg["block_g"],
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def graph_router_gcn_backward(grad_logits, grad_probs, probs, c1, token_proj, adjacency,
                               gcn_weight, score_weight, activation: str):
-    """Launch the backward kernel (recomputes each tile's Z^1..Z^L; maths: GraphRouterGCN).
+    """Launch the backward kernel (recomputes each tile's Z^1..Z^L; maths: `_autograd_backward`).
 
     grad_logits:  (T, E) float  dL/d logits (any strides, stride 0 included)
     grad_probs:   (T, E) float  dL/d probs
@@ -142,7 +143,7 @@ def graph_router_gcn_backward(grad_logits, grad_probs, probs, c1, token_proj, ad
     num_experts = c1.shape[0] - 1
     num_layers = gcn_weight.shape[0]
     dtype = c1.dtype
-    d_u = new_output((num_tokens, width), dtype, c1.device)
+    d_token_proj = new_output((num_tokens, width), dtype, c1.device)
     cfg = _config(num_experts, width, max(num_tokens, 1), c1.device, backward=True)
     # One partial row per program for the sums over tokens, summed below in a fixed order.
     programs = cfg["num_programs"] if num_tokens > 0 else 1
@@ -152,66 +153,60 @@ def graph_router_gcn_backward(grad_logits, grad_probs, probs, c1, token_proj, ad
     if num_tokens > 0:
         scratch = new_output((cfg["num_programs"], num_layers + 2, cfg["block_m"], width),
                               dtype, c1.device)
-        with _device_guard(c1.device):
+        with device_guard(c1.device):
             _graph_router_bwd_kernel[(cfg["num_programs"],)](
-                grad_logits, grad_probs, probs, c1, token_proj, adjacency, gcn_weight,
-                score_weight, d_c1, d_u, d_gcn, d_score, scratch,
-                num_tokens, num_experts, width, cfg["tokens_per_tile"], cfg["num_tiles"],
-                grad_logits.stride(0), grad_logits.stride(1),
-                grad_probs.stride(0), grad_probs.stride(1),
-                probs.stride(0), probs.stride(1),
-                c1.stride(0), c1.stride(1),
-                token_proj.stride(0), token_proj.stride(1),
-                adjacency.stride(0), adjacency.stride(1),
-                gcn_weight.stride(0), gcn_weight.stride(1), gcn_weight.stride(2),
-                score_weight.stride(0),
-                d_c1.stride(0), d_c1.stride(1), d_c1.stride(2),
-                d_u.stride(0), d_u.stride(1),
-                d_gcn.stride(0), d_gcn.stride(1), d_gcn.stride(2), d_gcn.stride(3),
-                d_score.stride(0), d_score.stride(1),
-                scratch.stride(0), scratch.stride(1), scratch.stride(2),
-                NUM_LAYERS=num_layers, ACTIVATION=activation,
-                BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_g"], BLOCK_K=cfg["block_g"],
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-            )
-    return (d_c1.sum(0), d_u, d_gcn.sum(0).to(gcn_weight.dtype),
+                grad_logits_ptr=grad_logits, grad_probs_ptr=grad_probs, probs_ptr=probs,
+                **_inputs(c1, token_proj, adjacency, gcn_weight, score_weight),
+                d_c1_ptr=d_c1, d_token_proj_ptr=d_token_proj, d_gcn_weight_ptr=d_gcn,
+                d_score_weight_ptr=d_score, scratch_ptr=scratch,
+                **strides("grad_logits", grad_logits, "te"),
+                **strides("grad_probs", grad_probs, "te"), **strides("probs", probs, "te"),
+                **strides("d_c1", d_c1, ("prog", "node", "g")),
+                **strides("d_token_proj", d_token_proj, "tg"),
+                **strides("d_gcn_weight", d_gcn, ("prog", "layer", "out", "in")),
+                **strides("d_score_weight", d_score, ("prog", "g")),
+                **strides("scratch", scratch, ("prog", "slot", "row")),
+                **_launch_settings(cfg, num_tokens, gcn_weight, activation))
+    return (d_c1.sum(0), d_token_proj, d_gcn.sum(0).to(gcn_weight.dtype),
             d_score.sum(0).to(score_weight.dtype))
 
 
-# ---- torch.library registration ------------------------------------------------------
+# ---- torch.library registration (gmoe_kernels.registration) ---------------------------------
 
-@torch.library.custom_op("gmoe_kernels::graph_router_gcn", mutates_args=())
-def _graph_router_gcn_op(c1: torch.Tensor, token_proj: torch.Tensor, adjacency: torch.Tensor,
-                         gcn_weight: torch.Tensor, score_weight: torch.Tensor,
-                         activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(c1: torch.Tensor, token_proj: torch.Tensor, adjacency: torch.Tensor,
+             gcn_weight: torch.Tensor, score_weight: torch.Tensor,
+             activation: str) -> tuple[torch.Tensor, torch.Tensor]:
     return graph_router_gcn_forward(c1, token_proj, adjacency, gcn_weight, score_weight,
                                     activation)
 
 
-@_graph_router_gcn_op.register_fake
-def _(c1, token_proj, adjacency, gcn_weight, score_weight, activation):
+def _forward_fake(c1, token_proj, adjacency, gcn_weight, score_weight, activation):
     shape = (token_proj.shape[0], c1.shape[0] - 1)
     return c1.new_empty(shape), c1.new_empty(shape)
 
 
-@torch.library.custom_op("gmoe_kernels::graph_router_gcn_backward", mutates_args=())
-def _graph_router_gcn_backward_op(
-        grad_logits: torch.Tensor, grad_probs: torch.Tensor, probs: torch.Tensor,
-        c1: torch.Tensor, token_proj: torch.Tensor, adjacency: torch.Tensor,
-        gcn_weight: torch.Tensor, score_weight: torch.Tensor, activation: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward(grad_logits: torch.Tensor, grad_probs: torch.Tensor, probs: torch.Tensor,
+              c1: torch.Tensor, token_proj: torch.Tensor, adjacency: torch.Tensor,
+              gcn_weight: torch.Tensor, score_weight: torch.Tensor, activation: str,
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return graph_router_gcn_backward(grad_logits, grad_probs, probs, c1, token_proj, adjacency,
                                      gcn_weight, score_weight, activation)
 
 
-@_graph_router_gcn_backward_op.register_fake
-def _(grad_logits, grad_probs, probs, c1, token_proj, adjacency, gcn_weight, score_weight,
-      activation):
+def _backward_fake(grad_logits, grad_probs, probs, c1, token_proj, adjacency, gcn_weight,
+                   score_weight, activation):
     return (torch.empty_like(c1), torch.empty_like(token_proj), torch.empty_like(gcn_weight),
             torch.empty_like(score_weight))
 
 
-class GraphRouterGCN(torch.autograd.Function):
+def _setup_context(ctx, inputs, output):
+    c1, token_proj, adjacency, gcn_weight, score_weight, activation = inputs
+    _, probs = output
+    ctx.save_for_backward(c1, token_proj, adjacency, gcn_weight, score_weight, probs)
+    ctx.activation = activation
+
+
+def _autograd_backward(ctx, grad_logits, grad_probs):
     """(C1, u, Â, W, w_p) -> (logits, probs): the kernel part of the graph router.
 
     Forward, per token t (rows i = 0..E-1 experts, i = E the token node):
@@ -230,39 +225,26 @@ class GraphRouterGCN(torch.autograd.Function):
     per token tile by the backward kernel rather than saved (T·(E+1)·G per layer).
     dC1, dW and dw_p are reduced over tokens per program, then over programs in a fixed order
     (bitwise reproducible).
-
-    The op `gmoe_kernels::graph_router_gcn` registers `setup_context` and `backward` of
-    this class as its autograd formula; `graph_router` calls the op, and `apply` here is
-    the same computation.
     """
-
-    @staticmethod
-    def forward(c1, token_proj, adjacency, gcn_weight, score_weight, activation):
-        return _graph_router_gcn_op(c1, token_proj, adjacency, gcn_weight, score_weight,
-                                    activation)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        c1, token_proj, adjacency, gcn_weight, score_weight, activation = inputs
-        _, probs = output
-        ctx.save_for_backward(c1, token_proj, adjacency, gcn_weight, score_weight, probs)
-        ctx.activation = activation
-
-    @staticmethod
-    def backward(ctx, grad_logits, grad_probs):
-        c1, token_proj, adjacency, gcn_weight, score_weight, probs = ctx.saved_tensors
-        if grad_logits is None:
-            grad_logits = torch.zeros_like(probs)
-        if grad_probs is None:
-            grad_probs = torch.zeros_like(probs)
-        d_c1, d_u, d_gcn, d_score = _graph_router_gcn_backward_op(
-            grad_logits, grad_probs, probs, c1, token_proj, adjacency, gcn_weight,
-            score_weight, ctx.activation)
-        return d_c1, d_u, None, d_gcn, d_score, None
+    c1, token_proj, adjacency, gcn_weight, score_weight, probs = ctx.saved_tensors
+    if grad_logits is None:
+        grad_logits = torch.zeros_like(probs)
+    if grad_probs is None:
+        grad_probs = torch.zeros_like(probs)
+    d_c1, d_u, d_gcn, d_score = _graph_router_gcn_backward_op(
+        grad_logits, grad_probs, probs, c1, token_proj, adjacency, gcn_weight,
+        score_weight, ctx.activation)
+    return d_c1, d_u, None, d_gcn, d_score, None
 
 
-torch.library.register_autograd("gmoe_kernels::graph_router_gcn", GraphRouterGCN.backward,
-                                setup_context=GraphRouterGCN.setup_context)
+_graph_router_gcn_op, _graph_router_gcn_backward_op = register_differentiable_op(
+    "graph_router_gcn", forward=_forward, forward_fake=_forward_fake, backward=_backward,
+    backward_fake=_backward_fake, setup_context=_setup_context,
+    autograd_backward=_autograd_backward)
+
+# The autograd.Function this module exported before; kept for one release (warns on use).
+GraphRouterGCN = DeprecatedFunction("gmoe_kernels.triton.graph_router.GraphRouterGCN",
+                                    _graph_router_gcn_op, "torch.ops.gmoe_kernels.graph_router_gcn")
 
 
 # ---- public entry point ----------------------------------------------------------------
@@ -284,12 +266,13 @@ def graph_router(x, token_weight, expert_weight, expert_features, adjacency, gcn
     check_graph_router(x, token_weight, expert_weight, expert_features, adjacency, gcn_weight,
                        score_weight, top_k, activation)
     num_experts = expert_features.shape[0]
-    f = compute_dtype(x)
-    adj = adjacency.detach().to(f).contiguous()
-    w1 = gcn_weight[0].to(f)
-    token_nodes = act(activation, x.to(f) @ token_weight.to(f).t())                # (T, G)
-    token_proj = token_nodes @ w1.t()                                              # (T, G)
-    expert_nodes = act(activation, expert_features.to(f) @ expert_weight.to(f).t())  # (E, G)
+    compute = compute_dtype(x)
+    adj = adjacency.detach().to(compute).contiguous()
+    w1 = gcn_weight[0].to(compute)
+    token_nodes = act(activation, x.to(compute) @ token_weight.to(compute).t())        # (T, G)
+    token_proj = token_nodes @ w1.t()                                                  # (T, G)
+    expert_nodes = act(activation,
+                       expert_features.to(compute) @ expert_weight.to(compute).t())   # (E, G)
     c1 = (adj[:, :num_experts] @ expert_nodes) @ w1.t()                            # (E+1, G)
     logits, probs = _graph_router_gcn_op(c1.contiguous(), token_proj.contiguous(), adj,
                                          gcn_weight, score_weight, activation)

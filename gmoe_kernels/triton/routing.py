@@ -3,38 +3,25 @@
 Same signatures and results as gmoe_kernels.reference.routing; top-K is the reference's own
 `topk_route` (torch.topk is one fused kernel already). Nothing here synchronises with the
 host: the plan's histogram, prefix sum and counting sort stay on the device, and expert ids
-are checked by device-side assertions.
+are checked by device-side assertions. dispatch and combine are the differentiable custom ops
+`gmoe_kernels::dispatch` and `gmoe_kernels::combine` (gmoe_kernels.registration), which take
+the plan's tensors, so torch.compile traces through them.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 
 from ..activations import compute_dtype
 from ..backend import interpreting
-from ..checks import _check_expert_range
+from ..checks import check_expert_range
 from ..reference.routing import topk_route
+from ..registration import register_differentiable_op
 from ..routing_plan import RoutingPlan
 from . import _routing_kernels as kernels
+from ._common import new_output, strides
 
 __all__ = ["combine", "dispatch", "make_routing_plan", "topk_route"]
-
-
-def poisoning() -> bool:
-    """GMOE_POISON=1: outputs the kernels must fully write start as NaN (-1 for integers), so
-    an element a kernel forgets fails the tests. Read at every call."""
-    return os.environ.get("GMOE_POISON", "0") == "1"
-
-
-def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """An output buffer every element of which a kernel writes (poisoned under GMOE_POISON=1)."""
-    if poisoning():
-        fill = float("nan") if dtype.is_floating_point else -1
-        return torch.full(shape, fill, dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
 
 _HIST_BLOCK = 128 if interpreting() else 1024
 _ROWS_BLOCK_P = 16 if interpreting() else 32
@@ -54,7 +41,7 @@ def make_routing_plan(indices: torch.Tensor, num_experts: int) -> RoutingPlan:
     if indices.dtype != torch.int64 or indices.dim() != 2:
         raise TypeError(f"indices must be a (T, K) int64 tensor, got {indices.dtype} "
                         f"{tuple(indices.shape)}")
-    _check_expert_range(indices, num_experts)
+    check_expert_range(indices, num_experts)
     num_tokens, top_k = indices.shape
     num_pairs = num_tokens * top_k
     device = indices.device
@@ -65,108 +52,149 @@ def make_routing_plan(indices: torch.Tensor, num_experts: int) -> RoutingPlan:
     inverse = new_output((num_pairs,), torch.int64, device)
     if num_pairs > 0 and num_experts > 0:
         kernels._histogram_kernel[(triton.cdiv(num_pairs, _HIST_BLOCK),)](
-            flat, counts, num_pairs, num_experts, BLOCK=_HIST_BLOCK)
+            indices_ptr=flat, counts_ptr=counts, P=num_pairs, E=num_experts, BLOCK=_HIST_BLOCK)
         offsets[1:] = torch.cumsum(counts, 0)
         kernels._plan_scatter_kernel[(num_experts,)](
-            flat, offsets, sorted_pairs, inverse, num_pairs, BLOCK=_HIST_BLOCK)
+            indices_ptr=flat, expert_offsets_ptr=offsets, sorted_pairs_ptr=sorted_pairs,
+            inverse_ptr=inverse, P=num_pairs, BLOCK=_HIST_BLOCK)
     return RoutingPlan(sorted_pairs, offsets, inverse, num_tokens, top_k, num_experts)
 
 
-def _gather_rows(src: torch.Tensor, plan: RoutingPlan, scale: torch.Tensor | None,
-                 out_dtype: torch.dtype) -> torch.Tensor:
-    """out[i] = src[plan.sorted_pairs[i] // K] (· scale of that pair): (T·K, H)."""
-    num_pairs = plan.sorted_pairs.numel()
+def gather_rows(src: torch.Tensor, sorted_pairs: torch.Tensor, top_k: int,
+                scale: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """out[i] = src[sorted_pairs[i] // K] (· scale of that pair): (T·K, H)."""
+    num_pairs = sorted_pairs.numel()
     hidden = src.shape[1]
     out = new_output((num_pairs, hidden), out_dtype, src.device)
     if num_pairs == 0 or hidden == 0:
         return out
-    scale_arg = scale if scale is not None else src
     grid = (triton.cdiv(num_pairs, _ROWS_BLOCK_P), triton.cdiv(hidden, _ROWS_BLOCK_H))
     kernels._gather_rows_kernel[grid](
-        src, plan.sorted_pairs, scale_arg, out, num_pairs, hidden, plan.top_k,
-        src.stride(0), src.stride(1),
-        scale.stride(0) if scale is not None else 0, scale.stride(1) if scale is not None else 0,
-        out.stride(0), out.stride(1),
+        src_ptr=src, sorted_pairs_ptr=sorted_pairs, scale_ptr=scale if scale is not None else src,
+        out_ptr=out, P=num_pairs, H=hidden, K=top_k, **strides("src", src, "th"),
+        **strides("scale", scale, "tk"), **strides("out", out, "ph"),
         HAS_SCALE=scale is not None, ACC_FP64=compute_dtype(src) == torch.float64,
         BLOCK_P=_ROWS_BLOCK_P, BLOCK_H=_ROWS_BLOCK_H)
     return out
 
 
-def _combine_rows(rows: torch.Tensor, plan: RoutingPlan, weights: torch.Tensor | None,
-                  out_dtype: torch.dtype) -> torch.Tensor:
+def combine_rows(rows: torch.Tensor, inverse: torch.Tensor, num_tokens: int, top_k: int,
+                 weights: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """out[t] = sum_k w[t, k] rows[inverse[t·K + k]] (w = 1 when weights is None): (T, H)."""
-    num_tokens, hidden = plan.num_tokens, rows.shape[1]
+    hidden = rows.shape[1]
     out = new_output((num_tokens, hidden), out_dtype, rows.device)
     if num_tokens == 0 or hidden == 0:
         return out
-    w_arg = weights if weights is not None else rows
     grid = (triton.cdiv(num_tokens, _ROWS_BLOCK_P), triton.cdiv(hidden, _ROWS_BLOCK_H))
     kernels._combine_rows_kernel[grid](
-        rows, plan.inverse, w_arg, out, num_tokens, hidden, plan.top_k,
-        rows.stride(0), rows.stride(1),
-        weights.stride(0) if weights is not None else 0,
-        weights.stride(1) if weights is not None else 0,
-        out.stride(0), out.stride(1),
+        rows_ptr=rows, inverse_ptr=inverse, weights_ptr=weights if weights is not None else rows,
+        out_ptr=out, T=num_tokens, H=hidden, K=top_k, **strides("rows", rows, "ph"),
+        **strides("weights", weights, "tk"), **strides("out", out, "th"),
         HAS_WEIGHTS=weights is not None, ACC_FP64=compute_dtype(rows) == torch.float64,
         BLOCK_T=_ROWS_BLOCK_P, BLOCK_H=_ROWS_BLOCK_H)
     return out
 
 
-class DispatchFunction(torch.autograd.Function):
-    """rows = x[sorted_pairs // K].
+# ---- dispatch: torch.library registration (gmoe_kernels.registration) -----------------------
 
-    Backward: dx[t] = sum_k d_rows[inverse[t·K + k]] (the combine kernel with unit weights).
-    """
-
-    @staticmethod
-    def forward(ctx, x, plan):
-        ctx.plan = plan
-        return _gather_rows(x, plan, None, x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_rows):
-        return _combine_rows(grad_rows, ctx.plan, None, grad_rows.dtype), None
+def _dispatch(x: torch.Tensor, sorted_pairs: torch.Tensor, inverse: torch.Tensor,
+              top_k: int) -> torch.Tensor:
+    return gather_rows(x, sorted_pairs, top_k, None, x.dtype)
 
 
-class CombineFunction(torch.autograd.Function):
-    """out[t] = sum_k w[t, k] rows[inverse[t·K + k]], fp32 accumulation.
+def _dispatch_fake(x, sorted_pairs, inverse, top_k):
+    return x.new_empty((sorted_pairs.shape[0], x.shape[1]))
 
-    Backward (δ = dL/dout):
+
+def _dispatch_backward(grad_rows: torch.Tensor, inverse: torch.Tensor, num_tokens: int,
+                       top_k: int) -> torch.Tensor:
+    return combine_rows(grad_rows, inverse, num_tokens, top_k, None, grad_rows.dtype)
+
+
+def _dispatch_backward_fake(grad_rows, inverse, num_tokens, top_k):
+    return grad_rows.new_empty((num_tokens, grad_rows.shape[1]))
+
+
+def _dispatch_setup_context(ctx, inputs, output):
+    x, _, inverse, top_k = inputs
+    ctx.save_for_backward(inverse)
+    ctx.num_tokens, ctx.top_k = x.shape[0], top_k
+
+
+def _dispatch_autograd_backward(ctx, grad_rows):
+    """rows = x[sorted_pairs // K]. Backward: dx[t] = sum_k d_rows[inverse[t·K + k]] (the
+    combine kernel with unit weights). No gradient for the plan's tensors."""
+    (inverse,) = ctx.saved_tensors
+    return _dispatch_backward_op(grad_rows, inverse, ctx.num_tokens, ctx.top_k), None, None, None
+
+
+_dispatch_op, _dispatch_backward_op = register_differentiable_op(
+    "dispatch", forward=_dispatch, forward_fake=_dispatch_fake, backward=_dispatch_backward,
+    backward_fake=_dispatch_backward_fake, setup_context=_dispatch_setup_context,
+    autograd_backward=_dispatch_autograd_backward)
+
+
+# ---- combine: torch.library registration (gmoe_kernels.registration) ------------------------
+
+def _combine(rows: torch.Tensor, weights: torch.Tensor, sorted_pairs: torch.Tensor,
+             inverse: torch.Tensor, top_k: int) -> torch.Tensor:
+    return combine_rows(rows, inverse, weights.shape[0], top_k, weights, rows.dtype)
+
+
+def _combine_fake(rows, weights, sorted_pairs, inverse, top_k):
+    return rows.new_empty((weights.shape[0], rows.shape[1]))
+
+
+def _combine_backward(grad_out: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor,
+                      sorted_pairs: torch.Tensor, inverse: torch.Tensor, top_k: int,
+                      ) -> list[torch.Tensor]:
+    d_rows = gather_rows(grad_out, sorted_pairs, top_k, weights, rows.dtype)
+    compute = compute_dtype(rows)
+    per_pair = rows.index_select(0, inverse).view(weights.shape[0], top_k, -1)
+    d_weights = (per_pair.to(compute) * grad_out.to(compute).unsqueeze(1)).sum(-1)
+    return [d_rows, d_weights.to(weights.dtype)]
+
+
+def _combine_backward_fake(grad_out, rows, weights, sorted_pairs, inverse, top_k):
+    return [torch.empty_like(rows), torch.empty_like(weights)]
+
+
+def _combine_setup_context(ctx, inputs, output):
+    rows, weights, sorted_pairs, inverse, top_k = inputs
+    ctx.save_for_backward(rows, weights, sorted_pairs, inverse)
+    ctx.top_k = top_k
+
+
+def _combine_autograd_backward(ctx, grad_out):
+    """out[t] = sum_k w[t, k] rows[inverse[t·K + k]], fp32 accumulation. Backward (δ = dL/dout):
       d_rows[i]  = w[p_i] δ[p_i // K]          (p_i = sorted_pairs[i]; the gather kernel, scaled)
       d_w[t, k]  = <rows[inverse[t·K + k]], δ[t]>
-    """
+    No gradient for the plan's tensors."""
+    rows, weights, sorted_pairs, inverse = ctx.saved_tensors
+    d_rows, d_weights = _combine_backward_op(grad_out, rows, weights, sorted_pairs, inverse,
+                                             ctx.top_k)
+    need = ctx.needs_input_grad
+    return d_rows if need[0] else None, d_weights if need[1] else None, None, None, None
 
-    @staticmethod
-    def forward(ctx, rows, weights, plan):
-        ctx.save_for_backward(rows, weights)
-        ctx.plan = plan
-        return _combine_rows(rows, plan, weights, rows.dtype)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        rows, weights = ctx.saved_tensors
-        plan = ctx.plan
-        d_rows = d_weights = None
-        if ctx.needs_input_grad[0]:
-            d_rows = _gather_rows(grad_out, plan, weights, rows.dtype)
-        if ctx.needs_input_grad[1]:
-            acc = compute_dtype(rows)
-            per_pair = rows.index_select(0, plan.inverse).view(plan.num_tokens, plan.top_k, -1)
-            d_weights = (per_pair.to(acc) * grad_out.to(acc).unsqueeze(1)).sum(-1)
-            d_weights = d_weights.to(weights.dtype)
-        return d_rows, d_weights, None
+_combine_op, _combine_backward_op = register_differentiable_op(
+    "combine", forward=_combine, forward_fake=_combine_fake, backward=_combine_backward,
+    backward_fake=_combine_backward_fake, setup_context=_combine_setup_context,
+    autograd_backward=_combine_autograd_backward)
 
+
+# ---- public entry points ------------------------------------------------------------------
 
 def dispatch(x: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
     """Rows of x copied to the grouped layout, in plan.sorted_pairs order (gather kernel).
 
     x:    (T, H) any float dtype
     plan: RoutingPlan of T tokens
-    returns (T·K, H) in x's dtype; differentiable w.r.t. x.
+    returns (T·K, H) in x's dtype; differentiable w.r.t. x (the op `gmoe_kernels::dispatch`).
     """
     if x.dim() != 2 or x.shape[0] != plan.num_tokens:
         raise ValueError(f"x must be ({plan.num_tokens}, H), got {tuple(x.shape)}")
-    return DispatchFunction.apply(x, plan)
+    return _dispatch_op(x, plan.sorted_pairs, plan.inverse, plan.top_k)
 
 
 def combine(rows: torch.Tensor, weights: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
@@ -176,7 +204,7 @@ def combine(rows: torch.Tensor, weights: torch.Tensor, plan: RoutingPlan) -> tor
     weights: (T, K) float
     plan:    RoutingPlan
     returns (T, H) in rows' dtype, summed in fp32 (fp64 for fp64 rows) by one kernel;
-    differentiable w.r.t. rows and weights.
+    differentiable w.r.t. rows and weights (the op `gmoe_kernels::combine`).
     """
     num_pairs = plan.num_tokens * plan.top_k
     if rows.dim() != 2 or rows.shape[0] != num_pairs:
@@ -184,4 +212,4 @@ def combine(rows: torch.Tensor, weights: torch.Tensor, plan: RoutingPlan) -> tor
     if tuple(weights.shape) != (plan.num_tokens, plan.top_k):
         raise ValueError(f"weights must be ({plan.num_tokens}, {plan.top_k}), "
                          f"got {tuple(weights.shape)}")
-    return CombineFunction.apply(rows, weights, plan)
+    return _combine_op(rows, weights, plan.sorted_pairs, plan.inverse, plan.top_k)

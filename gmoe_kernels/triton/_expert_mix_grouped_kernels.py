@@ -23,12 +23,12 @@ import triton.language as tl
 
 from ._activation_kernels import act as _act
 from ._activation_kernels import act_and_grad as _act_and_grad
-from ._expert_ffn_kernels import dot_acc, f_tile
+from ._expert_mix_kernels import dot_acc, f_tile
 
 
 @triton.jit
 def _pair_tile(sorted_pairs_ptr, expert_offsets_ptr, tile_offsets_ptr, weights_ptr,
-               stride_w_t, stride_w_k, E, K: tl.constexpr, E_PAD: tl.constexpr,
+               stride_weights_t, stride_weights_k, E, K: tl.constexpr, E_PAD: tl.constexpr,
                BLOCK_P: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """(expert, pair ids, tokens, weights, pair mask) of this program's tile; expert = E
     (nothing to do) for a program past the last tile."""
@@ -44,7 +44,7 @@ def _pair_tile(sorted_pairs_ptr, expert_offsets_ptr, tile_offsets_ptr, weights_p
     mask_p = pos < end   # empty past the last tile: then end <= start
     pairs = tl.load(sorted_pairs_ptr + pos, mask=mask_p, other=0).to(tl.int64)
     tok = pairs // K
-    w = tl.load(weights_ptr + tok * stride_w_t + (pairs % K) * stride_w_k, mask=mask_p,
+    w = tl.load(weights_ptr + tok * stride_weights_t + (pairs % K) * stride_weights_k, mask=mask_p,
                 other=0.0).to(ACC_DTYPE)
     return expert, pairs, tok, w, mask_p
 
@@ -96,101 +96,116 @@ def _expand_pairs(base_ptr, stride_base_t, stride_base_f, small, m_ptr, stride_m
 
 @triton.jit
 def _expert_mix_fwd_grouped_kernel(
-    gate_base_ptr, up_base_ptr, shrink_ptr, b_gate_ptr, b_up_ptr, a_down_ptr,
+    gate_base_ptr, up_base_ptr, shrink_ptr, lora_b_gate_ptr, lora_b_up_ptr, lora_a_down_ptr,
     sorted_pairs_ptr, expert_offsets_ptr, tile_offsets_ptr, weights_ptr, h_c_ptr, slot_a_d_ptr,
     T, E, F, UP_OFFSET, T_BUCKET,
-    stride_gb_t, stride_gb_f, stride_ub_t, stride_ub_f, stride_sh_t, stride_sh_c,
-    stride_bg_e, stride_bg_f, stride_bg_r, stride_bu_e, stride_bu_f, stride_bu_r,
-    stride_ad_e, stride_ad_r, stride_ad_f, stride_w_t, stride_w_k, stride_hc_t, stride_hc_f,
+    stride_gate_base_t, stride_gate_base_f, stride_up_base_t, stride_up_base_f,
+    stride_shrink_t, stride_shrink_c,
+    stride_lora_b_gate_e, stride_lora_b_gate_f, stride_lora_b_gate_r,
+    stride_lora_b_up_e, stride_lora_b_up_f, stride_lora_b_up_r,
+    stride_lora_a_down_e, stride_lora_a_down_r, stride_lora_a_down_f,
+    stride_weights_t, stride_weights_k, stride_h_c_t, stride_h_c_f,
     K: tl.constexpr, R: tl.constexpr, ACTIVATION: tl.constexpr, R_PAD: tl.constexpr,
-    E_PAD: tl.constexpr, ACC_FP64: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_F: tl.constexpr,
+    E_PAD: tl.constexpr, ACC_FP64: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_F: tl.constexpr,
 ):
     """One (pair tile of expert e, F split): h_c[t] += w_k h_k (fp32 atomics into a zeroed
     (T, F) buffer) and slot_a_d[split, t·K + k] = w_k sum_{f in split} A_d^e[:, f] h_k[f]."""
     ACC_DTYPE = tl.float64 if ACC_FP64 else tl.float32
     expert, pairs, tok, w, mask_p = _pair_tile(sorted_pairs_ptr, expert_offsets_ptr,
-                                               tile_offsets_ptr, weights_ptr, stride_w_t,
-                                               stride_w_k, E, K, E_PAD, BLOCK_P, ACC_DTYPE)
+                                               tile_offsets_ptr, weights_ptr, stride_weights_t,
+                                               stride_weights_k, E, K, E_PAD, BLOCK_P, ACC_DTYPE)
     if expert >= E:
         return
     offs_r = tl.arange(0, R_PAD)
     mask_r = offs_r < R
-    s_gate = _pair_blocks(shrink_ptr, 0, tok, expert, mask_p, stride_sh_t, stride_sh_c, R, R_PAD)
-    s_up = _pair_blocks(shrink_ptr, UP_OFFSET, tok, expert, mask_p, stride_sh_t, stride_sh_c, R,
+    s_gate = _pair_blocks(shrink_ptr, 0, tok, expert, mask_p, stride_shrink_t, stride_shrink_c, R,
+                          R_PAD)
+    s_up = _pair_blocks(shrink_ptr, UP_OFFSET, tok, expert, mask_p, stride_shrink_t,
+                        stride_shrink_c, R,
                         R_PAD)
     a_d_acc = tl.zeros((BLOCK_P, R_PAD), dtype=ACC_DTYPE)
     for f0 in range(tl.program_id(1) * BLOCK_F, F, tl.num_programs(1) * BLOCK_F):
         offs_f, mask_f = f_tile(f0, F, BLOCK_F)
         mask_pf = mask_p[:, None] & mask_f[None, :]
-        g, _ = _expand_pairs(gate_base_ptr, stride_gb_t, stride_gb_f, s_gate, b_gate_ptr,
-                             stride_bg_e, stride_bg_r, stride_bg_f, expert, tok, offs_r, mask_r,
+        g, _ = _expand_pairs(gate_base_ptr, stride_gate_base_t, stride_gate_base_f, s_gate, lora_b_gate_ptr,
+                             stride_lora_b_gate_e, stride_lora_b_gate_r, stride_lora_b_gate_f,
+                             expert, tok, offs_r, mask_r,
                              offs_f, mask_f, mask_pf, ACC_DTYPE, DOT_DTYPE)
-        u, _ = _expand_pairs(up_base_ptr, stride_ub_t, stride_ub_f, s_up, b_up_ptr, stride_bu_e,
-                             stride_bu_r, stride_bu_f, expert, tok, offs_r, mask_r, offs_f, mask_f,
+        u, _ = _expand_pairs(up_base_ptr, stride_up_base_t, stride_up_base_f, s_up, lora_b_up_ptr, stride_lora_b_up_e,
+                             stride_lora_b_up_r, stride_lora_b_up_f, expert, tok, offs_r, mask_r,
+                             offs_f, mask_f,
                              mask_pf, ACC_DTYPE, DOT_DTYPE)
         h = tl.where(mask_pf, _act(g, ACTIVATION) * u, 0.0)
-        tl.atomic_add(h_c_ptr + tok[:, None] * stride_hc_t + offs_f[None, :] * stride_hc_f,
+        tl.atomic_add(h_c_ptr + tok[:, None] * stride_h_c_t + offs_f[None, :] * stride_h_c_f,
                       w[:, None] * h, mask=mask_pf, sem="relaxed")
-        a_down = _load_expert_rf(a_down_ptr, expert, offs_r, mask_r, offs_f, mask_f,
-                                 stride_ad_e, stride_ad_r, stride_ad_f)
+        a_down = _load_expert_rf(lora_a_down_ptr, expert, offs_r, mask_r, offs_f, mask_f,
+                                 stride_lora_a_down_e, stride_lora_a_down_r, stride_lora_a_down_f)
         a_d_acc = dot_acc(h, tl.trans(a_down), a_d_acc, DOT_DTYPE)
     _store_pairs(slot_a_d_ptr, w[:, None] * a_d_acc, pairs, mask_p, T, K, R, R_PAD)
 
 
 @triton.jit
 def _expert_mix_bwd_grouped_kernel(
-    gate_base_ptr, up_base_ptr, shrink_ptr, b_gate_ptr, b_up_ptr, a_down_ptr,
+    gate_base_ptr, up_base_ptr, shrink_ptr, lora_b_gate_ptr, lora_b_up_ptr, lora_a_down_ptr,
     sorted_pairs_ptr, expert_offsets_ptr, tile_offsets_ptr, weights_ptr, grad_h_c_ptr,
     grad_z_ptr, d_gate_base_ptr, d_up_base_ptr, slot_d_shrink_gate_ptr, slot_d_shrink_up_ptr,
     slot_d_weights_ptr,
     T, E, F, UP_OFFSET, T_BUCKET,
-    stride_gb_t, stride_gb_f, stride_ub_t, stride_ub_f, stride_sh_t, stride_sh_c,
-    stride_bg_e, stride_bg_f, stride_bg_r, stride_bu_e, stride_bu_f, stride_bu_r,
-    stride_ad_e, stride_ad_r, stride_ad_f, stride_w_t, stride_w_k,
-    stride_dhc_t, stride_dhc_f, stride_dz_t, stride_dz_c,
-    stride_dgb_t, stride_dgb_f, stride_dub_t, stride_dub_f,
+    stride_gate_base_t, stride_gate_base_f, stride_up_base_t, stride_up_base_f,
+    stride_shrink_t, stride_shrink_c,
+    stride_lora_b_gate_e, stride_lora_b_gate_f, stride_lora_b_gate_r,
+    stride_lora_b_up_e, stride_lora_b_up_f, stride_lora_b_up_r,
+    stride_lora_a_down_e, stride_lora_a_down_r, stride_lora_a_down_f,
+    stride_weights_t, stride_weights_k, stride_grad_h_c_t, stride_grad_h_c_f,
+    stride_grad_z_t, stride_grad_z_c, stride_d_gate_base_t, stride_d_gate_base_f,
+    stride_d_up_base_t, stride_d_up_base_f,
     K: tl.constexpr, R: tl.constexpr, ACTIVATION: tl.constexpr, R_PAD: tl.constexpr,
-    E_PAD: tl.constexpr, ACC_FP64: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_F: tl.constexpr,
+    E_PAD: tl.constexpr, ACC_FP64: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_F: tl.constexpr,
 ):
     """One (pair tile of expert e, F split) of the backward (maths as the token kernels):
     dG[t] += dg_k, dU[t] += du_k (fp32 atomics into zeroed (T, F) buffers); per pair, over the
     split's F tiles: dw = <h, q>, d(shrink_g) = B_g^e^T dg, d(shrink_u) = B_u^e^T du."""
     ACC_DTYPE = tl.float64 if ACC_FP64 else tl.float32
     expert, pairs, tok, w, mask_p = _pair_tile(sorted_pairs_ptr, expert_offsets_ptr,
-                                               tile_offsets_ptr, weights_ptr, stride_w_t,
-                                               stride_w_k, E, K, E_PAD, BLOCK_P, ACC_DTYPE)
+                                               tile_offsets_ptr, weights_ptr, stride_weights_t,
+                                               stride_weights_k, E, K, E_PAD, BLOCK_P, ACC_DTYPE)
     if expert >= E:
         return
     offs_r = tl.arange(0, R_PAD)
     mask_r = offs_r < R
-    s_gate = _pair_blocks(shrink_ptr, 0, tok, expert, mask_p, stride_sh_t, stride_sh_c, R, R_PAD)
-    s_up = _pair_blocks(shrink_ptr, UP_OFFSET, tok, expert, mask_p, stride_sh_t, stride_sh_c, R,
+    s_gate = _pair_blocks(shrink_ptr, 0, tok, expert, mask_p, stride_shrink_t, stride_shrink_c, R,
+                          R_PAD)
+    s_up = _pair_blocks(shrink_ptr, UP_OFFSET, tok, expert, mask_p, stride_shrink_t,
+                        stride_shrink_c, R,
                         R_PAD)
-    b = _pair_blocks(grad_z_ptr, 0, tok, expert, mask_p, stride_dz_t, stride_dz_c, R, R_PAD)
+    b = _pair_blocks(grad_z_ptr, 0, tok, expert, mask_p, stride_grad_z_t, stride_grad_z_c, R, R_PAD)
     dw_acc = tl.zeros((BLOCK_P, 1), dtype=ACC_DTYPE)
     dsg_acc = tl.zeros((BLOCK_P, R_PAD), dtype=ACC_DTYPE)
     dsu_acc = tl.zeros((BLOCK_P, R_PAD), dtype=ACC_DTYPE)
     for f0 in range(tl.program_id(1) * BLOCK_F, F, tl.num_programs(1) * BLOCK_F):
         offs_f, mask_f = f_tile(f0, F, BLOCK_F)
         mask_pf = mask_p[:, None] & mask_f[None, :]
-        g, b_gate_t = _expand_pairs(gate_base_ptr, stride_gb_t, stride_gb_f, s_gate, b_gate_ptr,
-                                    stride_bg_e, stride_bg_r, stride_bg_f, expert, tok, offs_r,
+        g, b_gate_t = _expand_pairs(gate_base_ptr, stride_gate_base_t, stride_gate_base_f, s_gate, lora_b_gate_ptr,
+                                    stride_lora_b_gate_e, stride_lora_b_gate_r,
+                                    stride_lora_b_gate_f, expert, tok, offs_r,
                                     mask_r, offs_f, mask_f, mask_pf, ACC_DTYPE, DOT_DTYPE)
-        u, b_up_t = _expand_pairs(up_base_ptr, stride_ub_t, stride_ub_f, s_up, b_up_ptr,
-                                  stride_bu_e, stride_bu_r, stride_bu_f, expert, tok, offs_r,
+        u, b_up_t = _expand_pairs(up_base_ptr, stride_up_base_t, stride_up_base_f, s_up, lora_b_up_ptr,
+                                  stride_lora_b_up_e, stride_lora_b_up_r, stride_lora_b_up_f,
+                                  expert, tok, offs_r,
                                   mask_r, offs_f, mask_f, mask_pf, ACC_DTYPE, DOT_DTYPE)
-        q, _ = _expand_pairs(grad_h_c_ptr, stride_dhc_t, stride_dhc_f, b, a_down_ptr, stride_ad_e,
-                             stride_ad_r, stride_ad_f, expert, tok, offs_r, mask_r, offs_f, mask_f,
+        q, _ = _expand_pairs(grad_h_c_ptr, stride_grad_h_c_t, stride_grad_h_c_f, b,
+                             lora_a_down_ptr, stride_lora_a_down_e, stride_lora_a_down_r,
+                             stride_lora_a_down_f, expert, tok, offs_r, mask_r, offs_f, mask_f,
                              mask_pf, ACC_DTYPE, DOT_DTYPE)
         act_g, act_grad = _act_and_grad(g, ACTIVATION)
         dh = w[:, None] * q
         dg = tl.where(mask_pf, dh * u * act_grad, 0.0)
         du = tl.where(mask_pf, dh * act_g, 0.0)
-        tl.atomic_add(d_gate_base_ptr + tok[:, None] * stride_dgb_t + offs_f[None, :] * stride_dgb_f,
+        tl.atomic_add(d_gate_base_ptr + tok[:, None] * stride_d_gate_base_t + offs_f[None, :] * stride_d_gate_base_f,
                       dg, mask=mask_pf, sem="relaxed")
-        tl.atomic_add(d_up_base_ptr + tok[:, None] * stride_dub_t + offs_f[None, :] * stride_dub_f,
+        tl.atomic_add(d_up_base_ptr + tok[:, None] * stride_d_up_base_t + offs_f[None, :] * stride_d_up_base_f,
                       du, mask=mask_pf, sem="relaxed")
         dw_acc += tl.sum(tl.where(mask_pf, act_g * u * q, 0.0), axis=1)[:, None]
         dsg_acc = dot_acc(dg, tl.trans(b_gate_t), dsg_acc, DOT_DTYPE)

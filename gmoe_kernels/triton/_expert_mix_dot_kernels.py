@@ -1,6 +1,6 @@
 """Tensor-core variant of the expert-mix token kernels (only @triton.jit code).
 
-Same arguments and results as the gather kernels in _expert_ffn_kernels.py. Instead of
+Same arguments and results as the gather kernels in _expert_mix_kernels.py. Instead of
 gathering each token's B^{e_k} rows and reducing over R on CUDA cores, every per-token
 expand and reduction runs as `tl.dot` against all E experts' stacked matrices, with the
 token's own expert block selected by a one-hot mask on the small operand:
@@ -23,8 +23,8 @@ import triton.language as tl
 
 from ._activation_kernels import act as _act
 from ._activation_kernels import act_and_grad as _act_and_grad
-from ._expert_ffn_kernels import add_to_slot, f_tile, load_slot, load_tf, store_slots, token_tile
-from ._expert_ffn_kernels import dot_acc as _dot
+from ._expert_mix_kernels import add_to_slot, f_tile, load_slot, load_tf, store_slots, token_tile
+from ._expert_mix_kernels import dot_acc as _dot
 
 
 @triton.jit
@@ -69,32 +69,40 @@ def _onehot_reduce(x, m_ptr, stride_m_e, stride_m_f, stride_m_r, experts, offs_f
 
 
 @triton.jit
-def _gate_up(gate, up, shrink_ptr, stride_sh_t, stride_sh_c, b_gate_ptr, stride_bg_e, stride_bg_f,
-             stride_bg_r, b_up_ptr, stride_bu_e, stride_bu_f, stride_bu_r, experts, offs_t, offs_f,
-             mask_t, mask_f, R, NUM_COLS, ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+def _gate_up(gate, up, shrink_ptr, stride_shrink_t, stride_shrink_c,
+             lora_b_gate_ptr, stride_lora_b_gate_e, stride_lora_b_gate_f, stride_lora_b_gate_r,
+             lora_b_up_ptr, stride_lora_b_up_e, stride_lora_b_up_f, stride_lora_b_up_r,
+             experts, offs_t, offs_f, mask_t, mask_f, R, NUM_COLS,
+             ACC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
              BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr):
     """g_k = G + B_g^{e_k} shrink_g and u_k = U + B_u^{e_k} shrink_u for one slot (up columns
     start at NUM_COLS = E·R in the shrink)."""
-    g = gate + _onehot_expand(shrink_ptr, 0, stride_sh_t, stride_sh_c, b_gate_ptr, stride_bg_e,
-                              stride_bg_f, stride_bg_r, experts, offs_t, offs_f, mask_t, mask_f,
+    g = gate + _onehot_expand(shrink_ptr, 0, stride_shrink_t, stride_shrink_c,
+                              lora_b_gate_ptr, stride_lora_b_gate_e, stride_lora_b_gate_f,
+                              stride_lora_b_gate_r, experts, offs_t, offs_f, mask_t, mask_f,
                               R, NUM_COLS, ACC_DTYPE, DOT_DTYPE, BLOCK_T, BLOCK_F, BLOCK_C)
-    u = up + _onehot_expand(shrink_ptr, NUM_COLS, stride_sh_t, stride_sh_c, b_up_ptr, stride_bu_e,
-                            stride_bu_f, stride_bu_r, experts, offs_t, offs_f, mask_t, mask_f,
+    u = up + _onehot_expand(shrink_ptr, NUM_COLS, stride_shrink_t, stride_shrink_c,
+                            lora_b_up_ptr, stride_lora_b_up_e, stride_lora_b_up_f,
+                            stride_lora_b_up_r, experts, offs_t, offs_f, mask_t, mask_f,
                             R, NUM_COLS, ACC_DTYPE, DOT_DTYPE, BLOCK_T, BLOCK_F, BLOCK_C)
     return g, u
 
 
 @triton.jit
 def _expert_mix_fwd_dot_kernel(
-    gate_base_ptr, up_base_ptr, shrink_ptr, b_gate_ptr, b_up_ptr, a_down_ptr,
+    gate_base_ptr, up_base_ptr, shrink_ptr, lora_b_gate_ptr, lora_b_up_ptr, lora_a_down_ptr,
     indices_ptr, weights_ptr, h_c_ptr, slot_a_d_ptr,
     T, F, UP_OFFSET, T_BUCKET,
-    stride_gb_t, stride_gb_f, stride_ub_t, stride_ub_f, stride_sh_t, stride_sh_c,
-    stride_bg_e, stride_bg_f, stride_bg_r, stride_bu_e, stride_bu_f, stride_bu_r,
-    stride_ad_e, stride_ad_r, stride_ad_f, stride_idx_t, stride_idx_k, stride_w_t, stride_w_k,
-    stride_hc_t, stride_hc_f,
-    K: tl.constexpr, R: tl.constexpr, ACTIVATION: tl.constexpr, R_PAD: tl.constexpr, K_PAD: tl.constexpr, ACC_FP64: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr,
+    stride_gate_base_t, stride_gate_base_f, stride_up_base_t, stride_up_base_f,
+    stride_shrink_t, stride_shrink_c,
+    stride_lora_b_gate_e, stride_lora_b_gate_f, stride_lora_b_gate_r,
+    stride_lora_b_up_e, stride_lora_b_up_f, stride_lora_b_up_r,
+    stride_lora_a_down_e, stride_lora_a_down_r, stride_lora_a_down_f,
+    stride_indices_t, stride_indices_k, stride_weights_t, stride_weights_k,
+    stride_h_c_t, stride_h_c_f,
+    K: tl.constexpr, R: tl.constexpr, ACTIVATION: tl.constexpr, R_PAD: tl.constexpr,
+    K_PAD: tl.constexpr, ACC_FP64: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """As _expert_mix_fwd_kernel (same arguments and outputs), with one-hot tl.dots.
     UP_OFFSET = E·R is also the number of stacked columns per matrix."""
@@ -105,42 +113,50 @@ def _expert_mix_fwd_dot_kernel(
     for f0 in range(split * BLOCK_F, F, tl.num_programs(1) * BLOCK_F):
         offs_f, mask_f = f_tile(f0, F, BLOCK_F)
         mask_tf = mask_t[:, None] & mask_f[None, :]
-        gate = load_tf(gate_base_ptr, offs_t, offs_f, mask_tf, stride_gb_t, stride_gb_f, ACC_DTYPE)
-        up = load_tf(up_base_ptr, offs_t, offs_f, mask_tf, stride_ub_t, stride_ub_f, ACC_DTYPE)
+        gate = load_tf(gate_base_ptr, offs_t, offs_f, mask_tf, stride_gate_base_t,
+                       stride_gate_base_f, ACC_DTYPE)
+        up = load_tf(up_base_ptr, offs_t, offs_f, mask_tf, stride_up_base_t, stride_up_base_f,
+                     ACC_DTYPE)
         h_c = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC_DTYPE)
         for k in tl.static_range(K):  # unrolled: fewer spills than the loop (compile gate)
-            experts, w = load_slot(indices_ptr, weights_ptr, k, offs_t, mask_t, stride_idx_t,
-                                   stride_idx_k, stride_w_t, stride_w_k, ACC_DTYPE)
-            g, u = _gate_up(gate, up, shrink_ptr, stride_sh_t, stride_sh_c, b_gate_ptr,
-                            stride_bg_e, stride_bg_f, stride_bg_r, b_up_ptr, stride_bu_e,
-                            stride_bu_f, stride_bu_r, experts, offs_t, offs_f, mask_t, mask_f, R,
+            experts, w = load_slot(indices_ptr, weights_ptr, k, offs_t, mask_t, stride_indices_t,
+                                   stride_indices_k, stride_weights_t, stride_weights_k, ACC_DTYPE)
+            g, u = _gate_up(gate, up, shrink_ptr, stride_shrink_t, stride_shrink_c, lora_b_gate_ptr,
+                            stride_lora_b_gate_e, stride_lora_b_gate_f, stride_lora_b_gate_r,
+                            lora_b_up_ptr, stride_lora_b_up_e,
+                            stride_lora_b_up_f, stride_lora_b_up_r, experts, offs_t, offs_f, mask_t,
+                            mask_f, R,
                             UP_OFFSET, ACC_DTYPE, DOT_DTYPE, BLOCK_T, BLOCK_F, BLOCK_C)
             h = tl.where(mask_tf, _act(g, ACTIVATION) * u, 0.0)
             h_c += w[:, None] * h
             # A_d (E, R, F) read as M[e, f, r]: a_d[t] = sum_f h[t, f] A_d[e_t, :, f]
-            a_d = _onehot_reduce(h, a_down_ptr, stride_ad_e, stride_ad_f, stride_ad_r, experts,
+            a_d = _onehot_reduce(h, lora_a_down_ptr, stride_lora_a_down_e, stride_lora_a_down_f,
+                                 stride_lora_a_down_r, experts,
                                  offs_f, mask_t, mask_f, R, UP_OFFSET, ACC_DTYPE, DOT_DTYPE,
                                  BLOCK_T, BLOCK_C, R_PAD)
             a_d_acc = add_to_slot(a_d_acc, k, w[:, None] * a_d, K_PAD)
-        tl.store(h_c_ptr + offs_t[:, None] * stride_hc_t + offs_f[None, :] * stride_hc_f,
+        tl.store(h_c_ptr + offs_t[:, None] * stride_h_c_t + offs_f[None, :] * stride_h_c_f,
                  h_c.to(h_c_ptr.dtype.element_ty), mask=mask_tf)
     store_slots(slot_a_d_ptr, a_d_acc, T, K, R, K_PAD, R_PAD, BLOCK_T)
 
 
 @triton.jit
 def _expert_mix_bwd_token_dot_kernel(
-    gate_base_ptr, up_base_ptr, shrink_ptr, b_gate_ptr, b_up_ptr, a_down_ptr,
-    indices_ptr, weights_ptr, grad_h_c_ptr, grad_z_ptr,
-    d_gate_base_ptr, d_up_base_ptr, slot_d_shrink_gate_ptr, slot_d_shrink_up_ptr,
-    slot_d_weights_ptr,
+    gate_base_ptr, up_base_ptr, shrink_ptr, lora_b_gate_ptr, lora_b_up_ptr, lora_a_down_ptr,
+    indices_ptr, weights_ptr, grad_h_c_ptr, grad_z_ptr, d_gate_base_ptr, d_up_base_ptr,
+    slot_d_shrink_gate_ptr, slot_d_shrink_up_ptr, slot_d_weights_ptr,
     T, F, UP_OFFSET, T_BUCKET,
-    stride_gb_t, stride_gb_f, stride_ub_t, stride_ub_f, stride_sh_t, stride_sh_c,
-    stride_bg_e, stride_bg_f, stride_bg_r, stride_bu_e, stride_bu_f, stride_bu_r,
-    stride_ad_e, stride_ad_r, stride_ad_f, stride_idx_t, stride_idx_k, stride_w_t, stride_w_k,
-    stride_dhc_t, stride_dhc_f, stride_dz_t, stride_dz_c,
-    stride_dgb_t, stride_dgb_f, stride_dub_t, stride_dub_f,
-    K: tl.constexpr, R: tl.constexpr, ACTIVATION: tl.constexpr, R_PAD: tl.constexpr, K_PAD: tl.constexpr, ACC_FP64: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr,
+    stride_gate_base_t, stride_gate_base_f, stride_up_base_t, stride_up_base_f,
+    stride_shrink_t, stride_shrink_c,
+    stride_lora_b_gate_e, stride_lora_b_gate_f, stride_lora_b_gate_r,
+    stride_lora_b_up_e, stride_lora_b_up_f, stride_lora_b_up_r,
+    stride_lora_a_down_e, stride_lora_a_down_r, stride_lora_a_down_f,
+    stride_indices_t, stride_indices_k, stride_weights_t, stride_weights_k,
+    stride_grad_h_c_t, stride_grad_h_c_f, stride_grad_z_t, stride_grad_z_c,
+    stride_d_gate_base_t, stride_d_gate_base_f, stride_d_up_base_t, stride_d_up_base_f,
+    K: tl.constexpr, R: tl.constexpr, ACTIVATION: tl.constexpr, R_PAD: tl.constexpr,
+    K_PAD: tl.constexpr, ACC_FP64: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """As _expert_mix_bwd_token_kernel (same outputs and maths), with one-hot tl.dots:
     q = dh_c + A_d^T b is an expand of grad_z through A_d, d(shrink) a reduce through B."""
@@ -153,22 +169,27 @@ def _expert_mix_bwd_token_dot_kernel(
     for f0 in range(split * BLOCK_F, F, tl.num_programs(1) * BLOCK_F):
         offs_f, mask_f = f_tile(f0, F, BLOCK_F)
         mask_tf = mask_t[:, None] & mask_f[None, :]
-        gate = load_tf(gate_base_ptr, offs_t, offs_f, mask_tf, stride_gb_t, stride_gb_f, ACC_DTYPE)
-        up = load_tf(up_base_ptr, offs_t, offs_f, mask_tf, stride_ub_t, stride_ub_f, ACC_DTYPE)
-        d_h_c = load_tf(grad_h_c_ptr, offs_t, offs_f, mask_tf, stride_dhc_t, stride_dhc_f,
+        gate = load_tf(gate_base_ptr, offs_t, offs_f, mask_tf, stride_gate_base_t,
+                       stride_gate_base_f, ACC_DTYPE)
+        up = load_tf(up_base_ptr, offs_t, offs_f, mask_tf, stride_up_base_t, stride_up_base_f,
+                     ACC_DTYPE)
+        d_h_c = load_tf(grad_h_c_ptr, offs_t, offs_f, mask_tf, stride_grad_h_c_t, stride_grad_h_c_f,
                         ACC_DTYPE)
         d_gate = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC_DTYPE)
         d_up = tl.zeros((BLOCK_T, BLOCK_F), dtype=ACC_DTYPE)
         for k in range(K):  # not unrolled: unrolled, K 8 spilled on sm_80 (compile gate)
-            experts, w = load_slot(indices_ptr, weights_ptr, k, offs_t, mask_t, stride_idx_t,
-                                   stride_idx_k, stride_w_t, stride_w_k, ACC_DTYPE)
-            g, u = _gate_up(gate, up, shrink_ptr, stride_sh_t, stride_sh_c, b_gate_ptr,
-                            stride_bg_e, stride_bg_f, stride_bg_r, b_up_ptr, stride_bu_e,
-                            stride_bu_f, stride_bu_r, experts, offs_t, offs_f, mask_t, mask_f, R,
+            experts, w = load_slot(indices_ptr, weights_ptr, k, offs_t, mask_t, stride_indices_t,
+                                   stride_indices_k, stride_weights_t, stride_weights_k, ACC_DTYPE)
+            g, u = _gate_up(gate, up, shrink_ptr, stride_shrink_t, stride_shrink_c, lora_b_gate_ptr,
+                            stride_lora_b_gate_e, stride_lora_b_gate_f, stride_lora_b_gate_r,
+                            lora_b_up_ptr, stride_lora_b_up_e,
+                            stride_lora_b_up_f, stride_lora_b_up_r, experts, offs_t, offs_f, mask_t,
+                            mask_f, R,
                             UP_OFFSET, ACC_DTYPE, DOT_DTYPE, BLOCK_T, BLOCK_F, BLOCK_C)
             # A_d (E, R, F) read as M[e, f, r]; b = grad_z[t, e_t block]
-            q = d_h_c + _onehot_expand(grad_z_ptr, 0, stride_dz_t, stride_dz_c, a_down_ptr,
-                                       stride_ad_e, stride_ad_f, stride_ad_r, experts, offs_t,
+            q = d_h_c + _onehot_expand(grad_z_ptr, 0, stride_grad_z_t, stride_grad_z_c, lora_a_down_ptr,
+                                       stride_lora_a_down_e, stride_lora_a_down_f,
+                                       stride_lora_a_down_r, experts, offs_t,
                                        offs_f, mask_t, mask_f, R, UP_OFFSET, ACC_DTYPE, DOT_DTYPE,
                                        BLOCK_T, BLOCK_F, BLOCK_C)
             act_g, act_grad = _act_and_grad(g, ACTIVATION)
@@ -179,17 +200,19 @@ def _expert_mix_bwd_token_dot_kernel(
             du = tl.where(mask_tf, dh * act_g, 0.0)
             d_gate += dg
             d_up += du
-            dsg = _onehot_reduce(dg, b_gate_ptr, stride_bg_e, stride_bg_f, stride_bg_r, experts,
+            dsg = _onehot_reduce(dg, lora_b_gate_ptr, stride_lora_b_gate_e, stride_lora_b_gate_f,
+                                 stride_lora_b_gate_r, experts,
                                  offs_f, mask_t, mask_f, R, UP_OFFSET, ACC_DTYPE, DOT_DTYPE,
                                  BLOCK_T, BLOCK_C, R_PAD)
             dsg_acc = add_to_slot(dsg_acc, k, dsg, K_PAD)
-            dsu = _onehot_reduce(du, b_up_ptr, stride_bu_e, stride_bu_f, stride_bu_r, experts,
+            dsu = _onehot_reduce(du, lora_b_up_ptr, stride_lora_b_up_e, stride_lora_b_up_f,
+                                 stride_lora_b_up_r, experts,
                                  offs_f, mask_t, mask_f, R, UP_OFFSET, ACC_DTYPE, DOT_DTYPE,
                                  BLOCK_T, BLOCK_C, R_PAD)
             dsu_acc = add_to_slot(dsu_acc, k, dsu, K_PAD)
-        tl.store(d_gate_base_ptr + offs_t[:, None] * stride_dgb_t + offs_f[None, :] * stride_dgb_f,
+        tl.store(d_gate_base_ptr + offs_t[:, None] * stride_d_gate_base_t + offs_f[None, :] * stride_d_gate_base_f,
                  d_gate.to(d_gate_base_ptr.dtype.element_ty), mask=mask_tf)
-        tl.store(d_up_base_ptr + offs_t[:, None] * stride_dub_t + offs_f[None, :] * stride_dub_f,
+        tl.store(d_up_base_ptr + offs_t[:, None] * stride_d_up_base_t + offs_f[None, :] * stride_d_up_base_f,
                  d_up.to(d_up_base_ptr.dtype.element_ty), mask=mask_tf)
     store_slots(slot_d_weights_ptr, dw_acc, T, K, 1, K_PAD, 1, BLOCK_T)
     store_slots(slot_d_shrink_gate_ptr, dsg_acc, T, K, R, K_PAD, R_PAD, BLOCK_T)

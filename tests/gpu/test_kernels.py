@@ -1,18 +1,19 @@
 """GPU correctness of the Triton kernels at real shapes (run by benchmarks/gpu_check.sh).
 
-  pytest benchmarks/test_gpu_kernels.py -q      # on a CUDA machine; skipped elsewhere
+  TRITON_INTERPRET=0 pytest tests/gpu/test_kernels.py -m gpu -q   # on a CUDA machine; skipped elsewhere
 
 The expert FFN and the graph router with backend="triton", in bf16, fp16 and fp32, against
 the reference twin run in fp64 on the same (rounded) inputs: the output and the gradient of
 every input, each within its own bound from the error model in tests/tolerances.py
-(`error_bound`: roundings on the path, fp32 accumulation, fp16 underflow and, for the
+(`measure`, `error_bound`: roundings on the path, fp32 accumulation, fp16 underflow and, for the
 router, its measured fp32 conditioning); reported as ||got - want|| / ||want|| beside that
 bound relative to ||want||. FFN cases include skewed routings (benchmarks.shapes.make_routing:
 zipf, one hot expert) and an empty expert. Kernel outputs are NaN-poisoned (GMOE_POISON=1),
 so an element a kernel never writes fails. Router indices must agree exactly but for
 near-ties (a tiny fraction of tokens). With GMOE_GPU_REPORT=<file>, every comparison is
-appended there as one JSON line (gpu_check.sh summarises it). tests/test_tolerances.py runs
-these same helpers on the CPU reference path to check the error model.
+appended there as one JSON line (gpu_check.sh summarises it). The problems and their runners
+are tests/problems.py's (`gpu_problem`, `ffn_outputs`, `router_outputs`); tests/test_tolerances.py
+runs them on the CPU reference path to check the error model.
 """
 from __future__ import annotations
 
@@ -22,12 +23,14 @@ import os
 import pytest
 import torch
 
-from benchmarks import contenders as C
-from benchmarks.shapes import Case, Shape, Variant, make_routing
+from benchmarks import contenders
+from benchmarks.shapes import make_routing
 from gmoe_kernels import functional
-from tests.tolerances import error_bound, frobenius_error
+from tests.problems import caster, ffn_outputs, gpu_problem, router_gpu_problem, router_outputs
+from tests.tolerances import measure
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # Near-ties may order differently in low precision: at most this fraction of tokens differ.
@@ -61,18 +64,6 @@ def _record(**entry):
             fh.write(json.dumps(entry) + "\n")
 
 
-def measure(op, dtype, names, got, want, reduction, fp32=None):
-    """(name, Frobenius error, its error_bound, ||want||, finite) of each output of `op`;
-    `fp32`: an fp32 reference's outputs, whose own error enters the bound (router)."""
-    rows = []
-    for i, (name, a, b) in enumerate(zip(names, got, want, strict=True)):
-        extra = frobenius_error(fp32[i], b) if fp32 is not None else 0.0
-        bound = error_bound(f"{op}.{name}", dtype, b, reduction, extra)
-        rows.append((name, frobenius_error(a, b), bound, b.double().norm().item(),
-                     bool(torch.isfinite(a).all())))
-    return rows
-
-
 def _check(case, dtype, rows):
     failures = []
     for name, err, bound, norm, finite in rows:
@@ -84,42 +75,16 @@ def _check(case, dtype, rows):
     assert not failures, f"{case} {dtype}: " + "; ".join(failures)
 
 
-def _problem(H, F, T, E, K, R, dtype, routing="balanced", empty=0, device="cuda"):
-    shape = Shape("gpu-check", H, F, T, (Variant(E, K, R),))
-    p = C.make_problem(Case(shape, shape.variants[0]), torch.device(device), dtype)
-    indices, weights = make_routing(T, E, K, routing, empty=empty, device=device)
-    p.indices, p.weights = indices, weights.requires_grad_(True)
-    return p
-
-
-def _ffn(p, backend, cast):
-    leaves = {"x": cast(p.x), "weights": cast(p.weights, keep=torch.float32),
-              **{k: cast(v) for k, v in p.lora.items()}}
-    frozen = {k: cast(v, grad=False) for k, v in p.frozen.items()}
-    rest = {k: v for k, v in leaves.items() if k not in ("x", "weights")}
-    y = functional.expert_ffn(leaves["x"], **frozen, **rest, indices=p.indices, weights=leaves["weights"],
-                              scaling=p.scaling, activation=p.activation, backend=backend)
-    grads = torch.autograd.grad(y, list(leaves.values()), p.dy.to(y.dtype))
-    return ["y", *[f"d_{k}" for k in leaves]], [y, *grads]
-
-
-def _caster(dtype):
-    def cast(t, grad=True, keep=None):
-        target = keep if (keep is not None and dtype != torch.float64) else dtype
-        return t.detach().to(target).requires_grad_(grad and t.requires_grad)
-    return cast
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("name", list(FFN_CASES))
 def test_expert_ffn_triton_matches_reference(name, dtype):
-    why = C.triton_missing("expert_mix", torch.device("cuda"))
+    why = contenders.triton_missing("expert_mix", torch.device("cuda"))
     if why:
         pytest.skip(why)
     H, F, T, E, K, R, routing, empty = FFN_CASES[name]
-    p = _problem(H, F, T, E, K, R, dtype, routing, empty)
-    names, got = _ffn(p, "triton", _caster(dtype))
-    _, want = _ffn(p, "reference", _caster(torch.float64))
+    p = gpu_problem(H, F, T, E, K, R, dtype, routing, empty)
+    names, got = ffn_outputs(p, "triton", caster(dtype))
+    _, want = ffn_outputs(p, "reference", caster(torch.float64))
     _check(name, dtype, measure("expert_ffn", dtype, names, got, want, max(H, F, T)))
 
 
@@ -127,42 +92,28 @@ def test_expert_ffn_triton_matches_reference(name, dtype):
 @pytest.mark.parametrize("name", list(FFN_CASES)[:2])
 def test_expert_ffn_each_token_kernel_variant_bf16(name, mode, monkeypatch):
     """Every token-kernel variant (GMOE_EXPAND), whichever one `auto` would pick, in bf16."""
-    why = C.triton_missing("expert_mix", torch.device("cuda"))
+    why = contenders.triton_missing("expert_mix", torch.device("cuda"))
     if why:
         pytest.skip(why)
     monkeypatch.setenv("GMOE_EXPAND", mode)
     H, F, T, E, K, R, routing, empty = FFN_CASES[name]
-    p = _problem(H, F, T, E, K, R, torch.bfloat16, routing, empty)
-    names, got = _ffn(p, "triton", _caster(torch.bfloat16))
-    _, want = _ffn(p, "reference", _caster(torch.float64))
+    p = gpu_problem(H, F, T, E, K, R, torch.bfloat16, routing, empty)
+    names, got = ffn_outputs(p, "triton", caster(torch.bfloat16))
+    _, want = ffn_outputs(p, "reference", caster(torch.float64))
     _check(f"{name}-{mode}", torch.bfloat16, measure("expert_ffn", torch.bfloat16, names, got, want, max(H, F, T)))
-
-
-def _router(p, backend, cast):
-    r = p.router
-    leaves = {"x": cast(p.x), "token_weight": cast(r["token_weight"]), "expert_weight": cast(r["expert_weight"]),
-              "gcn_weight": cast(r["gcn_weight"]), "score_weight": cast(r["score_weight"])}
-    features = cast(r["expert_features"], grad=False)
-    logits, probs, indices, weights = functional.graph_router(
-        leaves["x"], leaves["token_weight"], leaves["expert_weight"], features, r["adjacency"],
-        leaves["gcn_weight"], leaves["score_weight"], p.case.variant.top_k, p.activation, backend=backend)
-    gp = torch.randn(probs.shape, generator=torch.Generator().manual_seed(3)).to(probs)
-    grads = torch.autograd.grad((probs * gp).sum(), list(leaves.values()))
-    return ["logits", "probs", *[f"d_{k}" for k in leaves]], [logits, probs, *grads], indices, weights
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("name", list(ROUTER_CASES))
 def test_graph_router_triton_matches_reference(name, dtype):
-    why = C.triton_missing("graph_router", torch.device("cuda"))
+    why = contenders.triton_missing("graph_router", torch.device("cuda"))
     if why:
         pytest.skip(why)
     H, T, E, K, G, L = ROUTER_CASES[name]
-    shape = Shape("gpu-check", H, 64, T, (Variant(E, K, 2),), gcn_dim=G, gcn_layers=L)
-    p = C.make_problem(Case(shape, shape.variants[0]), torch.device("cuda"), dtype)
-    names, got, idx_got, w_got = _router(p, "triton", _caster(dtype))
-    _, want, idx_want, w_want = _router(p, "reference", _caster(torch.float64))
-    _, fp32, idx_fp32, w_fp32 = _router(p, "reference", _caster(torch.float32))   # its conditioning
+    p = router_gpu_problem(H, T, E, K, G, L, dtype)
+    names, got, idx_got, w_got = router_outputs(p, "triton", caster(dtype))
+    _, want, idx_want, w_want = router_outputs(p, "reference", caster(torch.float64))
+    _, fp32, idx_fp32, w_fp32 = router_outputs(p, "reference", caster(torch.float32))   # its conditioning
     assert torch.isfinite(w_got).all() and (idx_got >= 0).all() and (idx_got < E).all(), "unwritten routing"
     same = (idx_got == idx_want).all(dim=1)
     mismatch = 1.0 - same.float().mean().item()
@@ -180,7 +131,7 @@ def test_graph_router_triton_matches_reference(name, dtype):
 def test_routing_triton_matches_reference(dtype):
     """make_routing_plan, dispatch and combine at T 8192, E 32 (one empty), K 8, H 4096, for a
     balanced and a hot-expert routing; top-K's choice checked on its own (K largest, in order)."""
-    why = C.triton_missing("make_routing_plan", torch.device("cuda"))
+    why = contenders.triton_missing("make_routing_plan", torch.device("cuda"))
     if why:
         pytest.skip(why)
     T, E, K, H = 8192, 32, 8, 4096

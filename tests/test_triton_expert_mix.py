@@ -1,4 +1,4 @@
-"""Triton expert mix (gmoe_kernels.triton.expert_ffn) under the interpreter.
+"""Triton expert mix (gmoe_kernels.triton.expert_mix) under the interpreter.
 
 Compared against the reference twin (gmoe_kernels.reference.expert_mix) and against the
 per-expert oracle (expert_ffn_loop, through functional.expert_ffn), outputs and the
@@ -8,14 +8,19 @@ interpreter a forced variant runs in fp32 and fp64 too, so the gradchecks cover 
 as NaN and an unwritten element fails.
 """
 import dataclasses
+import importlib
 
 import pytest
 import torch
-from tolerances import assert_close
 
 from gmoe_kernels import functional, reference
-from gmoe_kernels.reference.loop import expert_ffn_loop
-from gmoe_kernels.triton import expert_ffn as triton_expert_ffn
+from gmoe_kernels.naive import expert_ffn_loop
+from gmoe_kernels.triton import expert_mix_configs
+from tests.problems import case_ffn, case_mix_inputs, case_routing
+from tests.tolerances import assert_close
+
+# the module, not the function `gmoe_kernels.triton.expert_mix` the package exports
+triton_expert_mix = importlib.import_module("gmoe_kernels.triton.expert_mix")
 
 DTYPES = [torch.float32, torch.float16]
 
@@ -58,50 +63,6 @@ CASES = [
 ]
 
 
-def make_routing(case: Case, generator=None):
-    """indices (T, K) int64 and fp32 weights (T, K) from top-K over random probabilities."""
-    logits = torch.randn(case.T, case.E, generator=generator)
-    if case.routing == "empty_expert":
-        logits[:, case.E - 2] = -torch.inf           # expert E-2 never chosen
-    elif case.routing == "one_expert":
-        logits[:, 2] = 1e4                           # every token's top-1 is expert 2
-    probs = torch.softmax(logits, dim=-1)
-    indices, weights = reference.topk_route(probs, case.K)
-    counts = torch.bincount(indices.reshape(-1), minlength=case.E)
-    if case.routing == "empty_expert":
-        assert counts[case.E - 2] == 0
-    if case.routing == "one_expert":
-        assert counts[2] == case.T * case.K
-    return indices, weights
-
-
-def make_ffn(case: Case, dtype):
-    """Frozen weights, LoRA weights (B nonzero), x: a full GMoE FFN in `dtype`."""
-    T, H, F, E, R = case.T, case.H, case.F, case.E, case.R
-    p = dict(
-        x=torch.randn(T, H),
-        gate_weight=torch.randn(F, H) / H**0.5,
-        up_weight=torch.randn(F, H) / H**0.5,
-        down_weight=torch.randn(H, F) / F**0.5,
-        lora_a_gate=torch.randn(E, R, H) / H**0.5,
-        lora_b_gate=torch.randn(E, F, R) / R**0.5 * 0.5,
-        lora_a_up=torch.randn(E, R, H) / H**0.5,
-        lora_b_up=torch.randn(E, F, R) / R**0.5 * 0.5,
-        lora_a_down=torch.randn(E, R, F) / F**0.5,
-        lora_b_down=torch.randn(E, H, R) / R**0.5 * 0.5,
-    )
-    return {k: v.to(dtype) for k, v in p.items()}
-
-
-def mix_inputs(case: Case, dtype):
-    """The expert-mix inputs (x, G, U, LoRA weights) in `dtype`."""
-    p = make_ffn(case, dtype)
-    gate_base = (p["x"].float() @ p["gate_weight"].float().t()).to(dtype)
-    up_base = (p["x"].float() @ p["up_weight"].float().t()).to(dtype)
-    return [p["x"], gate_base, up_base, p["lora_a_gate"], p["lora_b_gate"], p["lora_a_up"],
-            p["lora_b_up"], p["lora_a_down"]]
-
-
 MIX_NAMES = ["x", "gate_base", "up_base", "lora_a_gate", "lora_b_gate", "lora_a_up",
              "lora_b_up", "lora_a_down"]
 
@@ -123,11 +84,11 @@ def ids(cases):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("case", CASES, ids=ids(CASES))
 def test_expert_mix_matches_reference(case, dtype):
-    tensors = mix_inputs(case, dtype)
-    indices, weights = make_routing(case)
+    tensors = case_mix_inputs(case, dtype)
+    indices, weights = case_routing(case)
     grad_h_c = torch.randn(case.T, case.F)
     grad_z = torch.randn(case.T, case.E * case.R)
-    got = run_mix(triton_expert_ffn, tensors, indices, weights, case, grad_h_c, grad_z)
+    got = run_mix(triton_expert_mix, tensors, indices, weights, case, grad_h_c, grad_z)
     want = run_mix(reference, tensors, indices, weights, case, grad_h_c, grad_z)
     names = ["h_c", "z"] + [f"d_{n}" for n in MIX_NAMES] + ["d_weights"]
     for name, a, b in zip(names, got, want):
@@ -154,8 +115,8 @@ def run_ffn(fn, params, indices, weights, case, grad_y, **kwargs):
 def test_expert_ffn_matches_loop_oracle(case, dtype):
     """functional.expert_ffn(backend="triton") against the per-expert loop (computed in fp32
     from the same rounded inputs), output and every gradient."""
-    params = make_ffn(case, dtype)
-    indices, weights = make_routing(case)
+    params = case_ffn(case, dtype)
+    indices, weights = case_routing(case)
     grad_y = torch.randn(case.T, case.H)
     got = run_ffn(functional.expert_ffn, params, indices, weights, case, grad_y,
                   backend="triton")
@@ -169,10 +130,10 @@ def test_expert_ffn_matches_loop_oracle(case, dtype):
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "gelu", "relu"])
 def test_every_activation_matches_reference(activation):
     case = Case(f"act_{activation}", T=17, F=40, activation=activation)
-    tensors = mix_inputs(case, torch.float32)
-    indices, weights = make_routing(case)
+    tensors = case_mix_inputs(case, torch.float32)
+    indices, weights = case_routing(case)
     grad_h_c, grad_z = torch.randn(case.T, case.F), torch.randn(case.T, case.E * case.R)
-    got = run_mix(triton_expert_ffn, tensors, indices, weights, case, grad_h_c, grad_z)
+    got = run_mix(triton_expert_mix, tensors, indices, weights, case, grad_h_c, grad_z)
     want = run_mix(reference, tensors, indices, weights, case, grad_h_c, grad_z)
     for name, a, b in zip(["h_c", "z"] + MIX_NAMES + ["weights"], got, want):
         assert_close(a, b, torch.float32, name)
@@ -180,9 +141,9 @@ def test_every_activation_matches_reference(activation):
 
 def test_activation_alias_accepted():
     case = Case("alias", T=5, F=20)
-    tensors = mix_inputs(case, torch.float32)
-    indices, weights = make_routing(case)
-    a = triton_expert_ffn.expert_mix(*tensors, indices, weights, 2.0, "swish")
+    tensors = case_mix_inputs(case, torch.float32)
+    indices, weights = case_routing(case)
+    a = triton_expert_mix.expert_mix(*tensors, indices, weights, 2.0, "swish")
     b = reference.expert_mix(*tensors, indices, weights, 2.0, "silu")
     for x, y in zip(a, b):
         assert_close(x, y, torch.float32)
@@ -192,8 +153,8 @@ def test_non_contiguous_inputs():
     """Strided views everywhere (transposed LoRA weights, column slices of G/U, transposed
     indices/weights): the launchers pass strides, never copy."""
     case = Case("noncontig", T=18, H=24, F=40)
-    tensors = mix_inputs(case, torch.float32)
-    indices, weights = make_routing(case)
+    tensors = case_mix_inputs(case, torch.float32)
+    indices, weights = case_routing(case)
     x, gate_base, up_base, a_g, b_g, a_u, b_u, a_d = tensors
     wide_g = torch.randn(case.T, 2 * case.F)
     wide_g[:, 1::2] = gate_base
@@ -206,7 +167,7 @@ def test_non_contiguous_inputs():
     idx_t = indices.t().contiguous().t()
     w_t = weights.t().contiguous().t()
     grad_h_c, grad_z = torch.randn(case.T, case.F), torch.randn(case.T, case.E * case.R)
-    got = run_mix(triton_expert_ffn, strided, idx_t, w_t, case, grad_h_c, grad_z)
+    got = run_mix(triton_expert_mix, strided, idx_t, w_t, case, grad_h_c, grad_z)
     want = run_mix(reference, tensors, indices, weights, case, grad_h_c, grad_z)
     for name, a, b in zip(["h_c", "z"] + MIX_NAMES + ["weights"], got, want):
         assert_close(a, b, torch.float32, name)
@@ -215,9 +176,9 @@ def test_non_contiguous_inputs():
 def test_only_h_c_used():
     """z unused: its gradient arrives as None/zeros and the backward still runs."""
     case = Case("h_c_only", T=9, F=20)
-    tensors = [t.requires_grad_() for t in mix_inputs(case, torch.float32)]
-    indices, weights = make_routing(case)
-    h_c, _ = triton_expert_ffn.expert_mix(*tensors, indices, weights, 2.0, "silu")
+    tensors = [t.requires_grad_() for t in case_mix_inputs(case, torch.float32)]
+    indices, weights = case_routing(case)
+    h_c, _ = triton_expert_mix.expert_mix(*tensors, indices, weights, 2.0, "silu")
     got = torch.autograd.grad(h_c.sum(), tensors)
     h_ref, _ = reference.expert_mix(*tensors, indices, weights, 2.0, "silu")
     want = torch.autograd.grad(h_ref.sum(), tensors)
@@ -225,20 +186,19 @@ def test_only_h_c_used():
         assert_close(a, b, torch.float32, name)
 
 
-def test_autograd_function_matches_custom_op():
+def test_op_autograd_matches_the_launchers():
+    """The registered op (forward, setup_context, backward op) gives bitwise what the two
+    launchers return when called directly with the same cotangents."""
     case = Case("function", T=10, F=24)
-    tensors = mix_inputs(case, torch.float32)
-    indices, weights = make_routing(case)
+    tensors = case_mix_inputs(case, torch.float32)
+    indices, weights = case_routing(case)
     grad_h_c, grad_z = torch.randn(case.T, case.F), torch.randn(case.T, case.E * case.R)
-
-    class ViaFunction:
-        @staticmethod
-        def expert_mix(*args):
-            return triton_expert_ffn.ExpertMixFunction.apply(*args)
-
-    got = run_mix(ViaFunction, tensors, indices, weights, case, grad_h_c, grad_z)
-    want = run_mix(triton_expert_ffn, tensors, indices, weights, case, grad_h_c, grad_z)
-    for a, b in zip(got, want):
+    got = run_mix(triton_expert_mix, tensors, indices, weights, case, grad_h_c, grad_z)
+    settings = (indices, weights, case.scaling, case.activation)
+    outputs = triton_expert_mix.expert_mix_forward(*tensors, *settings)
+    grads = triton_expert_mix.expert_mix_backward(grad_h_c, grad_z, *tensors, *settings)
+    want = [*outputs, *grads]
+    for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
@@ -247,12 +207,12 @@ def test_gradcheck_fp64(activation):
     """float64 gradcheck (fast_mode) of the custom op: the kernels run in fp64 under the
     interpreter (ACC_FP64), so the analytic backward is checked to fp64 precision."""
     case = Case("gradcheck", T=5, H=6, F=18, E=3, K=2, R=2, activation=activation)
-    tensors = [t.double().requires_grad_() for t in mix_inputs(case, torch.float64)]
-    indices, weights = make_routing(case)
+    tensors = [t.double().requires_grad_() for t in case_mix_inputs(case, torch.float64)]
+    indices, weights = case_routing(case)
     weights = weights.double().requires_grad_()
 
     def fn(*args):
-        return triton_expert_ffn.expert_mix(*args[:8], indices, args[8], 0.75, activation)
+        return triton_expert_mix.expert_mix(*args[:8], indices, args[8], 0.75, activation)
 
     assert torch.autograd.gradcheck(fn, (*tensors, weights), fast_mode=True)
 
@@ -261,8 +221,8 @@ def test_opcheck_custom_ops():
     """torch.library.opcheck of both custom ops (schema, fake tensor, autograd registration,
     aot dispatch), no torch.compile."""
     case = Case("opcheck", T=6, H=16, F=20, E=3, K=2, R=4)
-    tensors = [t.requires_grad_() for t in mix_inputs(case, torch.float32)]
-    indices, weights = make_routing(case)
+    tensors = [t.requires_grad_() for t in case_mix_inputs(case, torch.float32)]
+    indices, weights = case_routing(case)
     weights.requires_grad_()
     args = (*tensors, indices, weights, 2.0, "silu")
     torch.library.opcheck(torch.ops.gmoe_kernels.expert_mix.default, args)
@@ -273,7 +233,7 @@ def test_opcheck_custom_ops():
 
 
 def test_poisoning_is_active():
-    from gmoe_kernels.triton.routing import new_output
+    from gmoe_kernels.triton._common import new_output
 
     assert torch.isnan(new_output((3, 4), torch.float16, "cpu")).all()
     assert (new_output((5,), torch.int64, "cpu") == -1).all()
@@ -281,21 +241,21 @@ def test_poisoning_is_active():
 
 def test_shape_errors():
     case = Case("errors", T=4, F=20)
-    tensors = mix_inputs(case, torch.float32)
-    indices, weights = make_routing(case)
+    tensors = case_mix_inputs(case, torch.float32)
+    indices, weights = case_routing(case)
     with pytest.raises(ValueError, match="lora_b_gate"):
-        triton_expert_ffn.expert_mix(*tensors[:4], tensors[4][:, :-1], *tensors[5:], indices,
+        triton_expert_mix.expert_mix(*tensors[:4], tensors[4][:, :-1], *tensors[5:], indices,
                                      weights, 2.0, "silu")
     with pytest.raises(TypeError, match="int64"):
-        triton_expert_ffn.expert_mix(*tensors, indices.int(), weights, 2.0, "silu")
+        triton_expert_mix.expert_mix(*tensors, indices.int(), weights, 2.0, "silu")
     with pytest.raises(ValueError, match="not supported"):
-        triton_expert_ffn.expert_mix(*tensors, indices, weights, 2.0, "tanh")
+        triton_expert_mix.expert_mix(*tensors, indices, weights, 2.0, "tanh")
 
 
 def test_expand_mode_choice(monkeypatch):
     """The documented rule: least estimated cost among the eligible variants (bf16 data)."""
     monkeypatch.delenv("GMOE_EXPAND")
-    mode = triton_expert_ffn.expand_mode
+    mode = expert_mix_configs.expand_mode
     assert mode(8, 16, top_k=2, hidden=4096) == "dot"          # K·E·R/H = 6 %
     assert mode(64, 64, top_k=8, hidden=4096) == "grouped"     # E·R = 4096: no dot
     assert mode(32, 16, top_k=8, hidden=4096) == "grouped"     # dot 100 % > grouped 78 %
@@ -310,9 +270,9 @@ def test_dot_is_not_chosen_where_no_config_fits(monkeypatch):
     or not, and the op must run (it raised a shape error in the fold before)."""
     half = (torch.float16,) * 4
     monkeypatch.setenv("GMOE_EXPAND", "dot")
-    assert triton_expert_ffn.expand_mode(2, 32, half, top_k=2, hidden=16) == "gather"
+    assert expert_mix_configs.expand_mode(2, 32, half, top_k=2, hidden=16) == "gather"
     monkeypatch.delenv("GMOE_EXPAND")
-    assert triton_expert_ffn.expand_mode(2, 32, half, top_k=2, hidden=16) != "dot"
+    assert expert_mix_configs.expand_mode(2, 32, half, top_k=2, hidden=16) != "dot"
     monkeypatch.setenv("GMOE_EXPAND", "dot")
     T, H, F, E, K, R = 8, 16, 32, 2, 2, 32
     x = torch.randn(T, H, dtype=torch.float16)
@@ -329,7 +289,7 @@ def test_dot_is_not_chosen_where_no_config_fits(monkeypatch):
 
 def test_grouped_is_never_chosen_under_deterministic_algorithms(monkeypatch):
     """Its slot sums are atomics: deterministic mode falls back to a variant without them."""
-    mode = triton_expert_ffn.expand_mode
+    mode = expert_mix_configs.expand_mode
     monkeypatch.delenv("GMOE_EXPAND")
     torch.use_deterministic_algorithms(True)
     try:
@@ -362,7 +322,7 @@ def test_repeated_expert_in_one_token_matches_reference():
 def test_auto_mode_uses_tensor_core_variants_only_for_matching_half_dtypes(monkeypatch):
     monkeypatch.delenv("GMOE_EXPAND")
     bf16, fp32 = torch.bfloat16, torch.float32
-    assert triton_expert_ffn.expand_mode(8, 16, (bf16, bf16, bf16, bf16)) == "dot"
-    assert triton_expert_ffn.expand_mode(8, 16, (bf16, fp32, fp32, fp32)) == "gather"
-    assert triton_expert_ffn.expand_mode(8, 16, (fp32,) * 4) == "gather"
-    assert triton_expert_ffn.expand_mode(64, 64, (fp32,) * 4, top_k=8) == "gather"
+    assert expert_mix_configs.expand_mode(8, 16, (bf16, bf16, bf16, bf16)) == "dot"
+    assert expert_mix_configs.expand_mode(8, 16, (bf16, fp32, fp32, fp32)) == "gather"
+    assert expert_mix_configs.expand_mode(8, 16, (fp32,) * 4) == "gather"
+    assert expert_mix_configs.expand_mode(64, 64, (fp32,) * 4, top_k=8) == "gather"
