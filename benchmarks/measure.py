@@ -53,7 +53,7 @@ def machine_cores() -> int:
 
 
 def setup_threads(device: torch.device, threads: int | None = None) -> int:
-    """On CPU, one torch thread per core (the issue's rule); returns the count used."""
+    """On CPU, one torch thread per core (more only oversubscribe the cores); returns the count used."""
     if device.type == "cpu":
         torch.set_num_threads(threads or machine_cores())
     return torch.get_num_threads()

@@ -254,7 +254,7 @@ class Runner:
 
 
 def verdict(rows) -> list[str]:
-    """The issue's done-when lines for cpu-medium/E8-K2-R8 (when those rows exist)."""
+    """The targets' lines for cpu-medium/E8-K2-R8 (when those rows exist)."""
     get = {(r["shape"], r["impl"], r["mode"]): r for r in rows if r.get("ms")}
     out = []
     for shape in sorted({r["shape"] for r in rows if r["op"] == "ffn"}):

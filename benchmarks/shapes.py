@@ -3,7 +3,7 @@
 A Shape fixes the frozen FFN (H hidden, F intermediate) and the token count T of one layer
 call; a Variant fixes the mixture (E experts, K top-k, R LoRA rank). A Case is one of each,
 with a routing distribution (ROUTINGS; `make_routing` draws it). Every size carries at least
-E8-K2 and E32-K8 (the issue's minimum). StepModel describes the small Llama built from a
+E8-K2 and E32-K8 (the minimum the benchmarks cover). StepModel describes the small Llama built from a
 config for the end-to-end training step.
 """
 from __future__ import annotations
@@ -153,7 +153,7 @@ class RealStepModel:
         return self.batch * self.seq
 
 
-# The fine-tuning job's own step on this package's CPU model (issue 9): SmolLM2-135M-Instruct
+# The fine-tuning job's own step on this package's CPU model : SmolLM2-135M-Instruct
 # (H 576, F 1536, 30 layers), fp32, batch 4 × 128 tokens.
 REAL_STEP_MODELS: dict[str, RealStepModel] = {m.name: m for m in (
     RealStepModel("smollm2-135m", batch=4, seq=128),

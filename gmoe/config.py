@@ -139,7 +139,7 @@ class GMoEConfig:
             )
         version = data.pop("format_version", None)
         if version not in READABLE_FORMAT_VERSIONS:
-            raise ValueError(f"adapter format_version={version!r} is not supported (this release reads "
+            raise ValueError(f"adapter format_version={version!r} is not supported (this version reads "
                              f"{list(READABLE_FORMAT_VERSIONS)}); upgrade gmoe-kernels to read newer adapters")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)

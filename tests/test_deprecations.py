@@ -1,4 +1,4 @@
-"""Names this release renamed still work for one release, and say so (DeprecationWarning)."""
+"""Renamed names still work for one release, and say so (DeprecationWarning)."""
 import importlib
 import sys
 

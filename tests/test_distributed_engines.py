@@ -25,7 +25,7 @@ is that of the mean over ranks of per-rank LM means plus the router loss, comput
 process (not the global token mean of the LM loss, which one process on the batch would give).
 
 Relative error bound: fp32 sums reordered across ranks and batch shapes give about 1e-6 here;
-the issue's bound 1e-4 is used.
+the bound 1e-4 is used.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""No host synchronisation in the training forward and backward (issue 11).
+"""No host synchronisation in the training forward and backward.
 
 The GPU path (the GMoE layers and model in gmoe/, gmoe_kernels.functional, the Triton launchers)
 must never make the host wait for the device. On a CPU that is checked two ways:
