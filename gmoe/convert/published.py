@@ -92,8 +92,26 @@ def from_published_gmoe(hf_model: nn.Module, path: str | os.PathLike, backend: s
         hint = " (a mixlora-package adapter: use gmoe.convert.from_mixlora)" if strategy == "mixlora" else ""
         raise ValueError(f"{where} has peft_type={peft_type!r}, routing_strategy={strategy!r}: not an adapter "
                          f"of the published GMoE code, which writes routing_strategy 'goe'{hint}")
+    layers, config, per_layer, top = _published_config(hf_model, raw, where)
+    weights, source = _read_weights(folder)
+    specs = _published_specs(layers, config, top)
+    _check_keys(weights, specs, source, hf_model, len(layers))
+    for spec in specs:
+        if spec.src.endswith(("gate.lamb", "gate.theta")) and not weights[spec.src].item() > 0:
+            raise ValueError(f"{source}: {spec.src} = {weights[spec.src].item()} must be positive")
+    # the graph, as the published code rebuilds it at load
+    extra = {}
+    for layer, threshold in zip(layers, per_layer):
+        pre = f"mixlora.layers.{layer.index}.gate."
+        adjacency = published_expert_graph(weights[pre + "X"], weights[pre + "mlp_struct.weight"],
+                                           layer.mlp.act_fn, threshold)
+        extra[f"{layer.mlp_name}.router.expert_adjacency"] = adjacency
+        warn_if_twins(adjacency, f"published GMoE adapter {folder}, layer {layer.index}")
+    return _build(hf_model, config, weights, specs, extra, source, backend)
 
-    # ---- config
+
+def _published_config(hf_model, raw: dict, where: str):
+    """(layers, GMoEConfig, each layer's edge threshold, the attention LoRA settings) of a published config."""
     num_experts = _get(raw, "num_experts", where, (int, list))
     if isinstance(num_experts, list):
         if not num_experts or any(n != num_experts[0] for n in num_experts):
@@ -120,7 +138,6 @@ def from_published_gmoe(hf_model: nn.Module, path: str | os.PathLike, backend: s
     attention, experts = _split_targets(raw, where, MLORA_EXPERT_NAMES, "the published GMoE code")
     top = _lora_settings(raw, where, "the adapter")
     lora = _expert_lora(raw, where, top, bool(attention), honoured=True)
-
     layers = _layers(hf_model, attention)
     _check_activation(raw, where, hf_model, layers[0].mlp)
     per_layer = [_layer_threshold(thresholds, layer.index, where) for layer in layers]
@@ -131,14 +148,17 @@ def from_published_gmoe(hf_model: nn.Module, path: str | os.PathLike, backend: s
         router="graph", gcn_layers=gcn_layers, gcn_dim=gcn_dim, edge_density=sum(nominal) / len(nominal),
         target_modules=attention, expert_modules=experts,
         base_model_name_or_path=raw.get("base_model_name_or_path") or None, **coefs)
+    return layers, config, per_layer, top
 
-    # ---- keys
-    weights, source = _read_weights(folder)
+
+def _published_specs(layers, config, top) -> list[_Spec]:
+    """Where every tensor of the published adapter goes in ours, layer by layer."""
+    E, G = config.num_experts, config.gcn_dim
     specs: list[_Spec] = []
     for layer in layers:
         pre = f"mixlora.layers.{layer.index}."
         hidden = layer.mlp.gate_proj.in_features
-        G, router = gcn_dim, f"{layer.mlp_name}.router."
+        router = f"{layer.mlp_name}.router."
         specs += [
             _Spec(pre + "gate.X", ((E, hidden),), router + "expert_features"),
             _Spec(pre + "gate.mlp.weight", ((G, hidden),), router + "token_weight"),
@@ -148,24 +168,11 @@ def from_published_gmoe(hf_model: nn.Module, path: str | os.PathLike, backend: s
             _Spec(pre + "gate.theta", ((1,), ()), router + "normal_std", None, lambda t: t.reshape(1)),
         ]
         specs += [_Spec(pre + f"gate.convs.{l}.lin.weight", ((G, G),), router + "gcn_weight", l)
-                  for l in range(gcn_layers)]
-        specs += _expert_specs(layer, experts, E, lora.r,
+                  for l in range(config.gcn_layers)]
+        specs += _expert_specs(layer, config.expert_modules, E, config.r,
                                lambda proj, e, pre=pre: pre + f"experts.{e}.{HF_TO_MLORA[proj]}")
-        specs += _attention_specs(layer, attention, top.r)
-    _check_keys(weights, specs, source, hf_model, len(layers))
-    for spec in specs:
-        if spec.src.endswith(("gate.lamb", "gate.theta")) and not weights[spec.src].item() > 0:
-            raise ValueError(f"{source}: {spec.src} = {weights[spec.src].item()} must be positive")
-
-    # ---- the graph, as the published code rebuilds it at load
-    extra = {}
-    for layer, threshold in zip(layers, per_layer):
-        pre = f"mixlora.layers.{layer.index}.gate."
-        adjacency = published_expert_graph(weights[pre + "X"], weights[pre + "mlp_struct.weight"],
-                                           layer.mlp.act_fn, threshold)
-        extra[f"{layer.mlp_name}.router.expert_adjacency"] = adjacency
-        warn_if_twins(adjacency, f"published GMoE adapter {folder}, layer {layer.index}")
-    return _build(hf_model, config, weights, specs, extra, source, backend)
+        specs += _attention_specs(layer, config.target_modules, top.r)
+    return specs
 
 
 def from_gmoe_reference(hf_model: nn.Module, path: str | os.PathLike, backend: str | None = None) -> GMoEModel:
