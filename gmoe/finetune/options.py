@@ -88,6 +88,20 @@ class TrainOptions:
 
 
 @dataclass
+class SelectionOptions:
+    _argument_group_name = "checkpoint selection"
+    eval_steps: int | None = field(default=None, metadata=_help(
+        "score the adapter on a selection set every this many optimizer steps and after the last one; the set is "
+        "carved out of the training part, so it never overlaps the held-out part. Unset: no scoring in training"))
+    select: Literal["best", "final"] = field(default="final", metadata=_help(
+        "the adapter scored and saved: final (the last step's) or best (the highest selection-set acc, the "
+        "earlier step on a tie; needs --eval-steps)"))
+    selection_size: int = field(default=100, metadata=_help(
+        "with --eval-steps: examples carved out of the training part, seeded by --split-seed, before "
+        "--max-train-examples is applied"))
+
+
+@dataclass
 class OutputOptions:
     _argument_group_name = "output"
     output_dir: str = field(default="outputs/finetune", metadata=_help("where runs, tables and plots go"))

@@ -54,6 +54,24 @@ def check_budget(cfg) -> None:
              "seeds must be whole numbers >= 0")
 
 
+def check_selection(cfg) -> None:
+    """--eval-steps, --select and --selection-size: a selection that could not happen is refused, not ignored."""
+    eval_steps = getattr(cfg, "eval_steps", None)
+    _positive_int(eval_steps, "--eval-steps", allow_none=True)
+    select = getattr(cfg, "select", "final")
+    _require(select in ("best", "final"), "--select", select, "it must be best or final")
+    if select == "best" and eval_steps is None:
+        raise ValueError("--select best needs --eval-steps N: the adapter is chosen among the ones scored every "
+                         "N steps")
+    _positive_int(getattr(cfg, "selection_size", 1), "--selection-size")
+
+
+def check_selection_size(size: int, train_examples: int) -> None:
+    """The selection set is carved out of the training part: at least one training example must remain."""
+    _require(size < train_examples, "--selection-size", size,
+             f"it must be below the {train_examples} examples of the training part it is carved out of")
+
+
 def check_adapter_spec(cfg) -> None:
     """r, alpha, dropout, experts, top-k: as the adapters' own configs check them."""
     spec = cfg.spec()
@@ -116,6 +134,7 @@ def check_config(cfg) -> None:
     get_task(cfg.task)
     check_model_options(cfg)
     check_budget(cfg)
+    check_selection(cfg)
     check_adapter_spec(cfg)
     check_inputs(cfg)
     check_output_dir(cfg.output_dir)  # every job writes at least its zero-shot cache there
