@@ -1,5 +1,5 @@
 """--dataset: a local save_to_disk folder (DatasetDict with or without a train split, or one split) and a
-hub id (datasets.load_dataset mocked: no hub here); every result says which case it was; the README
+hub id (datasets.load_dataset mocked: no hub here); every result says which case it was; docs/finetune.md
 table names the datasets lm-evaluation-harness uses."""
 import json
 from pathlib import Path
@@ -92,7 +92,7 @@ def test_a_run_on_a_local_datasetdict_records_the_case_and_the_budget_names_it(t
     assert "--dataset excludes --train-file" in capsys.readouterr().err
 
 
-def test_the_readme_names_the_harness_datasets():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+def test_the_docs_name_the_harness_datasets():
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "finetune.md").read_text()
     for task, (path, config) in HARNESS_DATASETS.items():
         assert f"| {task} | `{path}` | {f'`{config}`' if config else '–'} |" in readme
