@@ -86,3 +86,15 @@ def task_rows(task: str, n: int) -> list[dict]:
             row["answer"] = str(1 + i % 2)
         rows.append(row)
     return rows
+
+
+#: gmoe-finetune flags for a run on the tiny model that takes seconds: 2 steps, r 2, E 4, K 2, short sequences.
+TINY_RUN = ["--max-steps", "2", "--batch-size", "4", "--eval-batch-size", "8", "--r", "2", "--alpha", "4",
+            "--experts", "4", "--top-k", "2", "--log-steps", "1", "--max-length", "64"]
+
+
+def tiny_job_files(root, rows: int = 16):
+    """(root, a tiny model folder, an OBQA JSONL of `rows` rows) under `root`, for end-to-end job tests."""
+    model = tiny_model_folder(root / "tiny")
+    data = write_jsonl(root / "obqa.jsonl", task_rows("obqa", rows))
+    return root, model, data

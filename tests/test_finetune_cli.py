@@ -5,26 +5,21 @@ import os
 
 import pytest
 
-from finetune_assets import task_rows, tiny_model_folder, write_jsonl
+from tests.finetune_assets import TINY_RUN, tiny_job_files, task_rows, write_jsonl
 from gmoe.finetune.cli import main
 
-TINY = ["--max-steps", "2", "--batch-size", "4", "--eval-batch-size", "8", "--r", "2", "--alpha", "4",
-        "--experts", "4", "--top-k", "2", "--log-steps", "1", "--max-length", "64"]
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ft")
-    model = tiny_model_folder(root / "tiny")
-    data = write_jsonl(root / "obqa.jsonl", task_rows("obqa", 16))
-    return root, model, data
+    return tiny_job_files(tmp_path_factory.mktemp("ft"))
 
 
 def test_two_step_compare_writes_results_plots_and_resumes(setup, capsys):
     root, model, data = setup
     out = root / "runs"
     argv = ["compare", "--model", model, "--task", "obqa", "--methods", "gmoe,lora", "--train-file", data,
-            "--output-dir", str(out), *TINY]
+            "--output-dir", str(out), *TINY_RUN]
     assert main(argv) == 0
     for method in ("gmoe", "lora"):
         run = out / "obqa" / method / "seed0"
@@ -89,9 +84,9 @@ def test_two_step_compare_writes_results_plots_and_resumes(setup, capsys):
 
 
 def test_methods_configs_and_parameter_counts():
-    from finetune_assets import tiny_tokenizer  # noqa: F401  (keeps the import graph of the module light)
+    from tests.finetune_assets import tiny_tokenizer  # noqa: F401  (keeps the import graph of the module light)
     from gmoe.finetune.methods import METHODS, AdapterSpec, apply_method, gmoe_config, trainable_parameters
-    from models import tiny_model
+    from tests.models import tiny_model
 
     spec = AdapterSpec(r=2, alpha=4, experts=4, top_k=2)
     cfg = {m: gmoe_config(m, spec) for m in METHODS if m != "lora"}
@@ -122,7 +117,7 @@ def test_bad_input_gives_named_errors(setup, capsys):
     assert main(["--model", model, "--task", "obqa", "--train-file", wrong, "--output-dir", str(root / "x")]) == 2
     assert "lacks the field(s)" in capsys.readouterr().err
     assert main(["--model", str(root / "no-model"), "--task", "obqa", "--train-file", data,
-                 "--output-dir", str(root / "x"), *TINY]) == 2
+                 "--output-dir", str(root / "x"), *TINY_RUN]) == 2
     assert "neither a local folder nor a known alias" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["compare", "--methods", "gmoe,bogus"])

@@ -7,7 +7,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from finetune_assets import task_rows, tiny_model_folder
+from tests.finetune_assets import task_rows, tiny_model_folder
 from gmoe.finetune.cli import main, parse_command
 from gmoe.finetune.job import prepare_data
 from gmoe.finetune.sources import HARNESS_DATASETS
@@ -45,7 +45,7 @@ def test_without_a_train_split_the_validation_set_is_cut_in_two(tmp_path):
 
 
 def _jsonl(tmp_path):
-    from finetune_assets import write_jsonl
+    from tests.finetune_assets import write_jsonl
 
     return write_jsonl(tmp_path / "piqa.jsonl", task_rows("piqa", 8))
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from finetune_assets import task_rows, tiny_model_folder, write_jsonl
+from tests.finetune_assets import task_rows, tiny_model_folder, write_jsonl
 from gmoe.finetune import assets
 from gmoe.finetune.cli import main, parse_command
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from finetune_assets import tiny_model_folder
+from tests.finetune_assets import tiny_model_folder
 from gmoe.finetune.cli import main, parse_command
 from gmoe.finetune.job import prepare_data, task_dir
 from gmoe.finetune.multitask import TASK_GROUPS, job_name, macro_se, task_names

@@ -13,26 +13,21 @@ from pathlib import Path
 
 import pytest
 
-from finetune_assets import task_rows, tiny_model_folder, write_jsonl
+from tests.finetune_assets import TINY_RUN, tiny_job_files
 from gmoe.finetune.cli import BUSY, main
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--max-steps", "2", "--batch-size", "4", "--eval-batch-size", "8", "--r", "2", "--alpha", "4",
-        "--experts", "4", "--top-k", "2", "--log-steps", "1", "--max-length", "64"]
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("robust")
-    model = tiny_model_folder(root / "tiny")
-    data = write_jsonl(root / "obqa.jsonl", task_rows("obqa", 16))
-    return root, model, data
+    return tiny_job_files(tmp_path_factory.mktemp("robust"))
 
 
 def _argv(setup, out, *extra, method="gmoe"):
     _, model, data = setup
     return ["--model", model, "--task", "obqa", "--method", method, "--train-file", data,
-            "--output-dir", str(out), *TINY, *extra]
+            "--output-dir", str(out), *TINY_RUN, *extra]
 
 
 def _python(code: str, *args, **kwargs):
@@ -162,7 +157,7 @@ def test_two_compare_processes_leave_a_table_of_every_finished_run(setup):
     _, model, data = setup
     out = setup[0] / "two"
     argv = ["-m", "gmoe.finetune", "compare", "--model", model, "--task", "obqa", "--methods", "gmoe,lora",
-            "--seeds", "2", "--train-file", data, "--output-dir", str(out), *TINY]
+            "--seeds", "2", "--train-file", data, "--output-dir", str(out), *TINY_RUN]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -183,7 +178,7 @@ def test_a_summary_with_runs_missing_says_it_is_partial(setup, capsys):
     out = setup[0] / "partial"
     _, model, data = setup
     argv = ["compare", "--model", model, "--task", "obqa", "--methods", "gmoe,lora", "--train-file", data,
-            "--output-dir", str(out), *TINY]
+            "--output-dir", str(out), *TINY_RUN]
     holder = _hold(str(out / "obqa" / "lora" / "seed0"))
     try:
         assert main(argv) == BUSY
@@ -203,7 +198,7 @@ def test_outputs_follow_the_users_umask(setup):
     old = os.umask(0o022)
     try:
         assert main(["compare", "--model", model, "--task", "obqa", "--methods", "gmoe,lora", "--train-file", data,
-                     "--output-dir", str(out), *TINY]) == 0
+                     "--output-dir", str(out), *TINY_RUN]) == 0
     finally:
         os.umask(old)
     run = out / "obqa" / "gmoe" / "seed0"

@@ -3,7 +3,7 @@ brute-force computation (one unpadded forward per choice) on a tiny model."""
 import pytest
 import torch
 
-from finetune_assets import ROWS, task_rows, tiny_tokenizer, write_jsonl
+from tests.finetune_assets import ROWS, task_rows, tiny_tokenizer, write_jsonl
 from gmoe.finetune.encoding import IGNORE_INDEX, PadCollator, encode_pair, training_features
 from gmoe.finetune.scoring import evaluate
 from gmoe.finetune.tasks import get_task, load_examples

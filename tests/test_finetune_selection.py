@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from finetune_assets import task_rows, tiny_model_folder, write_jsonl
+from tests.finetune_assets import tiny_job_files
 from gmoe.finetune.cli import main, parse_command
 from gmoe.finetune.job import JobConfig, prepare_data
 
@@ -17,10 +17,7 @@ TINY = ["--batch-size", "4", "--eval-batch-size", "8", "--r", "2", "--alpha", "4
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sel")
-    model = tiny_model_folder(root / "tiny")
-    data = write_jsonl(root / "obqa.jsonl", task_rows("obqa", 40))
-    return root, model, data
+    return tiny_job_files(tmp_path_factory.mktemp("sel"), rows=40)
 
 
 def _scores(model_dir, adapter, examples):
@@ -118,7 +115,7 @@ def test_the_selector_restores_the_state_of_the_first_best_step(method):
     """Scores 0.2, 0.5, 0.5, 0.3 at steps 1-4, the adapter changed between steps: the state of step 2 comes back."""
     from gmoe.finetune.methods import AdapterSpec, apply_method
     from gmoe.finetune.selection import Selector, adapter_state
-    from models import tiny_model
+    from tests.models import tiny_model
 
     model = apply_method(tiny_model(), method, AdapterSpec(r=2, alpha=4, experts=4, top_k=2))
     accs = iter([0.2, 0.5, 0.5, 0.3])

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from finetune_assets import ROWS, task_rows, write_jsonl
+from tests.finetune_assets import ROWS, task_rows, write_jsonl
 from gmoe.finetune.split import split_indices
 from gmoe.finetune.tasks import TASKS, get_task, hellaswag_preprocess, load_examples
 

@@ -8,20 +8,15 @@ import os
 import pytest
 import torch
 
-from finetune_assets import ROWS, task_rows, tiny_model_folder, write_jsonl
+from tests.finetune_assets import TINY_RUN, tiny_job_files, ROWS, write_jsonl
 from gmoe.finetune.cli import main
 from gmoe.finetune.tasks import get_task, load_examples
 
-TINY = ["--max-steps", "2", "--batch-size", "4", "--eval-batch-size", "8", "--r", "2", "--alpha", "4",
-        "--experts", "4", "--top-k", "2", "--log-steps", "1", "--max-length", "64"]
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("valid")
-    model = tiny_model_folder(root / "tiny")
-    data = write_jsonl(root / "obqa.jsonl", task_rows("obqa", 16))
-    return root, model, data
+    return tiny_job_files(tmp_path_factory.mktemp("valid"))
 
 
 @pytest.fixture
@@ -61,7 +56,7 @@ BAD_ARGS = {
 def test_bad_arguments_fail_before_anything_is_loaded(setup, capsys, nothing_loads, case):
     root, model, data = setup
     extra, message = BAD_ARGS[case]
-    argv = ["--model", model, "--task", "obqa", "--train-file", data, "--output-dir", str(root / case), *TINY, *extra]
+    argv = ["--model", model, "--task", "obqa", "--train-file", data, "--output-dir", str(root / case), *TINY_RUN, *extra]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
 
@@ -70,7 +65,7 @@ def test_an_output_dir_that_is_a_file_fails_up_front(setup, capsys, nothing_load
     root, model, data = setup
     (root / "a-file").write_text("x")
     assert main(["--model", model, "--task", "obqa", "--train-file", data, "--output-dir", str(root / "a-file"),
-                 *TINY]) == 2
+                 *TINY_RUN]) == 2
     assert "a-file exists and is not a folder" in capsys.readouterr().err
 
 
@@ -80,7 +75,7 @@ def test_a_read_only_output_dir_fails_up_front(setup, capsys, nothing_loads):
     folder = root / "read-only"
     folder.mkdir()
     folder.chmod(0o555)
-    assert main(["--model", model, "--task", "obqa", "--train-file", data, "--output-dir", str(folder), *TINY]) == 2
+    assert main(["--model", model, "--task", "obqa", "--train-file", data, "--output-dir", str(folder), *TINY_RUN]) == 2
     assert "is not writable" in capsys.readouterr().err
 
 

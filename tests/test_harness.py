@@ -9,7 +9,7 @@ import torch
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'gmoe-kernels[harness]')")
 
-from finetune_assets import task_rows, tiny_model_folder, write_jsonl  # noqa: E402
+from tests.finetune_assets import task_rows, tiny_model_folder, write_jsonl  # noqa: E402
 
 TASK = "arc_challenge_local"
 EXTRA_ROWS = [
