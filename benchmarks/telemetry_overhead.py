@@ -19,6 +19,7 @@ import torch
 import transformers
 
 import gmoe
+import gmoe.losses
 import gmoe.telemetry
 from benchmarks.measure import FULL, setup_threads, time_group
 from benchmarks.report import machine_stamp
@@ -52,9 +53,13 @@ def count_only(model, batch):
     mask = batch["attention_mask"].reshape(-1).bool()
     tokens = mask.float().sum()
 
+    # the routed mass is the batch load the losses compute anyway: not the telemetry's cost
+    mass = torch.stack([gmoe.losses.batch_load(probs.gather(1, indices), indices, 8, mask)
+                        for probs, indices, _ in captured])
+
     def run():
         counts = model._routing_counts(layers, captured, mask)
-        gmoe.telemetry.accumulate(layers, counts, tokens)
+        gmoe.telemetry.accumulate(layers, {**counts, "routing_mass": mass}, tokens)
     return run
 
 

@@ -47,7 +47,14 @@ def atomic_save_dir(path, file_names):
 
 def default_file_mode() -> int:
     """0o666 under the process's umask: the mode open() gives a new file."""
-    mask = os.umask(0)  # the umask can only be read by setting it: set it straight back
+    try:  # Linux reports it; setting it to read it would race with threads creating files
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0)  # elsewhere the umask can only be read by setting it: set it straight back
     os.umask(mask)
     return 0o666 & ~mask
 
@@ -100,9 +107,10 @@ def check_adapter_state(expected: dict[str, torch.Tensor], state: dict[str, torc
 def check_router_state(state: dict[str, torch.Tensor], source: str) -> None:
     """Raise a ValueError unless the router's buffers and scalars hold what training can produce:
     a finite non-negative running load, a symmetric expert graph without self-edges, and a
-    positive Poisson rate and Normal std. Any other value loads fine and turns the next step's
-    losses into inf or NaN (a negative load breaks the log of the load shares; σ ≤ 0 the Normal
-    target), far from the file that caused it. Matched by key suffix, whatever the layer path."""
+    positive Poisson rate and Normal std. A negative load would otherwise load and turn the next
+    step's Normal loss into NaN (the log of a negative share), far from the file that caused it;
+    λ ≤ 0 and σ ≤ 0 no value of training can produce (the losses clamp them to their ranges, so
+    they would not fail: they would silently act as the range's end). Matched by key suffix."""
     def bad(key, what):
         raise ValueError(f"{source}: {key} {what}; the adapter is corrupt or was edited by hand")
 

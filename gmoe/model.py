@@ -179,8 +179,8 @@ class GMoEModel(nn.Module):
                 losses.switch_loss_from_stats(switch, tokens, cfg.top_k) for switch in stats["switch"]])
         if training:
             self._advance_load(layers, load_now, stats["load"])
-        if count_routing:
-            telemetry.accumulate(layers, stats, tokens)
+        if count_routing:  # the routed mass is the batch load, already summed over ranks
+            telemetry.accumulate(layers, {**stats, "routing_mass": stats["load"]}, tokens)
         return loss.mean()
 
     def _advance_load(self, layers, load_now, batch_load):
@@ -239,11 +239,9 @@ class GMoEModel(nn.Module):
 
     # ----- routing telemetry -----
     def _routing_counts(self, layers, routings, mask) -> dict[str, torch.Tensor]:
-        """This forward's telemetry counts for all layers at once (`gmoe.telemetry.batch_counts`)."""
+        """This forward's slot and set counts for all layers at once (`gmoe.telemetry.batch_counts`)."""
         indices = torch.stack([indices for _, indices, _ in routings])
-        topk_probs = torch.stack([probs.gather(1, indices) for probs, indices, _ in routings])
-        return telemetry.batch_counts(indices, topk_probs, mask, layers[0].routing_set_digits,
-                                      layers[0].routing_sets.shape[0])
+        return telemetry.batch_counts(indices, mask, layers[0].routing_set_digits, layers[0].routing_sets.shape[0])
 
     def _count_eval_routing(self, attention_mask) -> None:
         """Inside `measuring_routing`: add an eval forward's routing to the window (local counts)."""
@@ -252,8 +250,11 @@ class GMoEModel(nn.Module):
             return
         routings = [layer.last_routing for layer in layers]
         mask = self._token_mask(attention_mask, routings[0][0], warn=False)
-        telemetry.accumulate(layers, self._routing_counts(layers, routings, mask),
-                             losses.token_count(routings[0][0], mask))
+        counts = self._routing_counts(layers, routings, mask)
+        counts["routing_mass"] = torch.stack([
+            losses.batch_load(probs.gather(1, indices), indices, self.gmoe_config.num_experts, mask)
+            for probs, indices, _ in routings])
+        telemetry.accumulate(layers, counts, losses.token_count(routings[0][0], mask))
 
     def routing_stats(self, reset: bool = True) -> telemetry.RoutingStats:
         """Per-layer routing telemetry since the last reset (see `gmoe.telemetry`): slot and
@@ -271,7 +272,8 @@ class GMoEModel(nn.Module):
     @contextlib.contextmanager
     def measuring_routing(self):
         """Within this context eval-mode forwards count in the routing telemetry too (for a report
-        on a dataset). It starts a new window; read it with `routing_stats()` inside or after."""
+        on a dataset). It starts a new window; read it with `routing_stats()` inside. Leaving the
+        outermost context starts another, so eval counts never join a training window."""
         previous = self._measuring_routing
         telemetry.reset(self.gmoe_layers())
         self._measuring_routing = True
@@ -279,6 +281,8 @@ class GMoEModel(nn.Module):
             yield self
         finally:
             self._measuring_routing = previous
+            if not previous:
+                telemetry.reset(self.gmoe_layers())
 
     def expert_load(self) -> torch.Tensor:
         """(num_layers, num_experts) fp32: each layer's running expert load. Gives the deferred

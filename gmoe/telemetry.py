@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-#: Most top-K sets counted exactly; with more possible sets (C(E, K) > this), sets are counted in
-#: this many hashed buckets and `top_set_fraction` is an upper bound (`exact_sets` False).
+#: Most top-K sets counted exactly; with more possible sets (C(E, K) > this), a set is counted in the
+#: bucket of its rank modulo this, and `top_set_fraction` is an upper bound (`exact_sets` False).
 MAX_SETS = 1024
 COUNT_NAMES = ("routing_slots", "routing_mass", "routing_sets")
 
@@ -52,12 +52,13 @@ def register_window(layer: torch.nn.Module, num_experts: int, top_k: int, device
     layer.register_buffer("routing_set_digits", set_digits(num_experts, top_k).to(device), persistent=False)
 
 
-def batch_counts(indices: torch.Tensor, topk_probs: torch.Tensor, mask: torch.Tensor | None,
-                 digits: torch.Tensor, num_buckets: int) -> dict[str, torch.Tensor]:
-    """One forward's counts for all L layers at once, on the device, without gradient.
+def batch_counts(indices: torch.Tensor, mask: torch.Tensor | None, digits: torch.Tensor,
+                 num_buckets: int) -> dict[str, torch.Tensor]:
+    """One forward's slot and set counts for all L layers at once, on the device, without gradient.
 
-    indices (L, T, K) int64, topk_probs (L, T, K), mask (T,) bool or None, digits (E, K) from
-    `set_digits`. Returns {"routing_slots": (L, E), "routing_mass": (L, E), "routing_sets": (L, buckets)}.
+    indices (L, T, K) int64, mask (T,) bool or None, digits (E, K) from `set_digits`. Returns
+    {"routing_slots": (L, E), "routing_sets": (L, buckets)}. The routed mass is the batch load the
+    losses already compute (`gmoe.losses.batch_load`).
     """
     num_layers, num_tokens, top_k = indices.shape
     num_experts = digits.shape[0]
@@ -66,16 +67,16 @@ def batch_counts(indices: torch.Tensor, topk_probs: torch.Tensor, mask: torch.Te
         flat = indices.reshape(num_layers, -1)
         zeros = torch.zeros(num_layers, num_experts, device=indices.device)
         slots = zeros.scatter_add(1, flat, keep[None, :, None].expand(num_layers, num_tokens, top_k).reshape(num_layers, -1))
-        mass = zeros.scatter_add(1, flat, (topk_probs.detach().float() * keep[None, :, None]).reshape(num_layers, -1))
         ordered = indices.sort(dim=-1).values
         rank = digits[ordered, torch.arange(top_k, device=indices.device)].sum(-1)  # (L, T)
         sets = torch.zeros(num_layers, num_buckets, device=indices.device).scatter_add(
             1, rank % num_buckets, keep.expand(num_layers, num_tokens).contiguous())
-    return {"routing_slots": slots, "routing_mass": mass, "routing_sets": sets}
+    return {"routing_slots": slots, "routing_sets": sets}
 
 
 def accumulate(layers, counts: dict[str, torch.Tensor], tokens: torch.Tensor) -> None:
-    """Add `batch_counts` (L rows) and the token count to the layers' window buffers."""
+    """Add {"routing_slots", "routing_mass", "routing_sets"} (L rows each) and the token count to the
+    layers' window buffers."""
     with torch.no_grad():
         for name in COUNT_NAMES:
             torch._foreach_add_([getattr(layer, name) for layer in layers], list(counts[name].detach().unbind(0)))
@@ -145,7 +146,7 @@ class RoutingStats:
         rows.append(f"{'mean':>5} {s['busiest_share']:>8.3f} {s['load_entropy']:>8.3f} "
                     f"{s['top_set_fraction']:>8.3f} {s['idle_experts']:>5.1f} {_num(s['poisson_rate']):>6} "
                     f"{_num(s['normal_std']):>6}  over {self.tokens} tokens"
-                    + ("" if self.exact_sets else "; top set: hashed, an upper bound"))
+                    + ("" if self.exact_sets else "; top set: bucketed, an upper bound"))
         return "\n".join(rows)
 
 
@@ -197,14 +198,15 @@ def layer_routing(name: str, slots: list[float], mass: list[float], sets: list[f
         name=name, tokens=tokens, slot_share=slot_share, mass_share=mass_share,
         busiest_share=max(slot_share), load_entropy=entropy / math.log(num_experts) if num_experts > 1 else 1.0,
         top_set_fraction=max(sets) / tokens if tokens else 0.0,
-        idle_experts=sum(s < 1 / (4 * num_experts) for s in slot_share),
+        idle_experts=sum(s < 1 / (4 * num_experts) for s in slot_share) if tokens else 0,
         poisson_rate=None if rate is None else float(rate.detach().reshape(-1)[0]),
         normal_std=None if std is None else float(std.detach().reshape(-1)[0]),
         degree_correlation=degree)
 
 
 def read_window(layers, top_k: int) -> RoutingStats:
-    """RoutingStats from the layers' window buffers (one host read) and their routers."""
+    """RoutingStats from the layers' window buffers and their routers (host reads: call it where the
+    host waits anyway, as at logging time)."""
     slots = torch.stack([layer.routing_slots for layer in layers]).tolist()
     mass = torch.stack([layer.routing_mass for layer in layers]).tolist()
     sets = torch.stack([layer.routing_sets for layer in layers]).tolist()

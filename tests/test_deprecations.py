@@ -42,6 +42,7 @@ def test_old_module_paths_warn_and_reexport(old, new, names, monkeypatch):
 
 @pytest.mark.parametrize("module, name, op", [
     ("gmoe_kernels.triton", "ExpertMixFunction", "expert_mix"),
+    ("gmoe_kernels.triton.expert_ffn", "ExpertMixFunction", "expert_mix"),
     ("gmoe_kernels.triton.graph_router", "GraphRouterGCN", "graph_router_gcn"),
 ])
 def test_removed_autograd_functions_apply_the_registered_op(module, name, op, monkeypatch):

@@ -96,3 +96,10 @@ def test_the_docs_name_the_harness_datasets():
     readme = (Path(__file__).resolve().parents[1] / "docs" / "finetune.md").read_text()
     for task, (path, config) in HARNESS_DATASETS.items():
         assert f"| {task} | `{path}` | {f'`{config}`' if config else '–'} |" in readme
+
+
+def test_one_split_for_training_and_scoring_is_refused_before_loading(tmp_path, capsys):
+    argv = ["run", "--task", "obqa", "--dataset", str(tmp_path), "--train-split", "validation",
+            "--eval-split", "validation", "--output-dir", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert "both 'validation'" in capsys.readouterr().err

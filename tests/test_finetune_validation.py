@@ -175,3 +175,14 @@ def test_benchmark_arguments_are_checked_before_any_timing(tmp_path, monkeypatch
     with pytest.raises(SystemExit) as exc:
         run.main(["--device", "cpu", "--quick", *[a.format(tmp=tmp_path) for a in argv]])
     assert message in str(exc.value)
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_a_yaml_boolean_is_not_a_number(value):
+    """YAML reads `lr: yes` as True, which Python would take as the number 1."""
+    from gmoe.finetune.options import coerce
+
+    for kind in (float, int):
+        with pytest.raises(ValueError, match="is not a"):
+            coerce("lr", value, kind)
+    assert coerce("force", value, bool) is value

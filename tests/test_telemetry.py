@@ -89,7 +89,8 @@ def test_measuring_routing_counts_eval_forwards_only_inside():
         model(**batch)  # outside: not counted
         with model.measuring_routing():
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    stats = model.routing_stats()
+            stats = model.routing_stats()
+    assert model.routing_stats().tokens == 0  # leaving the context starts a new window
     slots, _, _, tokens = _brute_force(seen[0][1:], [batch["attention_mask"]], 4)
     assert stats.tokens == tokens and stats.layers[0].slot_share == pytest.approx(_share(slots), abs=1e-6)
 

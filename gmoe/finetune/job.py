@@ -88,8 +88,9 @@ def run_dir(cfg: JobConfig, method: str, seed: int) -> str:
 
 def zero_shot_key(cfg: JobConfig, data: Data) -> dict:
     key = {"model": cfg.model, "task": cfg.task, "split": data.split, "max_length": cfg.max_length}
-    if "dtype" in cfg.training_budget():  # float32 caches keep their old key
-        key["dtype"] = cfg.training_budget()["dtype"]
+    budget = cfg.training_budget()
+    if "dtype" in budget:  # float32 caches keep their old key
+        key["dtype"] = budget["dtype"]
     return key
 
 
@@ -361,14 +362,14 @@ class Job:
                   f"of {s['source']} (split seed {s['split_seed']}); budget: {cfg.epochs:g} epoch(s), lr {cfg.lr:g}, "
                   f"batch {cfg.batch_size}×{cfg.grad_accum}, warmup {cfg.warmup_ratio:g}, r {cfg.r}, alpha {cfg.alpha:g}, "
                   f"E {cfg.experts}, K {cfg.top_k}; seeds {cfg.seeds}")
+        if self.data.tasks:
+            header += (f"; tasks {', '.join(self.data.tasks)} trained together (mixture shuffled with seed "
+                       f"{s['mix_seed']}), acc the mean over tasks; counts per task as listed below")
         summary["markdown"] = report.markdown_table(summary, header)
         summary["missing"] = [{"method": m, "seed": s} for m, s in missing]
         if missing:
             summary["markdown"] += f"\nPARTIAL: no finished result yet for {_pairs(missing)}.\n"
         report.write_text(base + ".md", summary["markdown"])
-        if self.data.tasks:
-            header += (f"; tasks {', '.join(self.data.tasks)} trained together (mixture shuffled with seed "
-                       f"{s['mix_seed']}), acc the mean over tasks; counts per task as listed below")
         summary["plot"] = plots.comparison_bars(summary["rows"], base + ".png",
                                                 f"{job_name(cfg.task)}: acc, mean ± std over seeds")
         report.write_json(base + ".json", summary)

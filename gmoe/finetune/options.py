@@ -237,6 +237,8 @@ def coerce(name: str, value, kind):
         if not isinstance(value, bool):
             raise ValueError(f"{name}: {value!r} must be true or false")
         return value
+    if base in (int, float) and isinstance(value, bool):
+        raise ValueError(f"{name}: {value!r} is not a {base.__name__}")
     if base is int and isinstance(value, float) and not value.is_integer():
         raise ValueError(f"{name}: {value!r} is not a whole number")
     try:

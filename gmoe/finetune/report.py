@@ -12,6 +12,8 @@ import secrets
 
 import torch
 
+from .routing import REPORT_EXAMPLES
+
 
 def write_bytes(path: str, data: bytes) -> None:
     """Write via a uniquely named temporary file in the same folder, flushed, then renamed: a reader
@@ -189,7 +191,7 @@ def markdown_table(summary: dict, header: str) -> str:
                  + f"mean ± sample std (n − 1) over seeds; {se}"
                  + (f"; chance: {100 * chance:.1f} %" if chance is not None else "") + ". "
                  "Zero-shot is the bare base model on the same held-out part. Routing (GMoE methods, mean over "
-                 "layers and seeds, on up to 128 held-out examples, at injection → after training): the busiest "
+                 f"layers and seeds, on up to {REPORT_EXAMPLES} held-out examples, at injection → after training): the busiest "
                  "expert's share of the top-K slots (balanced 1/E) and the fraction of tokens on the layer's most "
                  "common top-K set.")
     return "\n".join(lines) + "\n"

@@ -61,9 +61,13 @@ def claim(run_folder: str, wait: bool = False) -> RunLock:
     except BaseException:
         os.close(fd)
         raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
-              .encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                  .encode(), 0)
+    except BaseException:  # a full disk: give the lock back rather than hold it for the process's life
+        os.close(fd)
+        raise
     return RunLock(path, fd)
 
 

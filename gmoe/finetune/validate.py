@@ -28,7 +28,7 @@ def _positive_int(value, flag: str, allow_none: bool = False) -> None:
 
 def _finite(value, flag: str, low: float, high: float = math.inf, low_open: bool = True,
             high_open: bool = True) -> None:
-    ok = isinstance(value, (int, float)) and math.isfinite(value)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
     _require(ok, flag, value, f"it must be a finite number in {interval}")
@@ -103,6 +103,10 @@ def check_output_dir(path: str) -> None:
 
 def check_inputs(cfg) -> None:
     """Files named on the command line exist (their content is read, and checked, with the data)."""
+    if cfg.dataset and cfg.train_split == cfg.eval_split:
+        raise ValueError(f"--train-split and --eval-split are both {cfg.train_split!r}: the scores would be on "
+                         "the training rows; name two different splits (without a training split, leave "
+                         "--train-split at a name the dataset lacks and the evaluation split is cut in two)")
     if cfg.dataset and (cfg.train_file or cfg.eval_file):
         raise ValueError("--dataset excludes --train-file / --eval-file: pass one source")
     if is_multi(cfg.task) and (cfg.dataset or cfg.train_file or cfg.eval_file):

@@ -60,7 +60,7 @@ def live_elements(block_t, block_f, r_pad, k_pad, tiles, gathers):
 def token_configs():
     if interpreting():
         return [triton.Config({"BLOCK_T": 16, "BLOCK_F": 32}, num_warps=4)]
-    # Few configs: autotuning compiles each one, and a GPU check has minutes, not hours.
+    # Few configs: autotuning compiles (and times) each one on first use.
     return [triton.Config({"BLOCK_T": bt, "BLOCK_F": bf}, num_warps=4, num_stages=2)
             for bt, bf in ((2, 16), (4, 16), (8, 16), (8, 32), (16, 32), (32, 16), (16, 64))]
 
