@@ -10,8 +10,7 @@ from .expert_mix_configs import EXPAND_MODES, expand_mode
 warnings.warn("gmoe_kernels.triton.expert_ffn is deprecated: use gmoe_kernels.triton.expert_mix "
               "(and expert_mix_configs for expand_mode)", DeprecationWarning, stacklevel=2)
 
-__all__ = ["EXPAND_MODES", "ExpertMixFunction", "expand_mode", "expert_mix", "expert_mix_backward",
-           "expert_mix_forward"]
+__all__ = ["EXPAND_MODES", "expand_mode", "expert_mix", "expert_mix_backward", "expert_mix_forward"]
 
 
 def __getattr__(name):
