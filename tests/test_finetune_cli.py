@@ -96,6 +96,11 @@ def test_methods_configs_and_parameter_counts():
     assert cfg["gmoe-no-poisson"].poisson_loss_coef == 0 and cfg["gmoe-no-normal"].normal_loss_coef == 0
     assert (cfg["mixlora"].router, cfg["mixlora"].aux_loss_coef, cfg["mixlora"].poisson_loss_coef,
             cfg["mixlora"].normal_loss_coef) == ("linear", 0.01, 0.0, 0.0)
+    options = {m: (cfg[m].load_decay, cfg[m].freeze_loss_params, cfg[m].token_coupling) for m in cfg}
+    assert options["gmoe"] == (1.0, False, "degree")  # the paper's: cumulative load, trained λ/σ, GCN weights
+    assert options["gmoe-window"] == (0.9, False, "degree") and options["gmoe-frozen"] == (1.0, True, "degree")
+    assert options["gmoe-uniform"] == (1.0, False, "uniform") and options["gmoe-balanced"] == (0.9, False, "uniform")
+    assert all(cfg[m].router == "graph" for m in ("gmoe-window", "gmoe-frozen", "gmoe-uniform", "gmoe-balanced"))
     counts = {m: trainable_parameters(apply_method(tiny_model(), m, spec))["trainable"] for m in METHODS}
     # hidden 32, inter 48, 2 layers, q/k/v/o with 4 heads / 2 kv heads of 8: in/out 32/32, 32/16, 32/16, 32/32
     attention = 2 * 2 * ((32 + 32) + (32 + 16) + (32 + 16) + (32 + 32))

@@ -7,6 +7,8 @@ caller's and identical across methods.
 - gmoe-window: gmoe with a decaying running load (load_decay 0.9: about the last 10 steps count)
 - gmoe-frozen: gmoe with λ and σ frozen at their inits (as the published code, where they never train)
 - gmoe-uniform: gmoe with one weight on every token–expert edge (token_coupling "uniform")
+- gmoe-balanced: gmoe-window and gmoe-uniform together: the two options that spread the routing in the
+  study's routing runs (docs/routing.md); freezing λ and σ changed nothing there and is left out
 - mixlora: linear router with the Switch load-balancing loss (MixLoRA's default coefficient 0.01)
 - lora: PEFT LoraConfig on the same seven projections with the same rank
 All put a LoRA of rank r on q/k/v/o_proj; the MoE methods put E LoRA experts of rank r on gate/up/down_proj.
@@ -27,6 +29,7 @@ METHOD_OVERRIDES = {
     "gmoe-window": {"router": "graph", "load_decay": 0.9},
     "gmoe-frozen": {"router": "graph", "freeze_loss_params": True},
     "gmoe-uniform": {"router": "graph", "token_coupling": "uniform"},
+    "gmoe-balanced": {"router": "graph", "load_decay": 0.9, "token_coupling": "uniform"},
     "mixlora": {"router": "linear", "poisson_loss_coef": 0.0, "normal_loss_coef": 0.0, "aux_loss_coef": 0.01},
 }
 METHODS = [*METHOD_OVERRIDES, "lora"]

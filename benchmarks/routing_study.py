@@ -1,0 +1,143 @@
+"""The routing study's tables, read from the records of its runs.
+
+    python -m benchmarks.routing_study [--root benchmarks/results/routing-study] [--reference lora]
+
+Reads every <task>/<method>/seed<S>/results.json under --root (the job's records, copied there by
+benchmarks/collect_runs.sh) and writes <root>/summary.md:
+- accuracy, per task and method: acc mean ± sample std over seeds, the number of seeds, the zero-shot
+  score, the chance level (the mean of 1/choices over the held-out part) and one run's binomial standard
+  error; and each method's difference to --reference, paired per example. Every run is scored on the
+  same held-out examples, so the difference of the seed-averaged per-example correctness d_i has the
+  standard error sd(d)/√n, far smaller than two independent binomial errors when methods agree on
+  most examples;
+- routing, per task and method: the busiest expert's share, the fraction of tokens on the most common
+  top-K set, the idle experts and σ, at injection → after training (means over layers, then over seeds).
+The held-out gold answers come from the job's own split (`prepare_data` with each run's recorded config).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import math
+import os
+import statistics
+
+from gmoe.finetune import report
+from gmoe.finetune.job import JobConfig, prepare_data
+
+ROUTING_FIELDS = (("busiest_share", "busiest expert", "{:.2f}"), ("top_set_fraction", "top-K set", "{:.2f}"),
+                  ("idle_experts", "idle experts", "{:.1f}"), ("normal_std", "σ", "{:.3f}"))
+SPLIT_KEYS = ("source", "split_seed", "eval_fraction", "eval_size", "source_size")
+
+
+def load_runs(root: str) -> dict[str, dict[str, list[dict]]]:
+    """{task: {method: [results of its seeds, by seed]}}."""
+    runs: dict[str, dict[str, list[dict]]] = {}
+    for path in sorted(glob.glob(os.path.join(root, "*", "*", "seed*", "results.json"))):
+        result = report.read_json(path)
+        runs.setdefault(result["task"], {}).setdefault(result["method"], []).append(result)
+    for methods in runs.values():
+        for results in methods.values():
+            results.sort(key=lambda r: r["seed"])
+    return runs
+
+
+def held_out(result: dict) -> list:
+    """The held-out examples in scoring order, rebuilt from the run's recorded config."""
+    names = {f.name for f in dataclasses.fields(JobConfig)}
+    data = prepare_data(JobConfig(**{k: v for k, v in result["config"].items() if k in names}))
+    recorded = result["split"]
+    if any(data.split.get(k) != recorded.get(k) for k in SPLIT_KEYS) or len(data.eval) != result["finetuned"]["n"]:
+        raise ValueError(f"the held-out part of {result['task']} rebuilt here differs from the one its runs "
+                         f"recorded ({SPLIT_KEYS}): the gold answers cannot be matched to the predictions")
+    return data.eval
+
+
+def correctness(results: list[dict], golds: list[int]) -> list[float]:
+    """Per held-out example: the fraction of the runs (seeds) that chose the gold answer."""
+    per_run = [[float(p == g) for p, g in zip(r["finetuned"]["predictions"], golds, strict=True)] for r in results]
+    return [statistics.fmean(col) for col in zip(*per_run)]
+
+
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean of a − b over examples and its standard error sd(a − b)/√n."""
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    return statistics.fmean(d), statistics.stdev(d) / math.sqrt(len(d))
+
+
+def accuracy_table(task: str, methods: dict[str, list[dict]], reference: str) -> list[str]:
+    first = next(iter(methods.values()))[0]
+    examples = held_out(first)
+    golds, n = [ex.gold for ex in examples], len(examples)
+    chance = statistics.fmean(1.0 / ex.num_choices for ex in examples)
+    zero = first["zero_shot"]
+    ref = correctness(methods[reference], golds) if reference in methods else None
+    typical = statistics.fmean(r["finetuned"]["acc"] for results in methods.values() for r in results)
+    lines = [f"**{task}**: n = {n} held-out examples, chance {100 * chance:.1f} %, one run's binomial SE "
+             f"±{100 * report.binomial_se(typical, n):.1f} points (at the mean fine-tuned acc, {100 * typical:.1f} %)", "",
+             f"| method | seeds | acc (%) | Δ vs {reference} (paired SE) | acc_norm (%) |", "|---|---:|---:|---:|---:|",
+             f"| zero-shot | – | {100 * zero['acc']:.1f} | – | {100 * zero['acc_norm']:.1f} |"]
+    for method, results in methods.items():
+        acc = report.mean_std([r["finetuned"]["acc"] for r in results])
+        accn = report.mean_std([r["finetuned"]["acc_norm"] for r in results])
+        delta = "–"
+        if ref is not None and method != reference:
+            mean, se = paired_difference(correctness(results, golds), ref)
+            delta = f"{100 * mean:+.1f} ({100 * se:.1f})"
+        lines.append(f"| `{method}` | {len(results)} | {_pm(acc)} | {delta} | {_pm(accn)} |")
+    return lines + [""]
+
+
+def routing_table(task: str, methods: dict[str, list[dict]]) -> list[str]:
+    lines = [f"**{task}**, routing at injection → after training (means over layers, then seeds):", "",
+             "| method | seeds | " + " | ".join(label for _, label, _ in ROUTING_FIELDS) + " |",
+             "|---|---:|" + "---:|" * len(ROUTING_FIELDS)]
+    for method, results in methods.items():
+        if not all((r.get("routing") or {}).get("trained") for r in results):
+            continue  # lora: no router
+        cells = []
+        for field, _, fmt in ROUTING_FIELDS:
+            when = [[r["routing"][w]["summary"].get(field) for r in results] for w in ("injection", "trained")]
+            cells.append("–" if None in when[0] + when[1] else
+                         f"{fmt.format(statistics.fmean(when[0]))} → {fmt.format(statistics.fmean(when[1]))}")
+        lines.append(f"| `{method}` | {len(results)} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _rank(method: str) -> tuple[int, str]:
+    """Baselines, the paper's method and the combination first; then the single options."""
+    first = ["lora", "mixlora", "gmoe", "gmoe-balanced"]
+    return (first.index(method), "") if method in first else (len(first), method)
+
+
+def _pm(mean_std) -> str:
+    mean, std = mean_std
+    return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", default="benchmarks/results/routing-study")
+    parser.add_argument("--reference", default="lora", help="the method every other one is compared with")
+    args = parser.parse_args(argv)
+    runs = load_runs(args.root)
+    if not runs:
+        raise SystemExit(f"no results.json under {args.root}/<task>/<method>/seed<S>/")
+    machines = sorted({f"{r['machine'].get('cpu', '?')}" for m in runs.values() for rs in m.values() for r in rs})
+    lines = ["# Routing study: tables", "",
+             f"Generated by `python -m benchmarks.routing_study` from the `results.json` beside this file. "
+             f"Machine(s): {', '.join(machines)}. acc: mean ± sample std over seeds; Δ: the paired difference of the "
+             "seed-averaged per-example correctness, in points, with its standard error.", ""]
+    for task, methods in runs.items():
+        methods = dict(sorted(methods.items(), key=lambda item: _rank(item[0])))
+        lines += accuracy_table(task, methods, args.reference)
+        lines += routing_table(task, methods)
+    text = "\n".join(lines)
+    report.write_text(os.path.join(args.root, "summary.md"), text)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
