@@ -11,7 +11,8 @@ benchmarks/collect_runs.sh) and writes <root>/summary.md:
   standard error sd(d)/√n, far smaller than two independent binomial errors when methods agree on
   most examples;
 - routing, per task and method: the busiest expert's share, the fraction of tokens on the most common
-  top-K set, the idle experts and σ, at injection → after training (means over layers, then over seeds).
+  top-K set, the idle experts and σ, at injection → after training (means over layers), for seed 0
+  (where every method has a run) and averaged over the seeds of the methods that have several.
 The held-out gold answers come from the job's own split (`prepare_data` with each run's recorded config).
 """
 from __future__ import annotations
@@ -89,10 +90,22 @@ def accuracy_table(task: str, methods: dict[str, list[dict]], reference: str) ->
     return lines + [""]
 
 
-def routing_table(task: str, methods: dict[str, list[dict]]) -> list[str]:
-    lines = [f"**{task}**, routing at injection → after training (means over layers, then seeds):", "",
-             "| method | seeds | " + " | ".join(label for _, label, _ in ROUTING_FIELDS) + " |",
-             "|---|---:|" + "---:|" * len(ROUTING_FIELDS)]
+def routing_table(task: str, methods: dict[str, list[dict]], seed: int | None = None) -> list[str]:
+    """One seed's runs (every method has seed 0: the options are compared there), or all seeds of the
+    methods that have several."""
+    if seed is None:
+        methods = {m: rs for m, rs in methods.items() if len(rs) > 1}
+        which = "means over layers, then over seeds"
+    else:
+        methods = {m: [r for r in rs if r["seed"] == seed] for m, rs in methods.items()}
+        which = f"seed {seed}, means over layers"
+    methods = {m: rs for m, rs in methods.items() if rs}
+    if not methods:
+        return []
+    lines = [f"**{task}**, routing at injection → after training ({which}):", "",
+             "| method | " + ("" if seed is not None else "seeds | ")
+             + " | ".join(label for _, label, _ in ROUTING_FIELDS) + " |",
+             "|---|" + "---:|" * (len(ROUTING_FIELDS) + (seed is None))]
     for method, results in methods.items():
         if not all((r.get("routing") or {}).get("trained") for r in results):
             continue  # lora: no router
@@ -101,7 +114,8 @@ def routing_table(task: str, methods: dict[str, list[dict]]) -> list[str]:
             when = [[r["routing"][w]["summary"].get(field) for r in results] for w in ("injection", "trained")]
             cells.append("–" if None in when[0] + when[1] else
                          f"{fmt.format(statistics.fmean(when[0]))} → {fmt.format(statistics.fmean(when[1]))}")
-        lines.append(f"| `{method}` | {len(results)} | " + " | ".join(cells) + " |")
+        count = "" if seed is not None else f"{len(results)} | "
+        lines.append(f"| `{method}` | {count}" + " | ".join(cells) + " |")
     return lines + [""]
 
 
@@ -132,6 +146,7 @@ def main(argv=None) -> str:
     for task, methods in runs.items():
         methods = dict(sorted(methods.items(), key=lambda item: _rank(item[0])))
         lines += accuracy_table(task, methods, args.reference)
+        lines += routing_table(task, methods, seed=0)
         lines += routing_table(task, methods)
     text = "\n".join(lines)
     report.write_text(os.path.join(args.root, "summary.md"), text)
