@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..activations import act, act_backward, compute_dtype
-from ..registration import register_differentiable_op
+from ..expert_mix_op import register_expert_mix
 from .routing import make_routing_plan
 
 
@@ -166,65 +166,8 @@ def expert_mix_backward(grad_h_c, grad_z, x, gate_base, up_base, lora_a_gate, lo
     return [grad.to(like.dtype) for grad, like in zip(grads, likes)]
 
 
-# ---- torch.library registration (gmoe_kernels.registration) ---------------------------------
-# One opaque custom op (as the Triton backend is), so torch.compile traces a GMoE layer
-# whole: inside, the pairs are grouped with data-dependent shapes (bincount, .tolist()).
-
-def _forward(x: torch.Tensor, gate_base: torch.Tensor, up_base: torch.Tensor,
-             lora_a_gate: torch.Tensor, lora_b_gate: torch.Tensor, lora_a_up: torch.Tensor,
-             lora_b_up: torch.Tensor, lora_a_down: torch.Tensor, indices: torch.Tensor,
-             weights: torch.Tensor, scaling: float, activation: str,
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    return expert_mix_forward(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up,
-                              lora_b_up, lora_a_down, indices, weights, scaling, activation)
-
-
-def _forward_fake(x, gate_base, up_base, lora_a_gate, *rest):
-    num_experts, rank, _ = lora_a_gate.shape
-    return (x.new_empty((x.shape[0], gate_base.shape[1])),
-            x.new_empty((x.shape[0], num_experts * rank)))
-
-
-def _backward(grad_h_c: torch.Tensor, grad_z: torch.Tensor, x: torch.Tensor,
-              gate_base: torch.Tensor, up_base: torch.Tensor, lora_a_gate: torch.Tensor,
-              lora_b_gate: torch.Tensor, lora_a_up: torch.Tensor, lora_b_up: torch.Tensor,
-              lora_a_down: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-              scaling: float, activation: str) -> list[torch.Tensor]:
-    return expert_mix_backward(grad_h_c, grad_z, x, gate_base, up_base, lora_a_gate, lora_b_gate,
-                               lora_a_up, lora_b_up, lora_a_down, indices, weights, scaling,
-                               activation)
-
-
-def _backward_fake(grad_h_c, grad_z, *saved_and_settings):
-    saved = saved_and_settings[:10]
-    return [torch.empty_like(t) for i, t in enumerate(saved) if i != 8]  # none for indices
-
-
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:10])   # x, G, U, the five LoRA tensors, indices, weights
-    ctx.scaling, ctx.activation = inputs[10], inputs[11]
-
-
-def _autograd_backward(ctx, grad_h_c, grad_z):
-    """Backward of the expert mix: the maths in `expert_mix_backward`'s docstring (the
-    per-pair states g_k, u_k, h_k are recomputed there, not saved). No gradient for indices,
-    scaling, activation."""
-    saved = ctx.saved_tensors
-    if grad_h_c is None:
-        grad_h_c = saved[1].new_zeros(saved[1].shape, dtype=saved[0].dtype)
-    if grad_z is None:
-        num_experts, rank, _ = saved[3].shape
-        grad_z = saved[0].new_zeros((saved[0].shape[0], num_experts * rank))
-    grads = _expert_mix_backward_op(grad_h_c, grad_z, *saved, ctx.scaling, ctx.activation)
-    need = ctx.needs_input_grad
-    d = [g if needed else None for g, needed in zip(grads, need[:8] + need[9:10])]
-    return (*d[:8], None, d[8], None, None)
-
-
-_expert_mix_op, _expert_mix_backward_op = register_differentiable_op(
-    "reference_expert_mix", forward=_forward, forward_fake=_forward_fake, backward=_backward,
-    backward_fake=_backward_fake, setup_context=_setup_context,
-    autograd_backward=_autograd_backward)
+# One opaque custom op (as the Triton backend is): gmoe_kernels.expert_mix_op.
+_expert_mix_op = register_expert_mix("reference_expert_mix", expert_mix_forward, expert_mix_backward)
 
 
 def expert_mix(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_b_up,

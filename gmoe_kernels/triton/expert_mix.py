@@ -46,7 +46,7 @@ import triton
 
 from ..activations import canonical_activation, compute_dtype
 from ..checks import check_expert_mix
-from ..registration import register_differentiable_op
+from ..expert_mix_op import register_expert_mix
 from . import _expert_mix_dot_kernels as dot_kernels
 from . import _expert_mix_grouped_kernels as grouped_kernels
 from . import _expert_mix_kernels as kernels
@@ -324,74 +324,8 @@ def expert_mix_backward(grad_h_c, grad_z, x, gate_base, up_base, lora_a_gate, lo
             d_a_up.to(lora_a_up.dtype), d_b_up, d_a_down, d_weights.to(weights.dtype))
 
 
-# ---- torch.library registration (gmoe_kernels.registration) ---------------------------------
-
-def _forward(x: torch.Tensor, gate_base: torch.Tensor, up_base: torch.Tensor,
-             lora_a_gate: torch.Tensor, lora_b_gate: torch.Tensor, lora_a_up: torch.Tensor,
-             lora_b_up: torch.Tensor, lora_a_down: torch.Tensor, indices: torch.Tensor,
-             weights: torch.Tensor, scaling: float, activation: str,
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    return expert_mix_forward(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up,
-                              lora_b_up, lora_a_down, indices, weights, scaling, activation)
-
-
-def _forward_fake(x, gate_base, up_base, lora_a_gate, *rest):
-    num_experts, rank, _ = lora_a_gate.shape
-    return (x.new_empty((x.shape[0], gate_base.shape[1])),
-            x.new_empty((x.shape[0], num_experts * rank)))
-
-
-def _backward(grad_h_c: torch.Tensor, grad_z: torch.Tensor, x: torch.Tensor,
-              gate_base: torch.Tensor, up_base: torch.Tensor, lora_a_gate: torch.Tensor,
-              lora_b_gate: torch.Tensor, lora_a_up: torch.Tensor, lora_b_up: torch.Tensor,
-              lora_a_down: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-              scaling: float, activation: str) -> list[torch.Tensor]:
-    return list(expert_mix_backward(grad_h_c, grad_z, x, gate_base, up_base, lora_a_gate,
-                                    lora_b_gate, lora_a_up, lora_b_up, lora_a_down, indices,
-                                    weights, scaling, activation))
-
-
-def _backward_fake(grad_h_c, grad_z, *saved_and_settings):
-    saved = saved_and_settings[:10]
-    return [torch.empty_like(t) for i, t in enumerate(saved) if i != 8]  # none for indices
-
-
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:10])   # x, G, U, the five LoRA tensors, indices, weights
-    ctx.scaling, ctx.activation = float(inputs[10]), inputs[11]
-
-
-def _autograd_backward(ctx, grad_h_c, grad_z):
-    """Backward of the expert mix (dh_c = dL/dh_c, b_k = dL/dz[t, e_k]; pair k of token t
-    routed to expert e). Forward: h_c[t] = sum_k w_k h_k, z[t, e_k] = w_k A_d^{e_k} h_k with
-    g_k = G[t] + s B_g^{e_k} A_g^{e_k} x_t, u_k = U[t] + s B_u^{e_k} A_u^{e_k} x_t,
-    h_k = act(g_k) * u_k (recomputed here, not saved).
-      q_k    = dh_c[t] + A_d^e^T b_k;        dh_k = w_k q_k
-      dw_k   = <h_k, q_k> = <h_k, dh_c[t]> + <A_d^e h_k, b_k>
-      dA_d^e = sum_{k: e_k = e} w_k b_k h_k^T
-      dg_k   = dh_k * u_k * act'(g_k);        du_k = dh_k * act(g_k)
-      dG[t]  = sum_k dg_k;                    dU[t] = sum_k du_k
-      d(A_g^e x_t) = s B_g^e^T dg_k;          dB_g^e = s sum_k dg_k (A_g^e x_t)^T  (up likewise)
-      dA_g^e = sum_t d(A_g^e x_t) x_t^T;      dx = sum_e d(A_g^e x)^T A_g^e + (up)
-    No gradient for indices, scaling, activation.
-    """
-    saved = ctx.saved_tensors
-    x, gate_base, lora_a_gate = saved[0], saved[1], saved[3]
-    num_experts, rank, _ = lora_a_gate.shape
-    if grad_h_c is None:
-        grad_h_c = torch.zeros_like(gate_base, dtype=x.dtype)
-    if grad_z is None:
-        grad_z = x.new_zeros((x.shape[0], num_experts * rank))
-    grads = _expert_mix_backward_op(grad_h_c, grad_z, *saved, ctx.scaling, ctx.activation)
-    need = ctx.needs_input_grad
-    d = [g if needed else None for g, needed in zip(grads, need[:8] + need[9:10])]
-    return (*d[:8], None, d[8], None, None)
-
-
-_expert_mix_op, _expert_mix_backward_op = register_differentiable_op(
-    "expert_mix", forward=_forward, forward_fake=_forward_fake, backward=_backward,
-    backward_fake=_backward_fake, setup_context=_setup_context,
-    autograd_backward=_autograd_backward)
+# The op's signature, fakes and autograd rule: gmoe_kernels.expert_mix_op.
+_expert_mix_op = register_expert_mix("expert_mix", expert_mix_forward, expert_mix_backward)
 
 
 def expert_mix(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_b_up,
