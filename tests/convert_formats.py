@@ -45,6 +45,20 @@ def lora_pair(g, r, in_f, out_f, scale=0.25):
 
 # ----------------------------------------------------------------------------- writers
 
+def add_lora_pairs(weights, g, r, in_f, out_f, prefixes):
+    """One random LoRA pair per prefix: weights[prefix + "lora_A.weight"], [prefix + "lora_B.weight"]."""
+    for prefix in prefixes:
+        weights[prefix + "lora_A.weight"], weights[prefix + "lora_B.weight"] = lora_pair(g, r, in_f, out_f)
+
+
+def add_attention_loras(weights, g, r, layer, targets, pre):
+    """LoRA pairs on the attention projections named in `targets`, as `<pre>self_attn.<proj>.lora_A/B`."""
+    for proj in ATTENTION:
+        if proj in targets:
+            lin = getattr(layer.self_attn, proj)
+            add_lora_pairs(weights, g, r, lin.in_features, lin.out_features, [pre + f"self_attn.{proj}."])
+
+
 def write_published_gmoe(folder, base, *, target_modules=None, seed=0, **overrides):
     """An adapter folder as the published code's save_adapter_weight writes it (no balance_strategy)."""
     cfg = dict(bias="none", peft_type="MIXLORA", r=4, lora_alpha=8, lora_dropout=0.05,
@@ -72,16 +86,8 @@ def write_published_gmoe(folder, base, *, target_modules=None, seed=0, **overrid
         weights[pre + "gate.theta"] = torch.tensor([E / 2])
         for proj, (in_f, out_f) in shapes.items():
             if MLORA[proj] in targets:
-                for e in range(E):
-                    a, b = lora_pair(g, r, in_f, out_f)
-                    weights[pre + f"experts.{e}.{MLORA[proj]}.lora_A.weight"] = a
-                    weights[pre + f"experts.{e}.{MLORA[proj]}.lora_B.weight"] = b
-        for proj in ATTENTION:
-            if proj in targets:
-                lin = getattr(layer.self_attn, proj)
-                a, b = lora_pair(g, r, lin.in_features, lin.out_features)
-                weights[pre + f"self_attn.{proj}.lora_A.weight"] = a
-                weights[pre + f"self_attn.{proj}.lora_B.weight"] = b
+                add_lora_pairs(weights, g, r, in_f, out_f, [pre + f"experts.{e}.{MLORA[proj]}." for e in range(E)])
+        add_attention_loras(weights, g, r, layer, targets, pre)
     save_adapter(folder, cfg, weights)
     return cfg, weights
 
@@ -104,16 +110,8 @@ def write_mixlora(folder, base, *, target_modules=None, seed=0, **overrides):
         weights[pre + "mlp.moe_gate.weight"] = torch.randn(E, hidden, generator=g) * 0.5
         for proj, (in_f, out_f) in shapes.items():
             if proj in targets:
-                for e in range(E):
-                    a, b = lora_pair(g, r, in_f, out_f)
-                    weights[pre + f"mlp.{proj}.experts.{e}.lora_A.weight"] = a
-                    weights[pre + f"mlp.{proj}.experts.{e}.lora_B.weight"] = b
-        for proj in ATTENTION:
-            if proj in targets:
-                lin = getattr(layer.self_attn, proj)
-                a, b = lora_pair(g, r, lin.in_features, lin.out_features)
-                weights[pre + f"self_attn.{proj}.lora_A.weight"] = a
-                weights[pre + f"self_attn.{proj}.lora_B.weight"] = b
+                add_lora_pairs(weights, g, r, in_f, out_f, [pre + f"mlp.{proj}.experts.{e}." for e in range(E)])
+        add_attention_loras(weights, g, r, layer, targets, pre)
     save_adapter(folder, cfg, weights)
     return cfg, weights
 
