@@ -4,6 +4,7 @@
 
 Reads every <task>/<method>/seed<S>/results.json under --root (the job's records, copied there by
 benchmarks/collect_runs.sh) and writes <root>/summary.md:
+- the study's accuracy methods on every task side by side (the README's table);
 - accuracy, per task and method: acc mean ± sample std over seeds, the number of seeds, the zero-shot
   score, the chance level (the mean of 1/choices over the held-out part) and one run's binomial standard
   error; and each method's difference to --reference, paired per example. Every run is scored on the
@@ -29,6 +30,7 @@ from gmoe.finetune.job import JobConfig, prepare_data
 
 ROUTING_FIELDS = (("busiest_share", "busiest expert", "{:.2f}"), ("top_set_fraction", "top-K set", "{:.2f}"),
                   ("idle_experts", "idle experts", "{:.1f}"), ("normal_std", "σ", "{:.3f}"))
+HEADLINE = ["lora", "mixlora", "gmoe", "gmoe-balanced"]  # the study's accuracy methods, run on every task
 SPLIT_KEYS = ("source", "split_seed", "eval_fraction", "eval_size", "source_size")
 
 
@@ -67,27 +69,64 @@ def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
     return statistics.fmean(d), statistics.stdev(d) / math.sqrt(len(d))
 
 
-def accuracy_table(task: str, methods: dict[str, list[dict]], reference: str) -> list[str]:
+def task_accuracy(methods: dict[str, list[dict]], reference: str) -> dict:
+    """n, chance, the zero-shot score, the mean fine-tuned acc, and per method: seeds, acc and acc_norm
+    (mean, std over seeds) and the paired difference to `reference` (mean, SE; None for itself or when
+    it has no runs)."""
     first = next(iter(methods.values()))[0]
     examples = held_out(first)
-    golds, n = [ex.gold for ex in examples], len(examples)
-    chance = statistics.fmean(1.0 / ex.num_choices for ex in examples)
-    zero = first["zero_shot"]
+    golds = [ex.gold for ex in examples]
     ref = correctness(methods[reference], golds) if reference in methods else None
-    typical = statistics.fmean(r["finetuned"]["acc"] for results in methods.values() for r in results)
-    lines = [f"**{task}**: n = {n} held-out examples, chance {100 * chance:.1f} %, one run's binomial SE "
-             f"±{100 * report.binomial_se(typical, n):.1f} points (at the mean fine-tuned acc, {100 * typical:.1f} %)", "",
-             f"| method | seeds | acc (%) | Δ vs {reference} (paired SE) | acc_norm (%) |", "|---|---:|---:|---:|---:|",
-             f"| zero-shot | – | {100 * zero['acc']:.1f} | – | {100 * zero['acc_norm']:.1f} |"]
+    rows = {}
     for method, results in methods.items():
-        acc = report.mean_std([r["finetuned"]["acc"] for r in results])
-        accn = report.mean_std([r["finetuned"]["acc_norm"] for r in results])
-        delta = "–"
+        delta = None
         if ref is not None and method != reference:
-            mean, se = paired_difference(correctness(results, golds), ref)
-            delta = f"{100 * mean:+.1f} ({100 * se:.1f})"
-        lines.append(f"| `{method}` | {len(results)} | {_pm(acc)} | {delta} | {_pm(accn)} |")
+            delta = paired_difference(correctness(results, golds), ref)
+        rows[method] = {"seeds": len(results), "acc": report.mean_std([r["finetuned"]["acc"] for r in results]),
+                        "acc_norm": report.mean_std([r["finetuned"]["acc_norm"] for r in results]), "delta": delta}
+    return {"n": len(examples), "chance": statistics.fmean(1.0 / ex.num_choices for ex in examples),
+            "zero_shot": first["zero_shot"], "rows": rows, "reference": reference,
+            "typical": statistics.fmean(r["finetuned"]["acc"] for results in methods.values() for r in results)}
+
+
+def accuracy_table(task: str, acc: dict) -> list[str]:
+    zero = acc["zero_shot"]
+    lines = [f"**{task}**: {_about(acc)}", "",
+             f"| method | seeds | acc (%) | Δ vs {acc['reference']} (paired SE) | acc_norm (%) |", "|---|---:|---:|---:|---:|",
+             f"| zero-shot | – | {100 * zero['acc']:.1f} | – | {100 * zero['acc_norm']:.1f} |"]
+    for method, row in acc["rows"].items():
+        lines.append(f"| `{method}` | {row['seeds']} | {_pm(row['acc'])} | {_delta(row)} | {_pm(row['acc_norm'])} |")
     return lines + [""]
+
+
+def headline_table(accuracy: dict[str, dict], methods: list[str]) -> list[str]:
+    """`methods` on every task side by side: acc (seeds) and Δ, for the README."""
+    tasks = list(accuracy)
+    reference = next(iter(accuracy.values()))["reference"]
+    lines = ["| method | " + " | ".join(f"{t} acc (%) | Δ vs {reference}" for t in tasks) + " |",
+             "|---|" + "---:|---:|" * len(tasks),
+             "| zero-shot | " + " | ".join(f"{100 * accuracy[t]['zero_shot']['acc']:.1f} | –" for t in tasks) + " |"]
+    for method in [m for m in methods if any(m in a["rows"] for a in accuracy.values())]:
+        cells = []
+        for t in tasks:
+            row = accuracy[t]["rows"].get(method)
+            cells.append("– | –" if row is None else f"{_pm(row['acc'])} ({row['seeds']}) | {_delta(row)}")
+        lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
+    notes = "; ".join(f"{t}: {_about(a)}" for t, a in accuracy.items())
+    return lines + ["", f"acc: mean ± std over seeds (their number in brackets). {notes}.", ""]
+
+
+def _about(acc: dict) -> str:
+    return (f"n = {acc['n']} held-out examples, chance {100 * acc['chance']:.1f} %, one run's binomial SE "
+            f"±{100 * report.binomial_se(acc['typical'], acc['n']):.1f} points (at the mean fine-tuned acc, "
+            f"{100 * acc['typical']:.1f} %)")
+
+
+def _delta(row: dict) -> str:
+    if row["delta"] is None:
+        return "–"
+    mean, se = row["delta"]
+    return f"{100 * mean:+.1f} ({100 * se:.1f})"
 
 
 def routing_table(task: str, methods: dict[str, list[dict]], seed: int | None = None) -> list[str]:
@@ -121,8 +160,7 @@ def routing_table(task: str, methods: dict[str, list[dict]], seed: int | None = 
 
 def _rank(method: str) -> tuple[int, str]:
     """Baselines, the paper's method and the combination first; then the single options."""
-    first = ["lora", "mixlora", "gmoe", "gmoe-balanced"]
-    return (first.index(method), "") if method in first else (len(first), method)
+    return (HEADLINE.index(method), "") if method in HEADLINE else (len(HEADLINE), method)
 
 
 def _pm(mean_std) -> str:
@@ -143,9 +181,11 @@ def main(argv=None) -> str:
              f"Generated by `python -m benchmarks.routing_study` from the `results.json` beside this file. "
              f"Machine(s): {', '.join(machines)}. acc: mean ± sample std over seeds; Δ: the paired difference of the "
              "seed-averaged per-example correctness, in points, with its standard error.", ""]
+    runs = {task: dict(sorted(methods.items(), key=lambda item: _rank(item[0]))) for task, methods in runs.items()}
+    accuracy = {task: task_accuracy(methods, args.reference) for task, methods in runs.items()}
+    lines += ["## The methods compared on every task", ""] + headline_table(accuracy, HEADLINE)
     for task, methods in runs.items():
-        methods = dict(sorted(methods.items(), key=lambda item: _rank(item[0])))
-        lines += accuracy_table(task, methods, args.reference)
+        lines += [f"## {task}", ""] + accuracy_table(task, accuracy[task])
         lines += routing_table(task, methods, seed=0)
         lines += routing_table(task, methods)
     text = "\n".join(lines)

@@ -52,6 +52,8 @@ def test_tables_from_records(tmp_path):
     d = [g - x for g, x in zip(gmoe_c, lora_c)]
     delta, se = statistics.fmean(d), statistics.stdev(d) / math.sqrt(n)
     assert f"| `gmoe` | 2 | {100 * (n // 4) / n:.1f} ± 0.0 | {100 * delta:+.1f} ({100 * se:.1f}) |" in text
+    assert f"| `gmoe` | {100 * (n // 4) / n:.1f} ± 0.0 (2) | {100 * delta:+.1f} ({100 * se:.1f}) |" in text  # headline
+    assert "| `mixlora` |" not in text  # no runs: not listed
     assert "| `gmoe` | 0.30 → 0.50 | 0.50 → 0.50 | 1.0 → 1.0 | 4.000 → 4.000 |" in text   # seed 0
     assert "| `gmoe` | 2 | 0.30 → 0.60 |" in text                                       # mean over seeds
     assert "`lora` |" not in text.split("routing at injection")[1]  # no router, no routing row
