@@ -11,6 +11,7 @@ benchmarks/collect_runs.sh) and writes <root>/summary.md:
   same held-out examples, so the difference of the seed-averaged per-example correctness d_i has the
   standard error sd(d)/√n, far smaller than two independent binomial errors when methods agree on
   most examples;
+- routing over training, per task: `<task>/routing-seed0.png`, every method's seed-0 run on one figure;
 - routing, per task and method: the busiest expert's share, the fraction of tokens on the most common
   top-K set, the idle experts and σ, at injection → after training (means over layers), for seed 0
   (where every method has a run) and averaged over the seeds of the methods that have several.
@@ -25,7 +26,7 @@ import math
 import os
 import statistics
 
-from gmoe.finetune import report
+from gmoe.finetune import plots, report
 from gmoe.finetune.job import JobConfig, prepare_data
 
 ROUTING_FIELDS = (("busiest_share", "busiest expert", "{:.2f}"), ("top_set_fraction", "top-K set", "{:.2f}"),
@@ -186,6 +187,11 @@ def main(argv=None) -> str:
     lines += ["## The methods compared on every task", ""] + headline_table(accuracy, HEADLINE)
     for task, methods in runs.items():
         lines += [f"## {task}", ""] + accuracy_table(task, accuracy[task])
+        figure = plots.routing_by_method(
+            {m: rs[0].get("train", {}).get("routing_history") for m, rs in methods.items() if rs[0]["seed"] == 0},
+            os.path.join(args.root, task, "routing-seed0.png"), f"{task}, seed 0: routing over training")
+        if figure:
+            lines += [f"![routing over training, seed 0]({task}/routing-seed0.png)", ""]
         lines += routing_table(task, methods, seed=0)
         lines += routing_table(task, methods)
     text = "\n".join(lines)

@@ -11,13 +11,13 @@ from gmoe.finetune.job import JobConfig, prepare_data
 from tests.finetune_assets import task_rows, write_jsonl
 
 
-def _record(path, cfg, data, method, seed, predictions, routing=None):
+def _record(path, cfg, data, method, seed, predictions, routing=None, history=None):
     golds = [ex.gold for ex in data.eval]
     acc = statistics.fmean(float(p == g) for p, g in zip(predictions, golds))
     result = {"task": "siqa", "method": method, "seed": seed, "config": dataclasses.asdict(cfg), "split": data.split,
               "zero_shot": {"acc": 0.25, "acc_norm": 0.5},
               "finetuned": {"acc": acc, "acc_norm": acc, "n": len(golds), "predictions": predictions},
-              "routing": routing, "machine": {"cpu": "test cpu"}}
+              "routing": routing, "machine": {"cpu": "test cpu"}, "train": {"routing_history": history}}
     folder = path / "siqa" / method / f"seed{seed}"
     folder.mkdir(parents=True)
     (folder / "results.json").write_text(json.dumps(result))
@@ -39,7 +39,9 @@ def test_tables_from_records(tmp_path):
     # lora: seed 0 right on the first half, seed 1 right everywhere; gmoe: right on the first quarter
     lora = [_record(tmp_path, cfg, data, "lora", s, p) for s, p in
             enumerate([golds[: n // 2] + wrong[n // 2:], golds])]
-    _record(tmp_path, cfg, data, "gmoe", 0, golds[: n // 4] + wrong[n // 4:], _routing(0.3, 0.5))
+    _record(tmp_path, cfg, data, "gmoe", 0, golds[: n // 4] + wrong[n // 4:], _routing(0.3, 0.5),
+            history=[{"step": s, "num_experts": 4, "summary": {"busiest_share": 0.3, "top_set_fraction": 0.5}}
+                     for s in (1, 2)])
     _record(tmp_path, cfg, data, "gmoe", 1, golds[: n // 4] + wrong[n // 4:], _routing(0.3, 0.7))
 
     text = routing_study.main(["--root", str(tmp_path)])
@@ -58,6 +60,7 @@ def test_tables_from_records(tmp_path):
     assert "| `gmoe` | 2 | 0.30 → 0.60 |" in text                                       # mean over seeds
     assert "`lora` |" not in text.split("routing at injection")[1]  # no router, no routing row
     assert (tmp_path / "summary.md").read_text() == text
+    assert (tmp_path / "siqa" / "routing-seed0.png").stat().st_size > 0 and "(siqa/routing-seed0.png)" in text
 
 
 def test_records_of_another_split_are_refused(tmp_path):

@@ -80,6 +80,32 @@ def routing_over_training(routing_history: list[dict], path: str, title: str) ->
     return path
 
 
+def routing_by_method(histories: dict[str, list[dict]], path: str, title: str) -> str | None:
+    """The busiest expert's share and the fraction of tokens on the most common top-K set over the
+    training steps, one line per method (mean over layers; balanced share dotted): several runs'
+    `routing_history` on one figure."""
+    histories = {m: h for m, h in histories.items() if h}
+    if not histories:
+        return None
+    plt = _plt()
+    fields = ROUTING_PANELS[0], ROUTING_PANELS[2]
+    fig, axes = plt.subplots(1, len(fields), figsize=(5.2 * len(fields), 3.6))
+    for ax, (field, label) in zip(axes, fields):
+        for method, history in histories.items():
+            steps = [h["step"] for h in history]
+            ax.plot(steps, [h["summary"][field] for h in history], marker="o", ms=2.5, label=method)
+        if field == "busiest_share":
+            ax.axhline(1.0 / next(iter(histories.values()))[0]["num_experts"], color="k", ls=":", lw=1,
+                       label="balanced")
+        ax.set(title=label + " (mean over layers)", xlabel="step", ylim=(0, 1))
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
 def comparison_bars(rows: list[dict], path: str, title: str, metric: str = "acc") -> str:
     """One bar per method: mean over seeds with a ± std error bar; the seeds as dots."""
     plt = _plt()
