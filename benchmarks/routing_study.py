@@ -7,7 +7,8 @@ benchmarks/collect_runs.sh) and writes <root>/summary.md:
 - the study's accuracy methods on every task side by side (the README's table);
 - accuracy, per task and method: acc mean ± sample std over seeds, the number of seeds, the zero-shot
   score, the chance level (the mean of 1/choices over the held-out part) and one run's binomial standard
-  error; and each method's difference to --reference, paired per example. Every run is scored on the
+  error; each method's difference to --reference, paired per example; and the fraction of examples on
+  which it gives the reference's answer (same seed). Every run is scored on the
   same held-out examples, so the difference of the seed-averaged per-example correctness d_i has the
   standard error sd(d)/√n, far smaller than two independent binomial errors when methods agree on
   most examples;
@@ -70,6 +71,16 @@ def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
     return statistics.fmean(d), statistics.stdev(d) / math.sqrt(len(d))
 
 
+def agreement(results: list[dict], reference: list[dict]) -> float | None:
+    """The fraction of held-out examples on which a run picks the same answer as the reference's run
+    of the same seed, averaged over the seeds both have (None when they share none)."""
+    by_seed = {r["seed"]: r["finetuned"]["predictions"] for r in reference}
+    shared = [(r["finetuned"]["predictions"], by_seed[r["seed"]]) for r in results if r["seed"] in by_seed]
+    if not shared:
+        return None
+    return statistics.fmean(statistics.fmean(float(a == b) for a, b in zip(p, q, strict=True)) for p, q in shared)
+
+
 def task_accuracy(methods: dict[str, list[dict]], reference: str) -> dict:
     """n, chance, the zero-shot score, the mean fine-tuned acc, and per method: seeds, acc and acc_norm
     (mean, std over seeds) and the paired difference to `reference` (mean, SE; None for itself or when
@@ -80,11 +91,13 @@ def task_accuracy(methods: dict[str, list[dict]], reference: str) -> dict:
     ref = correctness(methods[reference], golds) if reference in methods else None
     rows = {}
     for method, results in methods.items():
-        delta = None
+        delta = agree = None
         if ref is not None and method != reference:
             delta = paired_difference(correctness(results, golds), ref)
+            agree = agreement(results, methods[reference])
         rows[method] = {"seeds": len(results), "acc": report.mean_std([r["finetuned"]["acc"] for r in results]),
-                        "acc_norm": report.mean_std([r["finetuned"]["acc_norm"] for r in results]), "delta": delta}
+                        "acc_norm": report.mean_std([r["finetuned"]["acc_norm"] for r in results]), "delta": delta,
+                        "agreement": agree}
     return {"n": len(examples), "chance": statistics.fmean(1.0 / ex.num_choices for ex in examples),
             "zero_shot": first["zero_shot"], "rows": rows, "reference": reference,
             "typical": statistics.fmean(r["finetuned"]["acc"] for results in methods.values() for r in results)}
@@ -93,10 +106,13 @@ def task_accuracy(methods: dict[str, list[dict]], reference: str) -> dict:
 def accuracy_table(task: str, acc: dict) -> list[str]:
     zero = acc["zero_shot"]
     lines = [f"**{task}**: {_about(acc)}", "",
-             f"| method | seeds | acc (%) | Δ vs {acc['reference']} (paired SE) | acc_norm (%) |", "|---|---:|---:|---:|---:|",
-             f"| zero-shot | – | {100 * zero['acc']:.1f} | – | {100 * zero['acc_norm']:.1f} |"]
+             f"| method | seeds | acc (%) | Δ vs {acc['reference']} (paired SE) | same answer as {acc['reference']} "
+             "| acc_norm (%) |", "|---|---:|---:|---:|---:|---:|",
+             f"| zero-shot | – | {100 * zero['acc']:.1f} | – | – | {100 * zero['acc_norm']:.1f} |"]
     for method, row in acc["rows"].items():
-        lines.append(f"| `{method}` | {row['seeds']} | {_pm(row['acc'])} | {_delta(row)} | {_pm(row['acc_norm'])} |")
+        same = "–" if row["agreement"] is None else f"{100 * row['agreement']:.1f} %"
+        lines.append(f"| `{method}` | {row['seeds']} | {_pm(row['acc'])} | {_delta(row)} | {same} "
+                     f"| {_pm(row['acc_norm'])} |")
     return lines + [""]
 
 
