@@ -111,8 +111,8 @@ def accuracy_table(task: str, acc: dict) -> list[str]:
              f"| zero-shot | – | {100 * zero['acc']:.1f} | – | – | {100 * zero['acc_norm']:.1f} |"]
     for method, row in acc["rows"].items():
         same = "–" if row["agreement"] is None else f"{100 * row['agreement']:.1f} %"
-        lines.append(f"| `{method}` | {row['seeds']} | {_pm(row['acc'])} | {_delta(row)} | {same} "
-                     f"| {_pm(row['acc_norm'])} |")
+        lines.append(f"| `{method}` | {row['seeds']} | {report.percent_pm(*row['acc'])} | {_delta(row)} | {same} "
+                     f"| {report.percent_pm(*row['acc_norm'])} |")
     return lines + [""]
 
 
@@ -127,7 +127,7 @@ def headline_table(accuracy: dict[str, dict], methods: list[str]) -> list[str]:
         cells = []
         for t in tasks:
             row = accuracy[t]["rows"].get(method)
-            cells.append("– | –" if row is None else f"{_pm(row['acc'])} ({row['seeds']}) | {_delta(row)}")
+            cells.append("– | –" if row is None else f"{report.percent_pm(*row['acc'])} ({row['seeds']}) | {_delta(row)}")
         lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
     notes = "; ".join(f"{t}: {_about(a)}" for t, a in accuracy.items())
     return lines + ["", f"acc: mean ± std over seeds (their number in brackets). {notes}.", ""]
@@ -178,11 +178,6 @@ def routing_table(task: str, methods: dict[str, list[dict]], seed: int | None = 
 def _rank(method: str) -> tuple[int, str]:
     """Baselines, the paper's method and the combination first; then the single options."""
     return (HEADLINE.index(method), "") if method in HEADLINE else (len(HEADLINE), method)
-
-
-def _pm(mean_std) -> str:
-    mean, std = mean_std
-    return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
 
 
 def main(argv=None) -> str:

@@ -93,7 +93,8 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def _pm(mean, std, scale=100.0) -> str:
+def percent_pm(mean, std, scale=100.0) -> str:
+    """A mean and its std as percentages: "41.2 ± 0.8" ("41.2" without a std, "–" without a mean)."""
     if mean is None:
         return "–"
     return f"{scale * mean:.1f}" + (f" ± {scale * std:.1f}" if std is not None else "")
@@ -177,8 +178,8 @@ def markdown_table(summary: dict, header: str) -> str:
         se = "–" if r.get("acc_se") is None else f"{100 * r['acc_se']:.1f}"
         routing = [f"{_share(r.get(f'{f}_injection'))} → {_share(r.get(f'{f}_trained'))}"
                    if r.get(f"{f}_trained") is not None else "–" for f in ("busiest_share", "top_set_fraction")]
-        lines.append(f"| {r['method']} | {_pm(r['acc_mean'], r['acc_std'])} | {se} | "
-                     f"{_pm(r['acc_norm_mean'], r['acc_norm_std'])} | {seeds} | {routing[0]} | {routing[1]} | "
+        lines.append(f"| {r['method']} | {percent_pm(r['acc_mean'], r['acc_std'])} | {se} | "
+                     f"{percent_pm(r['acc_norm_mean'], r['acc_norm_std'])} | {seeds} | {routing[0]} | {routing[1]} | "
                      f"{params} | {tps} | {eps} |")
     lines.append("")
     if summary.get("tasks"):
@@ -203,7 +204,7 @@ def task_table(summary: dict) -> list[str]:
     lines = ["| method | " + " | ".join(f"{t} (n {summary['tasks'][t]})" for t in tasks) + " | mean |",
              "|---|" + "---:|" * (len(tasks) + 1)]
     for r in summary["rows"]:
-        cells = [_pm(r["tasks"][t]["acc_mean"], r["tasks"][t]["acc_std"]) if t in r.get("tasks", {}) else "–"
+        cells = [percent_pm(r["tasks"][t]["acc_mean"], r["tasks"][t]["acc_std"]) if t in r.get("tasks", {}) else "–"
                  for t in tasks]
-        lines.append(f"| {r['method']} | " + " | ".join(cells) + f" | {_pm(r['acc_mean'], r['acc_std'])} |")
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + f" | {percent_pm(r['acc_mean'], r['acc_std'])} |")
     return lines + [""]
