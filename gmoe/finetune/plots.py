@@ -16,6 +16,15 @@ def _save(fig, path: str) -> None:
     write_bytes(path, buf.getvalue())
 
 
+def _finish(plt, fig, title: str, path: str, top: float) -> str:
+    """The figure titled (the panels end at `top`), written to `path` and closed."""
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, top))
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
 def _plt():
     import matplotlib
 
@@ -35,11 +44,7 @@ def loss_curves(log_history: list[dict], path: str, title: str) -> str:
     axes[0].set(title="task loss (gold continuation tokens)", xlabel="step", ylabel="cross-entropy")
     axes[1].plot(steps, [r["router_loss"] for r in rows], marker="o", ms=3, color="tab:orange")
     axes[1].set(title="router loss", xlabel="step")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, title, path, top=0.96)
 
 
 ROUTING_PANELS = (("busiest_share", "busiest expert's share of slots"),
@@ -73,11 +78,7 @@ def routing_over_training(routing_history: list[dict], path: str, title: str) ->
             ax.axhline(balanced, color="k", ls=":", lw=1, label="balanced")
         ax.set(title=label, xlabel="step")
     axes[0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, title, path, top=0.94)
 
 
 def routing_by_method(histories: dict[str, list[dict]], path: str, title: str) -> str | None:
@@ -99,11 +100,7 @@ def routing_by_method(histories: dict[str, list[dict]], path: str, title: str) -
                        label="balanced")
         ax.set(title=label + " (mean over layers)", xlabel="step", ylim=(0, 1))
     axes[0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, title, path, top=0.94)
 
 
 def comparison_bars(rows: list[dict], path: str, title: str, metric: str = "acc") -> str:
