@@ -7,11 +7,11 @@ benchmarks/collect_runs.sh) and writes <root>/summary.md:
 - the study's accuracy methods on every task side by side (the README's table);
 - accuracy, per task and method: acc mean ± sample std over seeds, the number of seeds, the zero-shot
   score, the chance level (the mean of 1/choices over the held-out part) and one run's binomial standard
-  error; each method's difference to --reference, paired per example; and the fraction of examples on
-  which it gives the reference's answer (same seed). Every run is scored on the
-  same held-out examples, so the difference of the seed-averaged per-example correctness d_i has the
-  standard error sd(d)/√n, far smaller than two independent binomial errors when methods agree on
-  most examples;
+  error; the paired differences to zero-shot and to --reference (on the seeds both have), and how often
+  a method gives the reference's answer. Every run is scored on the same held-out examples, so the
+  difference of the seed-averaged per-example correctness d_i has the standard error over examples
+  sd(d)/√n, far smaller than two independent binomial errors when methods agree on most examples; the
+  spread over training seeds is the acc column's std;
 - routing over training, per task: `<task>/routing-seed0.png`, every method's seed-0 run on one figure;
 - routing, per task and method: the busiest expert's share, the fraction of tokens on the most common
   top-K set, the idle experts and σ, at injection → after training (means over layers), for seed 0
@@ -48,89 +48,101 @@ def load_runs(root: str) -> dict[str, dict[str, list[dict]]]:
     return runs
 
 
-def held_out(result: dict) -> list:
-    """The held-out examples in scoring order, rebuilt from the run's recorded config."""
+def held_out(methods: dict[str, list[dict]]) -> list:
+    """The held-out examples in scoring order, rebuilt from the first run's recorded config; every run
+    of the task must have recorded the same split (else its predictions would meet the wrong answers)."""
+    first = next(iter(methods.values()))[0]
     names = {f.name for f in dataclasses.fields(JobConfig)}
-    data = prepare_data(JobConfig(**{k: v for k, v in result["config"].items() if k in names}))
-    recorded = result["split"]
-    if any(data.split.get(k) != recorded.get(k) for k in SPLIT_KEYS) or len(data.eval) != result["finetuned"]["n"]:
-        raise ValueError(f"the held-out part of {result['task']} rebuilt here differs from the one its runs "
-                         f"recorded ({SPLIT_KEYS}): the gold answers cannot be matched to the predictions")
+    data = prepare_data(JobConfig(**{k: v for k, v in first["config"].items() if k in names}))
+    for result in (r for results in methods.values() for r in results):
+        recorded = result["split"]
+        if any(data.split.get(k) != recorded.get(k) for k in SPLIT_KEYS) or len(data.eval) != result["finetuned"]["n"]:
+            raise ValueError(f"{result['task']} {result['method']} seed {result['seed']}: its held-out part differs "
+                             f"from the one rebuilt here ({', '.join(SPLIT_KEYS)}): the gold answers cannot be "
+                             "matched to its predictions")
     return data.eval
 
 
-def correctness(results: list[dict], golds: list[int]) -> list[float]:
-    """Per held-out example: the fraction of the runs (seeds) that chose the gold answer."""
-    per_run = [[float(p == g) for p, g in zip(r["finetuned"]["predictions"], golds, strict=True)] for r in results]
+def correctness(predictions: list[list[int]], golds: list[int]) -> list[float]:
+    """Per held-out example: the fraction of the runs (their predictions) that chose the gold answer."""
+    per_run = [[float(p == g) for p, g in zip(preds, golds, strict=True)] for preds in predictions]
     return [statistics.fmean(col) for col in zip(*per_run)]
 
 
 def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Mean of a − b over examples and its standard error sd(a − b)/√n."""
+    """Mean of a − b over examples and its standard error over examples, sd(a − b)/√n. It counts the
+    sampling of the held-out examples only: a training seed shifts every example together, so the
+    spread over seeds is the acc column's std, not part of this."""
     d = [x - y for x, y in zip(a, b, strict=True)]
     return statistics.fmean(d), statistics.stdev(d) / math.sqrt(len(d))
 
 
-def agreement(results: list[dict], reference: list[dict]) -> float | None:
-    """The fraction of held-out examples on which a run picks the same answer as the reference's run
-    of the same seed, averaged over the seeds both have (None when they share none)."""
+def versus(results: list[dict], reference: list[dict], golds: list[int]) -> dict | None:
+    """A method against the reference on the seeds both have: the paired difference (mean, SE), the
+    fraction of examples with the same answer, and the number of shared seeds (None when none)."""
     by_seed = {r["seed"]: r["finetuned"]["predictions"] for r in reference}
-    shared = [(r["finetuned"]["predictions"], by_seed[r["seed"]]) for r in results if r["seed"] in by_seed]
-    if not shared:
+    pairs = [(r["finetuned"]["predictions"], by_seed[r["seed"]]) for r in results if r["seed"] in by_seed]
+    if not pairs:
         return None
-    return statistics.fmean(statistics.fmean(float(a == b) for a, b in zip(p, q, strict=True)) for p, q in shared)
+    mine, theirs = [p for p, _ in pairs], [q for _, q in pairs]
+    same = statistics.fmean(statistics.fmean(float(a == b) for a, b in zip(p, q, strict=True)) for p, q in pairs)
+    return {"delta": paired_difference(correctness(mine, golds), correctness(theirs, golds)),
+            "same": same, "seeds": len(pairs)}
 
 
 def task_accuracy(methods: dict[str, list[dict]], reference: str) -> dict:
     """n, chance, the zero-shot score, the mean fine-tuned acc, and per method: seeds, acc and acc_norm
-    (mean, std over seeds) and the paired difference to `reference` (mean, SE; None for itself or when
-    it has no runs)."""
-    first = next(iter(methods.values()))[0]
-    examples = held_out(first)
+    (mean, std over seeds), the paired difference to zero-shot, and `versus` the reference."""
+    examples = held_out(methods)
     golds = [ex.gold for ex in examples]
-    ref = correctness(methods[reference], golds) if reference in methods else None
+    zero = next(iter(methods.values()))[0]["zero_shot"]
+    zero_correct = correctness([zero["predictions"]], golds)
     rows = {}
     for method, results in methods.items():
-        delta = agree = None
-        if ref is not None and method != reference:
-            delta = paired_difference(correctness(results, golds), ref)
-            agree = agreement(results, methods[reference])
-        rows[method] = {"seeds": len(results), "acc": report.mean_std([r["finetuned"]["acc"] for r in results]),
-                        "acc_norm": report.mean_std([r["finetuned"]["acc_norm"] for r in results]), "delta": delta,
-                        "agreement": agree}
+        rows[method] = {
+            "seeds": len(results), "acc": report.mean_std([r["finetuned"]["acc"] for r in results]),
+            "acc_norm": report.mean_std([r["finetuned"]["acc_norm"] for r in results]),
+            "gain": paired_difference(correctness([r["finetuned"]["predictions"] for r in results], golds),
+                                      zero_correct),
+            "versus": None if method == reference or reference not in methods
+            else versus(results, methods[reference], golds)}
     return {"n": len(examples), "chance": statistics.fmean(1.0 / ex.num_choices for ex in examples),
-            "zero_shot": first["zero_shot"], "rows": rows, "reference": reference,
+            "zero_shot": zero, "rows": rows, "reference": reference, "has_reference": reference in methods,
             "typical": statistics.fmean(r["finetuned"]["acc"] for results in methods.values() for r in results)}
 
 
 def accuracy_table(task: str, acc: dict) -> list[str]:
-    zero = acc["zero_shot"]
+    zero, ref = acc["zero_shot"], acc["reference"]
     lines = [f"**{task}**: {_about(acc)}", "",
-             f"| method | seeds | acc (%) | Δ vs {acc['reference']} (paired SE) | same answer as {acc['reference']} "
-             "| acc_norm (%) |", "|---|---:|---:|---:|---:|---:|",
-             f"| zero-shot | – | {100 * zero['acc']:.1f} | – | – | {100 * zero['acc_norm']:.1f} |"]
+             f"| method | seeds | acc (%) | Δ vs zero-shot | Δ vs {ref} | same answer as {ref} | acc_norm (%) |",
+             "|---|---:|---:|---:|---:|---:|---:|",
+             f"| zero-shot | – | {100 * zero['acc']:.1f} | – | – | – | {100 * zero['acc_norm']:.1f} |"]
     for method, row in acc["rows"].items():
-        same = "–" if row["agreement"] is None else f"{100 * row['agreement']:.1f} %"
-        lines.append(f"| `{method}` | {row['seeds']} | {report.percent_pm(*row['acc'])} | {_delta(row)} | {same} "
-                     f"| {report.percent_pm(*row['acc_norm'])} |")
+        vs = row["versus"]
+        same = "–" if vs is None else f"{100 * vs['same']:.1f} %"
+        lines.append(f"| `{method}` | {row['seeds']} | {report.percent_pm(*row['acc'])} | {_delta(row['gain'])} "
+                     f"| {_versus(vs)} | {same} | {report.percent_pm(*row['acc_norm'])} |")
+    if not acc["has_reference"]:
+        lines.append(f"\nNo `{ref}` runs on {task} yet: nothing to compare with.")
     return lines + [""]
 
 
 def headline_table(accuracy: dict[str, dict], methods: list[str]) -> list[str]:
-    """`methods` on every task side by side: acc (seeds) and Δ, for the README."""
+    """`methods` on every task side by side: acc, seeds and Δ vs the reference, for the README."""
     tasks = list(accuracy)
     reference = next(iter(accuracy.values()))["reference"]
-    lines = ["| method | " + " | ".join(f"{t} acc (%) | Δ vs {reference}" for t in tasks) + " |",
-             "|---|" + "---:|---:|" * len(tasks),
-             "| zero-shot | " + " | ".join(f"{100 * accuracy[t]['zero_shot']['acc']:.1f} | –" for t in tasks) + " |"]
+    lines = ["| method | " + " | ".join(f"{t} acc (%) | seeds | Δ vs {reference}" for t in tasks) + " |",
+             "|---|" + "---:|---:|---:|" * len(tasks),
+             "| zero-shot | " + " | ".join(f"{100 * accuracy[t]['zero_shot']['acc']:.1f} | – | –" for t in tasks) + " |"]
     for method in [m for m in methods if any(m in a["rows"] for a in accuracy.values())]:
         cells = []
         for t in tasks:
             row = accuracy[t]["rows"].get(method)
-            cells.append("– | –" if row is None else f"{report.percent_pm(*row['acc'])} ({row['seeds']}) | {_delta(row)}")
+            cells.append("– | – | –" if row is None else
+                         f"{report.percent_pm(*row['acc'])} | {row['seeds']} | {_versus(row['versus'])}")
         lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
     notes = "; ".join(f"{t}: {_about(a)}" for t, a in accuracy.items())
-    return lines + ["", f"acc: mean ± std over seeds (their number in brackets). {notes}.", ""]
+    return lines + ["", f"{notes}.", ""]
 
 
 def _about(acc: dict) -> str:
@@ -139,11 +151,15 @@ def _about(acc: dict) -> str:
             f"{100 * acc['typical']:.1f} %)")
 
 
-def _delta(row: dict) -> str:
-    if row["delta"] is None:
+def _delta(delta: tuple[float, float]) -> str:
+    mean, se = delta
+    return f"{100 * mean:+.1f} (SE {100 * se:.1f})"
+
+
+def _versus(vs: dict | None) -> str:
+    if vs is None:
         return "–"
-    mean, se = row["delta"]
-    return f"{100 * mean:+.1f} ({100 * se:.1f})"
+    return _delta(vs["delta"]) + (f" [{vs['seeds']} shared seeds]" if vs["seeds"] > 1 else "")
 
 
 def routing_table(task: str, methods: dict[str, list[dict]], seed: int | None = None) -> list[str]:
@@ -188,11 +204,12 @@ def main(argv=None) -> str:
     runs = load_runs(args.root)
     if not runs:
         raise SystemExit(f"no results.json under {args.root}/<task>/<method>/seed<S>/")
-    machines = sorted({f"{r['machine'].get('cpu', '?')}" for m in runs.values() for rs in m.values() for r in rs})
+    machines = sorted({r['machine'].get('cpu', '?') for m in runs.values() for rs in m.values() for r in rs})
     lines = ["# Routing study: tables", "",
              f"Generated by `python -m benchmarks.routing_study` from the `results.json` beside this file. "
              f"Machine(s): {', '.join(machines)}. acc: mean ± sample std over seeds; Δ: the paired difference of the "
-             "seed-averaged per-example correctness, in points, with its standard error.", ""]
+             "seed-averaged per-example correctness, in points, with its standard error over the held-out examples "
+             "(the spread over seeds is the acc column's std).", ""]
     runs = {task: dict(sorted(methods.items(), key=lambda item: _rank(item[0]))) for task, methods in runs.items()}
     accuracy = {task: task_accuracy(methods, args.reference) for task, methods in runs.items()}
     lines += ["## The methods compared on every task", ""] + headline_table(accuracy, HEADLINE)

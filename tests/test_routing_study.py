@@ -15,7 +15,7 @@ def _record(path, cfg, data, method, seed, predictions, routing=None, history=No
     golds = [ex.gold for ex in data.eval]
     acc = statistics.fmean(float(p == g) for p, g in zip(predictions, golds))
     result = {"task": "siqa", "method": method, "seed": seed, "config": dataclasses.asdict(cfg), "split": data.split,
-              "zero_shot": {"acc": 0.25, "acc_norm": 0.5},
+              "zero_shot": {"acc": 0.25, "acc_norm": 0.5, "predictions": [0] * len(golds)},
               "finetuned": {"acc": acc, "acc_norm": acc, "n": len(golds), "predictions": predictions},
               "routing": routing, "machine": {"cpu": "test cpu"}, "train": {"routing_history": history}}
     folder = path / "siqa" / method / f"seed{seed}"
@@ -47,17 +47,23 @@ def test_tables_from_records(tmp_path):
     text = routing_study.main(["--root", str(tmp_path)])
 
     assert f"n = {n} held-out examples, chance 33.3 %" in text
-    assert f"| `lora` | 2 | {100 * statistics.fmean(lora):.1f} ± {100 * statistics.stdev(lora):.1f} | – |" in text
-    # per example, lora's seed-averaged correctness is 1 (first half) or 0.5; gmoe's 1 (first quarter) or 0
-    lora_c = [1.0] * (n // 2) + [0.5] * (n - n // 2)
+    # zero-shot (not recorded: every prediction 0) is right where the gold answer is 0
+    zero_c = [float(g == 0) for g in golds]
+    lora_c = [1.0] * (n // 2) + [0.5] * (n - n // 2)     # seed-averaged: seed 1 right everywhere
+    gain = statistics.fmean(x - z for x, z in zip(lora_c, zero_c))
+    gain_se = statistics.stdev([x - z for x, z in zip(lora_c, zero_c)]) / math.sqrt(n)
+    assert (f"| `lora` | 2 | {100 * statistics.fmean(lora):.1f} ± {100 * statistics.stdev(lora):.1f} "
+            f"| {100 * gain:+.1f} (SE {100 * gain_se:.1f}) | – | – |") in text
+    # gmoe is right on the first quarter in both seeds
     gmoe_c = [1.0] * (n // 4) + [0.0] * (n - n // 4)
     d = [g - x for g, x in zip(gmoe_c, lora_c)]
-    delta, se = statistics.fmean(d), statistics.stdev(d) / math.sqrt(n)
-    # same answer as lora's run of the same seed: seed 0 on the first quarter and the wrong second half, seed 1
-    # on the first quarter only
+    versus = f"{100 * statistics.fmean(d):+.1f} (SE {100 * statistics.stdev(d) / math.sqrt(n):.1f}) [2 shared seeds]"
+    # same answer as lora's run of the same seed: seed 0 on the first quarter and the wrong second half,
+    # seed 1 on the first quarter only
     same = ((n // 4 + n - n // 2) / n + (n // 4) / n) / 2
-    assert f"| `gmoe` | 2 | {100 * (n // 4) / n:.1f} ± 0.0 | {100 * delta:+.1f} ({100 * se:.1f}) | {100 * same:.1f} % |" in text
-    assert f"| `gmoe` | {100 * (n // 4) / n:.1f} ± 0.0 (2) | {100 * delta:+.1f} ({100 * se:.1f}) |" in text  # headline
+    acc = f"{100 * (n // 4) / n:.1f} ± 0.0"
+    assert f"| `gmoe` | 2 | {acc} | " in text and f"| {versus} | {100 * same:.1f} % |" in text
+    assert f"| `gmoe` | {acc} | 2 | {versus} |" in text  # the headline table
     assert "| `mixlora` |" not in text  # no runs: not listed
     assert "| `gmoe` | 0.30 → 0.50 | 0.50 → 0.50 | 1.0 → 1.0 | 4.000 → 4.000 |" in text   # seed 0
     assert "| `gmoe` | 2 | 0.30 → 0.60 |" in text                                       # mean over seeds
@@ -70,10 +76,12 @@ def test_records_of_another_split_are_refused(tmp_path):
     rows = write_jsonl(tmp_path / "siqa.jsonl", task_rows("siqa", 24))
     cfg = JobConfig(task="siqa", train_file=rows, output_dir=str(tmp_path / "out"))
     data = prepare_data(cfg)
-    _record(tmp_path, cfg, data, "lora", 0, [ex.gold for ex in data.eval])
-    path = tmp_path / "siqa" / "lora" / "seed0" / "results.json"
+    golds = [ex.gold for ex in data.eval]
+    _record(tmp_path, cfg, data, "gmoe", 0, golds)
+    _record(tmp_path, cfg, data, "lora", 0, golds)
+    path = tmp_path / "siqa" / "lora" / "seed0" / "results.json"  # not the run the examples are rebuilt from
     result = json.loads(path.read_text())
     result["split"]["split_seed"] = 7
     path.write_text(json.dumps(result))
-    with pytest.raises(ValueError, match="cannot be matched"):
+    with pytest.raises(ValueError, match="lora seed 0: its held-out part differs"):
         routing_study.main(["--root", str(tmp_path)])
