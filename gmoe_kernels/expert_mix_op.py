@@ -14,7 +14,9 @@ import torch
 
 from .registration import register_differentiable_op
 
-INDICES = 8  # position of `indices` among the saved inputs: it has no gradient
+# Positions among the op's inputs: the first SAVED are tensors (saved for backward), of which
+# `indices` has no gradient; then the settings scaling and activation.
+INDICES_POS, WEIGHTS_POS, SAVED = 8, 9, 10
 
 
 def register_expert_mix(name: str, forward: Callable, backward: Callable):
@@ -61,11 +63,12 @@ def register_expert_mix(name: str, forward: Callable, backward: Callable):
             grad_h_c = torch.zeros_like(gate_base, dtype=x.dtype)
         if grad_z is None:
             grad_z = x.new_zeros((x.shape[0], num_experts * rank))
-        grads = ops[1](grad_h_c, grad_z, *saved, ctx.scaling, ctx.activation)
+        grads = ops[1](grad_h_c, grad_z, *saved, ctx.scaling, ctx.activation)  # the backward op
         need = ctx.needs_input_grad
-        d = [g if needed else None for g, needed in zip(grads, need[:INDICES] + need[INDICES + 1:INDICES + 2])]
-        return (*d[:INDICES], None, d[INDICES], None, None)
+        d = [g if needed else None for g, needed in zip(grads, need[:INDICES_POS] + (need[WEIGHTS_POS],))]
+        return (*d[:INDICES_POS], None, d[INDICES_POS], None, None)
 
+    # autograd_backward reads ops[1], assigned here before any backward can run
     ops = register_differentiable_op(
         name, forward=forward_op, forward_fake=_forward_fake, backward=backward_op,
         backward_fake=_backward_fake, setup_context=_setup_context,
@@ -80,10 +83,10 @@ def _forward_fake(x, gate_base, up_base, lora_a_gate, *rest):
 
 
 def _backward_fake(grad_h_c, grad_z, *saved_and_settings):
-    saved = saved_and_settings[:10]
-    return [torch.empty_like(t) for i, t in enumerate(saved) if i != INDICES]
+    saved = saved_and_settings[:SAVED]
+    return [torch.empty_like(t) for i, t in enumerate(saved) if i != INDICES_POS]
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:10])   # x, G, U, the five LoRA tensors, indices, weights
-    ctx.scaling, ctx.activation = float(inputs[10]), inputs[11]
+    ctx.save_for_backward(*inputs[:SAVED])   # x, G, U, the five LoRA tensors, indices, weights
+    ctx.scaling, ctx.activation = float(inputs[SAVED]), inputs[SAVED + 1]
