@@ -81,6 +81,15 @@ def test_two_step_compare_writes_results_plots_and_resumes(setup, capsys):
     assert main(["routing", "--model", model, "--task", "obqa", "--adapter", str(out / "obqa" / "lora" / "seed0" /
                                                                                   "adapter")]) == 2
     assert "not a GMoE adapter" in capsys.readouterr().err
+    # several tasks: their held-out examples interleaved, so both are among the first 8
+    assert main(["routing", "--model", model, "--task", "obqa,arc-e", "--method", "gmoe-balanced", "--max-examples",
+                 "8", "--max-length", "64", "--json", str(report)]) == 0
+    rep = json.loads(report.read_text())
+    assert rep["task"] == "arc-e+obqa" and rep["injection"]["examples"] == 8 and "trained" not in rep
+    assert rep["split"]["tasks"].keys() == {"arc-e", "obqa"}
+    with pytest.raises(SystemExit):
+        main(["routing", "--model", model, "--task", "obqa,nope"])
+    assert "unknown task 'nope'" in capsys.readouterr().err
 
 
 def test_methods_configs_and_parameter_counts():

@@ -250,7 +250,8 @@ def coerce(name: str, value, kind):
 @dataclass
 class RoutingOptions:
     _argument_group_name = "routing report"
-    task: str = field(default=DataOptions.task, metadata=_help("the task whose held-out examples are routed"))
+    task: str = field(default=DataOptions.task, metadata=_help(
+        "the task whose held-out examples are routed; several (a,b or a group): their examples interleaved"))
     adapter: str | None = field(default=None, metadata=_help("a saved GMoE adapter folder (<run dir>/adapter)"))
     method: str = field(default="gmoe", metadata=_help(
         "without --adapter: the method whose fresh injection is reported (any but lora)"))

@@ -39,7 +39,8 @@ def measure_routing(model, tokenizer, examples, max_length: int, max_examples: i
 
 def report_routing(model_name: str, task: str, adapter: str | None = None, method: str = "gmoe", seed: int = 0,
                    max_examples: int = REPORT_EXAMPLES, max_length: int = DataOptions.max_length, log=print) -> dict:
-    """Routing telemetry on a task's held-out examples (the job's default split): of a freshly
+    """Routing telemetry on a task's held-out examples (the job's default split; several tasks: their
+    held-out examples interleaved, so every task is among the first `max_examples`): of a freshly
     injected adapter (the baseline: `adapter`'s own config, or `method`'s, seeded by `seed`) and,
     when given, of the saved `adapter`."""
     import copy
@@ -51,6 +52,7 @@ def report_routing(model_name: str, task: str, adapter: str | None = None, metho
     from .assets import load_base_model
     from .job import JobConfig, prepare_data
     from .methods import AdapterSpec, gmoe_config, load_adapter
+    from .multitask import job_name
 
     if adapter is not None:
         config = GMoEConfig.load(adapter)  # a clear error for a folder that is not a GMoE adapter
@@ -60,7 +62,7 @@ def report_routing(model_name: str, task: str, adapter: str | None = None, metho
     base, tok = load_base_model(model_name)
     transformers.set_seed(seed)
     fresh = get_gmoe_model(copy.deepcopy(base), dataclasses.replace(config, base_model_name_or_path=None))
-    out = {"task": task, "model": model_name, "split": data.split, "adapter": adapter,
+    out = {"task": job_name(task), "model": model_name, "split": data.split, "adapter": adapter,
            "config": config.to_dict(), "injection": measure_routing(fresh, tok, data.eval, max_length, max_examples)}
     log(f"freshly injected (seed {seed}):\n" + _format(out["injection"]))
     if adapter is not None:
@@ -86,7 +88,7 @@ def main(argv: list[str]) -> int:
     from .methods import METHODS
     from .options import ModelOptions, make_parser
     from .report import write_json
-    from .tasks import TASKS
+    from .multitask import task_names
 
     p = make_parser(
         [ModelOptions, RoutingOptions], "gmoe-finetune routing",
@@ -94,8 +96,10 @@ def main(argv: list[str]) -> int:
                     "top-K set, idle experts, λ, σ) on a task's held-out examples, for a saved GMoE adapter and a "
                     "freshly injected one with the same config")
     model_opts, args = p.parse_args_into_dataclasses(argv, look_for_args_file=False)
-    if args.task not in TASKS:
-        p.error(f"argument --task: invalid choice: {args.task!r} (choose from {', '.join(TASKS)})")
+    try:
+        task_names(args.task)
+    except ValueError as err:
+        p.error(f"argument --task: {err}")
     if args.method not in METHODS or args.method == "lora":
         p.error(f"argument --method: invalid choice: {args.method!r} (choose from "
                 f"{', '.join(m for m in METHODS if m != 'lora')})")
