@@ -183,9 +183,8 @@ def routing_table(task: str, methods: dict[str, list[dict]], seed: int | None = 
             continue  # lora: no router
         cells = []
         for field, _, fmt in ROUTING_FIELDS:
-            when = [[r["routing"][w]["summary"].get(field) for r in results] for w in ("injection", "trained")]
-            cells.append("–" if None in when[0] + when[1] else
-                         f"{fmt.format(statistics.fmean(when[0]))} → {fmt.format(statistics.fmean(when[1]))}")
+            before, after = (report.routing_mean(results, w, field) for w in ("injection", "trained"))
+            cells.append("–" if before is None or after is None else f"{fmt.format(before)} → {fmt.format(after)}")
         count = "" if seed is not None else f"{len(results)} | "
         lines.append(f"| `{method}` | {count}" + " | ".join(cells) + " |")
     return lines + [""]

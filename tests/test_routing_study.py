@@ -85,3 +85,15 @@ def test_records_of_another_split_are_refused(tmp_path):
     path.write_text(json.dumps(result))
     with pytest.raises(ValueError, match="lora seed 0: its held-out part differs"):
         routing_study.main(["--root", str(tmp_path)])
+
+
+def test_routing_mean_needs_every_run():
+    from gmoe.finetune.report import routing_mean
+
+    runs = [{"routing": _routing(0.3, 0.5)}, {"routing": _routing(0.2, 0.7)}]
+    assert routing_mean(runs, "injection", "busiest_share") == pytest.approx(0.25)
+    assert routing_mean(runs, "trained", "busiest_share") == pytest.approx(0.6)
+    # a run without routing (lora) or without the field: no mean that would claim to cover it
+    assert routing_mean(runs + [{"routing": None}], "trained", "busiest_share") is None
+    assert routing_mean(runs, "trained", "no_such_field") is None
+    assert routing_mean([], "trained", "busiest_share") is None

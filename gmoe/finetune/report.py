@@ -107,9 +107,12 @@ def binomial_se(p: float | None, n: int) -> float | None:
     return math.sqrt(p * (1.0 - p) / n)
 
 
-def _routing_summary(runs: list[dict], when: str, field: str) -> float | None:
-    values = [r["routing"][when]["summary"][field] for r in runs
-              if (r.get("routing") or {}).get(when) and r["routing"][when]["summary"].get(field) is not None]
+def routing_mean(runs: list[dict], when: str, field: str) -> float | None:
+    """The mean over runs of one routing summary field ("injection" or "trained"), or None unless every
+    run has it: a mean over the runs that happen to have routing would be labelled as all of them."""
+    values = [((r.get("routing") or {}).get(when) or {}).get("summary", {}).get(field) for r in runs]
+    if not values or None in values:
+        return None
     return mean_std(values)[0]
 
 
@@ -151,8 +154,8 @@ def summarize(task: str, zero_shot: dict, results: dict[str, list[dict]], chance
         row["eval_tokens_per_s"] = mean_std([r["finetuned"]["tokens_per_s"] for r in runs])[0]
         row["train_seconds"] = mean_std([r["train"]["seconds"] for r in runs])[0]
         for field in ("busiest_share", "top_set_fraction"):
-            row[f"{field}_injection"] = _routing_summary(runs, "injection", field)
-            row[f"{field}_trained"] = _routing_summary(runs, "trained", field)
+            row[f"{field}_injection"] = routing_mean(runs, "injection", field)
+            row[f"{field}_trained"] = routing_mean(runs, "trained", field)
         _per_task(row, [r["finetuned"] for r in runs], ns)
         rows.append(row)
     out = {"task": task, "rows": rows, "n": n, "chance": chance}
