@@ -21,7 +21,6 @@ The held-out gold answers come from the job's own split (`prepare_data` with eac
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import glob
 import math
 import os
@@ -52,8 +51,7 @@ def held_out(methods: dict[str, list[dict]]) -> list:
     """The held-out examples in scoring order, rebuilt from the first run's recorded config; every run
     of the task must have recorded the same split (else its predictions would meet the wrong answers)."""
     first = next(iter(methods.values()))[0]
-    names = {f.name for f in dataclasses.fields(JobConfig)}
-    data = prepare_data(JobConfig(**{k: v for k, v in first["config"].items() if k in names}))
+    data = prepare_data(JobConfig.from_fields(first["config"]))
     for result in (r for results in methods.values() for r in results):
         recorded = result["split"]
         if any(data.split.get(k) != recorded.get(k) for k in SPLIT_KEYS) or len(data.eval) != result["finetuned"]["n"]:

@@ -112,8 +112,7 @@ def parse_command(command: str, argv: list[str]) -> JobConfig:
             parser.error(f"argument --task: invalid choice: {name!r} (choose from {', '.join(TASKS)}, a comma list "
                          f"of them, or {', '.join(TASK_GROUPS)})")
     values = {k: v for k, v in parsed.items() if k not in _CONFIG_KEYS}
-    known = {f.name for f in dataclasses.fields(JobConfig)}
-    cfg = JobConfig(**{k: v for k, v in values.items() if k in known}, preset=parsed.get("preset"))
+    cfg = JobConfig.from_fields(values, preset=parsed.get("preset"))
     cfg.eval_only = command == "eval"
     if command != "eval":
         cfg.methods = _methods(parsed, command, parser.prog)

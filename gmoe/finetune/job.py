@@ -40,6 +40,13 @@ class JobConfig(ModelOptions, DataOptions, ScoringOptions, TrainOptions, Selecti
     eval_only: bool = False
     preset: str | None = None
 
+    @classmethod
+    def from_fields(cls, values: dict, **extra) -> JobConfig:
+        """The config of the keys of `values` that are fields (a parsed command line, or a run's recorded
+        config from an older or newer version); other keys are ignored. `extra` sets fields besides."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known}, **extra)
+
     def spec(self) -> M.AdapterSpec:
         return M.AdapterSpec(r=self.r, alpha=self.alpha, dropout=self.dropout, experts=self.experts, top_k=self.top_k)
 
