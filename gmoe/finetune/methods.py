@@ -11,6 +11,8 @@ caller's and identical across methods.
   study's routing runs (docs/routing.md); freezing λ and σ changed nothing there and is left out
 - mixlora: linear router with the Switch load-balancing loss (MixLoRA's default coefficient 0.01)
 - lora: PEFT LoraConfig on the same seven projections with the same rank
+- lora-matched: lora whose rank gives it as many trainable parameters as `gmoe` at the same spec (experts,
+  router, λ and σ included) on this base model, the nearest rank: a LoRA as large as the mixture
 All put a LoRA of rank r on q/k/v/o_proj; the MoE methods put E LoRA experts of rank r on gate/up/down_proj.
 """
 from __future__ import annotations
@@ -32,7 +34,8 @@ METHOD_OVERRIDES = {
     "gmoe-balanced": {"router": "graph", "load_decay": 0.9, "token_coupling": "uniform"},
     "mixlora": {"router": "linear", "poisson_loss_coef": 0.0, "normal_loss_coef": 0.0, "aux_loss_coef": 0.01},
 }
-METHODS = [*METHOD_OVERRIDES, "lora"]
+METHODS = [*METHOD_OVERRIDES, "lora", "lora-matched"]
+PEFT_METHODS = ("lora", "lora-matched")
 
 
 @dataclass
@@ -59,22 +62,42 @@ def gmoe_config(method: str, spec: AdapterSpec):
                            expert_modules=list(MLP_MODULES), **fields)
 
 
-def lora_config(spec: AdapterSpec):
+def lora_config(spec: AdapterSpec, r: int | None = None):
+    """PEFT LoRA on the seven projections; rank `r` (default spec.r) with the spec's scaling alpha / r."""
     import peft
 
-    return peft.LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+    r = spec.r if r is None else r
+    return peft.LoraConfig(r=r, lora_alpha=spec.alpha * r / spec.r, lora_dropout=spec.dropout,
                            target_modules=ATTENTION_MODULES + MLP_MODULES, bias="none", task_type="CAUSAL_LM")
 
 
 def apply_method(model, method: str, spec: AdapterSpec):
     """The base model with the method's adapter injected (base frozen)."""
-    if check_method(method) == "lora":
+    if check_method(method) in PEFT_METHODS:
         import peft
 
-        return peft.get_peft_model(model, lora_config(spec))
+        r = matched_rank(model, spec) if method == "lora-matched" else spec.r
+        return peft.get_peft_model(model, lora_config(spec, r))
     import gmoe
 
     return gmoe.get_gmoe_model(model, gmoe_config(method, spec))
+
+
+def matched_rank(model, spec: AdapterSpec) -> int:
+    """The LoRA rank whose trainable-parameter count on the seven projections of `model` is nearest the
+    `gmoe` method's at `spec`. GMoE is injected and removed again to count it (unload() returns the
+    untouched base), so the count is exact whatever the model's shapes."""
+    import gmoe
+
+    injected = gmoe.get_gmoe_model(model, gmoe_config("gmoe", spec))
+    target = sum(p.numel() for p in injected.parameters() if p.requires_grad)
+    base = injected.unload()
+    names = set(ATTENTION_MODULES + MLP_MODULES)
+    per_rank = sum(m.in_features + m.out_features for n, m in base.named_modules()
+                   if n.rsplit(".", 1)[-1] in names and hasattr(m, "in_features"))
+    if per_rank == 0:
+        raise ValueError("lora-matched: the model has none of the projections " + ", ".join(sorted(names)))
+    return max(1, round(target / per_rank))
 
 
 def read_adapter_config(path: str) -> dict:

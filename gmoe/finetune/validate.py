@@ -79,9 +79,9 @@ def check_adapter_spec(cfg) -> None:
     _finite(spec.alpha, "--alpha", 0.0)
     _finite(spec.dropout, "--dropout", 0.0, 1.0, low_open=False)
     for method in cfg.methods:
-        if method != "lora":
+        if method != "lora":  # lora-matched counts gmoe's parameters at this spec: gmoe's must be valid
             try:
-                M.gmoe_config(method, spec)
+                M.gmoe_config("gmoe" if method == "lora-matched" else method, spec)
             except ValueError as err:
                 raise ValueError(f"--experts/--top-k/--r/--alpha/--dropout: {err}") from err
 
