@@ -239,9 +239,12 @@ class GMoEModel(nn.Module):
 
     # ----- routing telemetry -----
     def _routing_counts(self, layers, routings, mask) -> dict[str, torch.Tensor]:
-        """This forward's slot and set counts for all layers at once (`gmoe.telemetry.batch_counts`)."""
+        """This forward's slot, set and effective-expert counts for all layers at once
+        (`gmoe.telemetry.batch_counts`)."""
         indices = torch.stack([indices for _, indices, _ in routings])
-        return telemetry.batch_counts(indices, mask, layers[0].routing_set_digits, layers[0].routing_sets.shape[0])
+        weights = torch.stack([weights for _, _, weights in routings])
+        return telemetry.batch_counts(indices, weights, mask, layers[0].routing_set_digits,
+                                      layers[0].routing_sets.shape[0])
 
     def _count_eval_routing(self, attention_mask) -> None:
         """Inside `measuring_routing`: add an eval forward's routing to the window (local counts)."""

@@ -11,6 +11,8 @@ each GMoE layer; read, and reset, at logging time by `GMoEModel.routing_stats()`
 - `top_set_fraction`: the fraction of tokens routed to the layer's most common set of K experts,
   a measure of token-independence (1: every token takes the same experts);
 - `idle_experts`: experts with under 1/(4E) of the slots;
+- `effective_experts`: the mean over tokens of 1/Σ_k w_k², w the renormalised top-K mixing weights
+  (K when a token's K weights are equal, 1 when one weight takes it all: ReMix's effective support size);
 - `poisson_rate` λ and `normal_std` σ (None where the router has none);
 - `degree_correlation`: for the graph router, the rank correlation of the slots with each
   expert's degree in the expert graph.
@@ -28,7 +30,7 @@ import torch
 #: Most top-K sets counted exactly; with more possible sets (C(E, K) > this), a set is counted in the
 #: bucket of its rank modulo this, and `top_set_fraction` is an upper bound (`exact_sets` False).
 MAX_SETS = 1024
-COUNT_NAMES = ("routing_slots", "routing_mass", "routing_sets")
+COUNT_NAMES = ("routing_slots", "routing_mass", "routing_sets", "routing_effective")
 
 
 def set_buckets(num_experts: int, top_k: int) -> int:
@@ -43,22 +45,26 @@ def set_digits(num_experts: int, top_k: int) -> torch.Tensor:
 
 def register_window(layer: torch.nn.Module, num_experts: int, top_k: int, device) -> None:
     """The per-layer window counts, as non-persistent fp32 buffers (not in the adapter; moved,
-    traced and faked with the module): slots (E,), routed mass (E,), top-K sets (buckets,), tokens (1,)."""
+    traced and faked with the module): slots (E,), routed mass (E,), top-K sets (buckets,), the sum of
+    the tokens' effective numbers of experts (1,), tokens (1,)."""
     layer.register_buffer("routing_slots", torch.zeros(num_experts, device=device), persistent=False)
     layer.register_buffer("routing_mass", torch.zeros(num_experts, device=device), persistent=False)
     layer.register_buffer("routing_sets", torch.zeros(set_buckets(num_experts, top_k), device=device),
                           persistent=False)
+    layer.register_buffer("routing_effective", torch.zeros(1, device=device), persistent=False)
     layer.register_buffer("routing_tokens", torch.zeros(1, device=device), persistent=False)
     layer.register_buffer("routing_set_digits", set_digits(num_experts, top_k).to(device), persistent=False)
 
 
-def batch_counts(indices: torch.Tensor, mask: torch.Tensor | None, digits: torch.Tensor,
-                 num_buckets: int) -> dict[str, torch.Tensor]:
-    """One forward's slot and set counts for all L layers at once, on the device, without gradient.
+def batch_counts(indices: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None,
+                 digits: torch.Tensor, num_buckets: int) -> dict[str, torch.Tensor]:
+    """One forward's slot, set and effective-expert counts for all L layers at once, on the device,
+    without gradient.
 
-    indices (L, T, K) int64, mask (T,) bool or None, digits (E, K) from `set_digits`. Returns
-    {"routing_slots": (L, E), "routing_sets": (L, buckets)}. The routed mass is the batch load the
-    losses already compute (`gmoe.losses.batch_load`).
+    indices (L, T, K) int64, weights (L, T, K) the renormalised top-K mixing weights, mask (T,) bool
+    or None, digits (E, K) from `set_digits`. Returns {"routing_slots": (L, E), "routing_sets":
+    (L, buckets), "routing_effective": (L, 1) the sum over non-padding tokens of 1/Σ_k w_k²}. The
+    routed mass is the batch load the losses already compute (`gmoe.losses.batch_load`).
     """
     num_layers, num_tokens, top_k = indices.shape
     num_experts = digits.shape[0]
@@ -71,7 +77,9 @@ def batch_counts(indices: torch.Tensor, mask: torch.Tensor | None, digits: torch
         rank = digits[ordered, torch.arange(top_k, device=indices.device)].sum(-1)  # (L, T)
         sets = torch.zeros(num_layers, num_buckets, device=indices.device).scatter_add(
             1, rank % num_buckets, keep.expand(num_layers, num_tokens).contiguous())
-    return {"routing_slots": slots, "routing_sets": sets}
+        # (Σ_k w_k = 1, so Σ_k w_k² ≥ 1/K > 0: the reciprocal is finite for finite weights.)
+        effective = (weights.detach().float().square().sum(-1).reciprocal() * keep).sum(-1, keepdim=True)
+    return {"routing_slots": slots, "routing_sets": sets, "routing_effective": effective}
 
 
 def accumulate(layers, counts: dict[str, torch.Tensor], tokens: torch.Tensor) -> None:
@@ -104,10 +112,12 @@ class LayerRouting:
     poisson_rate: float | None
     normal_std: float | None
     degree_correlation: float | None
+    #: Last, with a default: records written before it was counted still load.
+    effective_experts: float | None = None
 
 
-SUMMARY_FIELDS = ("busiest_share", "load_entropy", "top_set_fraction", "idle_experts", "poisson_rate",
-                  "normal_std", "degree_correlation")
+SUMMARY_FIELDS = ("busiest_share", "load_entropy", "top_set_fraction", "idle_experts", "effective_experts",
+                  "poisson_rate", "normal_std", "degree_correlation")
 
 
 @dataclass
@@ -135,16 +145,18 @@ class RoutingStats:
 
     def format(self) -> str:
         """A per-layer text table and the means, for a terminal."""
-        head = (f"{'layer':>5} {'busiest':>8} {'entropy':>8} {'top set':>8} {'idle':>5} {'λ':>6} {'σ':>6}  "
+        head = (f"{'layer':>5} {'busiest':>8} {'entropy':>8} {'top set':>8} {'idle':>5} {'eff.':>5} {'λ':>6} {'σ':>6}  "
                 f"slot share per expert (balanced {1 / self.num_experts:.3f})")
         rows = [head]
         for i, layer in enumerate(self.layers):
             rows.append(f"{i:>5} {layer.busiest_share:>8.3f} {layer.load_entropy:>8.3f} "
-                        f"{layer.top_set_fraction:>8.3f} {layer.idle_experts:>5d} {_num(layer.poisson_rate):>6} "
+                        f"{layer.top_set_fraction:>8.3f} {layer.idle_experts:>5d} {_num(layer.effective_experts):>5} "
+                        f"{_num(layer.poisson_rate):>6} "
                         f"{_num(layer.normal_std):>6}  " + " ".join(f"{v:.2f}" for v in layer.slot_share))
         s = self.summary()
         rows.append(f"{'mean':>5} {s['busiest_share']:>8.3f} {s['load_entropy']:>8.3f} "
-                    f"{s['top_set_fraction']:>8.3f} {s['idle_experts']:>5.1f} {_num(s['poisson_rate']):>6} "
+                    f"{s['top_set_fraction']:>8.3f} {s['idle_experts']:>5.1f} {_num(s['effective_experts']):>5} "
+                    f"{_num(s['poisson_rate']):>6} "
                     f"{_num(s['normal_std']):>6}  over {self.tokens} tokens"
                     + ("" if self.exact_sets else "; top set: bucketed, an upper bound"))
         return "\n".join(rows)
@@ -184,8 +196,9 @@ def rank_correlation(a: list[float], b: list[float]) -> float | None:
 
 
 def layer_routing(name: str, slots: list[float], mass: list[float], sets: list[float], tokens: int,
-                  router) -> LayerRouting:
-    """The summary of one layer's window counts (host lists) and its router's λ, σ and graph."""
+                  router, effective: float = 0.0) -> LayerRouting:
+    """The summary of one layer's window counts (host lists; `effective` the sum over tokens of
+    1/Σ_k w_k²) and its router's λ, σ and graph."""
     num_experts = len(slots)
     slot_share, mass_share = _share(slots), _share(mass)
     entropy = -sum(p * math.log(p) for p in slot_share if p > 0)
@@ -199,6 +212,7 @@ def layer_routing(name: str, slots: list[float], mass: list[float], sets: list[f
         busiest_share=max(slot_share), load_entropy=entropy / math.log(num_experts) if num_experts > 1 else 1.0,
         top_set_fraction=max(sets) / tokens if tokens else 0.0,
         idle_experts=sum(s < 1 / (4 * num_experts) for s in slot_share) if tokens else 0,
+        effective_experts=effective / tokens if tokens else 0.0,
         poisson_rate=None if rate is None else float(rate.detach().reshape(-1)[0]),
         normal_std=None if std is None else float(std.detach().reshape(-1)[0]),
         degree_correlation=degree)
@@ -210,8 +224,10 @@ def read_window(layers, top_k: int) -> RoutingStats:
     slots = torch.stack([layer.routing_slots for layer in layers]).tolist()
     mass = torch.stack([layer.routing_mass for layer in layers]).tolist()
     sets = torch.stack([layer.routing_sets for layer in layers]).tolist()
+    effective = torch.cat([layer.routing_effective for layer in layers]).tolist() if layers else []
     tokens = int(round(layers[0].routing_tokens.item())) if layers else 0
-    rows = [layer_routing(getattr(layer, "layer_name", str(i)), slots[i], mass[i], sets[i], tokens, layer.router)
+    rows = [layer_routing(getattr(layer, "layer_name", str(i)), slots[i], mass[i], sets[i], tokens, layer.router,
+                          effective[i])
             for i, layer in enumerate(layers)]
     num_experts = len(slots[0]) if slots else 0
     return RoutingStats(num_experts=num_experts, top_k=top_k, tokens=tokens,

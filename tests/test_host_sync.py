@@ -76,7 +76,10 @@ def test_training_step_has_no_host_sync(method):
     recorder = check_training_step(_step(model, _batch()))
     assert not recorder.ours(), "host synchronisations on the training path:\n" + _syncs(recorder.ours())
     # the routing telemetry ran inside the recorded step (warm-up and recorded step both counted)
-    assert model.routing_stats().tokens == 2 * int(_batch()["attention_mask"].sum())
+    stats = model.routing_stats()
+    assert stats.tokens == 2 * int(_batch()["attention_mask"].sum())
+    # the effective number of experts was counted in the recorded step too (K = 2 bounds it)
+    assert all(1.0 <= layer.effective_experts <= 2.0 + 1e-6 for layer in stats.layers)
     # and none from transformers either (eager attention): the GPU check needs the whole step clean
     assert not recorder.syncs, _syncs(recorder.syncs)
     assert MIX_OPS <= recorder.custom_ops  # the Triton launchers ran, under the recorder

@@ -18,10 +18,10 @@ def _model(num_experts=4, top_k=2, router="graph"):
 
 
 def _capture(model):
-    """Per layer, the list of (probs, indices) of every forward (read right after the layer ran)."""
+    """Per layer, the list of (probs, indices, weights) of every forward (read right after the layer ran)."""
     seen = collections.defaultdict(list)
     for i, layer in enumerate(model.gmoe_layers()):
-        layer.register_forward_hook(lambda m, a, o, i=i: seen[i].append(tuple(t.detach() for t in m.last_routing[:2])))
+        layer.register_forward_hook(lambda m, a, o, i=i: seen[i].append(tuple(t.detach() for t in m.last_routing)))
     return seen
 
 
@@ -38,7 +38,7 @@ def _batch(seed, padded=True):
 def _brute_force(calls, masks, num_experts):
     """Slot and mass counts, set counts and tokens of one layer over its forwards, in plain Python."""
     slots, mass, sets, tokens = [0.0] * num_experts, [0.0] * num_experts, collections.Counter(), 0
-    for (probs, indices), mask in zip(calls, masks):
+    for (probs, indices, _), mask in zip(calls, masks):
         for t, keep in enumerate(mask.reshape(-1).tolist()):
             if not keep:
                 continue
@@ -49,6 +49,14 @@ def _brute_force(calls, masks, num_experts):
                 slots[e] += 1
                 mass[e] += probs[t, e].item()
     return slots, mass, sets, tokens
+
+
+def _brute_force_effective(calls, masks):
+    """The mean over non-padding tokens of 1 / Σ_k w_k², one token at a time."""
+    values = [1.0 / sum(w * w for w in weights[t].tolist())
+              for (_, _, weights), mask in zip(calls, masks)
+              for t, keep in enumerate(mask.reshape(-1).tolist()) if keep]
+    return sum(values) / len(values)
 
 
 def _share(counts):
@@ -74,6 +82,8 @@ def test_training_window_matches_brute_force():
         assert layer.load_entropy == pytest.approx(entropy, abs=1e-6)
         assert layer.idle_experts == sum(s < 1 / 16 for s in _share(slots))
         assert layer.normal_std == 2.0 and layer.poisson_rate == 1.5
+        assert layer.effective_experts == pytest.approx(
+            _brute_force_effective(seen[i], [b["attention_mask"] for b in batches]), abs=1e-6)
     # reading resets the window; an eval forward outside measuring_routing() does not count
     model.eval()
     with torch.no_grad():
@@ -93,6 +103,8 @@ def test_measuring_routing_counts_eval_forwards_only_inside():
     assert model.routing_stats().tokens == 0  # leaving the context starts a new window
     slots, _, _, tokens = _brute_force(seen[0][1:], [batch["attention_mask"]], 4)
     assert stats.tokens == tokens and stats.layers[0].slot_share == pytest.approx(_share(slots), abs=1e-6)
+    assert stats.layers[0].effective_experts == pytest.approx(
+        _brute_force_effective(seen[0][1:], [batch["attention_mask"]]), abs=1e-6)
 
 
 def test_many_sets_are_hashed_and_bound_the_exact_fraction():
@@ -140,3 +152,42 @@ def test_rank_correlation():
     assert telemetry.rank_correlation([1, 1, 1], [1, 2, 3]) is None
     # ties take their mean rank: ranks (0.5, 0.5, 2) against (0, 1, 2)
     assert telemetry.rank_correlation([5, 5, 9], [1, 2, 3]) == pytest.approx(0.8660254, abs=1e-6)
+
+
+def test_effective_experts_bounds_and_a_hand_value():
+    """1/Σ_k w_k²: K for equal weights, 1 for one weight, 1/(0.8² + 0.2²) = 1.4706 in between;
+    a padding token (mask 0) does not count."""
+    indices = torch.tensor([[[0, 1], [2, 3], [1, 2], [0, 3]]])                   # (L 1, T 4, K 2)
+    weights = torch.tensor([[[0.5, 0.5], [1.0, 0.0], [0.8, 0.2], [0.9, 0.1]]])
+    mask = torch.tensor([True, True, True, False])
+    counts = telemetry.batch_counts(indices, weights, mask, telemetry.set_digits(4, 2), 6)
+    assert counts["routing_effective"].shape == (1, 1)
+    assert counts["routing_effective"].item() == pytest.approx(2.0 + 1.0 + 1 / 0.68, abs=1e-5)
+    row = telemetry.layer_routing("l", [2, 2, 2, 0], [1, 1, 1, 0], [1, 1, 1, 0, 0, 0], 3, None,
+                                  counts["routing_effective"].item())
+    assert row.effective_experts == pytest.approx((3.0 + 1 / 0.68) / 3, abs=1e-5)
+
+
+def test_compare_table_shows_effective_experts_and_old_records_still_read():
+    """The compare table's effective-experts column (mean over seeds, injection → trained); a run
+    recorded before the field existed makes it "–" rather than a mean over the others."""
+    from gmoe.finetune import report
+    from gmoe.finetune.routing import _format
+
+    def run(seed, before, after):
+        routing = {w: {"summary": {"busiest_share": 0.3, "top_set_fraction": 0.5, "effective_experts": v}}
+                   for w, v in (("injection", before), ("trained", after))}
+        return {"seed": seed, "finetuned": {"acc": 0.5, "acc_norm": 0.5, "tokens_per_s": 1.0},
+                "train": {"tokens_per_s": 1.0, "seconds": 1.0}, "trainable_params": {"trainable": 10},
+                "routing": routing}
+    zero_shot = {"acc": 0.4, "acc_norm": 0.4, "n": 100}
+    table = report.markdown_table(report.summarize("t", zero_shot, {"gmoe": [run(0, 1.9, 1.5), run(1, 1.7, 1.3)]}), "")
+    assert "| effective experts |" in table and "| 1.80 → 1.40 |" in table
+    old = run(2, None, None)
+    table = report.markdown_table(report.summarize("t", zero_shot, {"gmoe": [run(0, 1.9, 1.5), old]}), "")
+    assert "| 0.30 → 0.30 | 0.50 → 0.50 | – |" in table
+    layer = dict(name="l", tokens=4, slot_share=[0.5, 0.5], mass_share=[0.5, 0.5], busiest_share=0.5,
+                 load_entropy=1.0, top_set_fraction=1.0, idle_experts=0, poisson_rate=None, normal_std=None,
+                 degree_correlation=None)  # a layer record without effective_experts
+    text = _format({"num_experts": 2, "top_k": 1, "tokens": 4, "exact_sets": True, "layers": [layer]})
+    assert "eff." in text and "–" in text

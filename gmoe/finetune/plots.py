@@ -50,12 +50,14 @@ def loss_curves(log_history: list[dict], path: str, title: str) -> str:
 ROUTING_PANELS = (("busiest_share", "busiest expert's share of slots"),
                   ("load_entropy", "normalised entropy of the load"),
                   ("top_set_fraction", "tokens on the most common top-K set"),
-                  ("normal_std", "σ (Normal loss std)"))
+                  ("normal_std", "σ (Normal loss std)"),
+                  ("effective_experts", "effective experts per token, 1/Σ w²"))
 
 
 def routing_over_training(routing_history: list[dict], path: str, title: str) -> str | None:
-    """Four panels over the training steps: the busiest expert's share, the load's normalised
-    entropy, the fraction of tokens on the layer's most common top-K set, and σ. Each shows the
+    """Five panels over the training steps: the busiest expert's share, the load's normalised
+    entropy, the fraction of tokens on the layer's most common top-K set, σ and the effective number
+    of experts per token (absent from records written before it was counted). Each shows the
     mean over layers (line) and the range over layers (band); the balanced value is dotted."""
     if not routing_history:
         return None
@@ -64,7 +66,7 @@ def routing_over_training(routing_history: list[dict], path: str, title: str) ->
     num_experts = routing_history[0]["num_experts"]
     fig, axes = plt.subplots(1, len(ROUTING_PANELS), figsize=(4.2 * len(ROUTING_PANELS), 3.4))
     for ax, (field, label) in zip(axes, ROUTING_PANELS):
-        per_layer = [[layer[field] for layer in h["layers"]] for h in routing_history]
+        per_layer = [[layer.get(field) for layer in h["layers"]] for h in routing_history]
         if any(v is None for row in per_layer for v in row):
             ax.set(title=label)
             ax.text(0.5, 0.5, "not in this router", ha="center", va="center", transform=ax.transAxes)
@@ -73,7 +75,8 @@ def routing_over_training(routing_history: list[dict], path: str, title: str) ->
         ax.fill_between(steps, [min(r) for r in per_layer], [max(r) for r in per_layer], alpha=0.25,
                         label="range over layers")
         ax.plot(steps, mean, marker="o", ms=3, label="mean over layers")
-        balanced = {"busiest_share": 1.0 / num_experts, "load_entropy": 1.0}.get(field)
+        balanced = {"busiest_share": 1.0 / num_experts, "load_entropy": 1.0,
+                    "effective_experts": routing_history[0].get("top_k")}.get(field)
         if balanced is not None:
             ax.axhline(balanced, color="k", ls=":", lw=1, label="balanced")
         ax.set(title=label, xlabel="step")

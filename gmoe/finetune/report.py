@@ -153,7 +153,7 @@ def summarize(task: str, zero_shot: dict, results: dict[str, list[dict]], chance
         row["train_tokens_per_s"] = mean_std([r["train"]["tokens_per_s"] for r in runs])[0]
         row["eval_tokens_per_s"] = mean_std([r["finetuned"]["tokens_per_s"] for r in runs])[0]
         row["train_seconds"] = mean_std([r["train"]["seconds"] for r in runs])[0]
-        for field in ("busiest_share", "top_set_fraction"):
+        for field in ROUTING_COLUMNS:
             row[f"{field}_injection"] = routing_mean(runs, "injection", field)
             row[f"{field}_trained"] = routing_mean(runs, "trained", field)
         _per_task(row, [r["finetuned"] for r in runs], ns)
@@ -164,15 +164,19 @@ def summarize(task: str, zero_shot: dict, results: dict[str, list[dict]], chance
     return out
 
 
+#: Routing fields of the compare table, at injection → after training (means over layers and seeds).
+ROUTING_COLUMNS = ("busiest_share", "top_set_fraction", "effective_experts")
+
+
 def _share(value) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
 def markdown_table(summary: dict, header: str) -> str:
     lines = [header, "",
-             "| method | acc (%) | SE | acc_norm (%) | seeds | busiest expert | top-K set | trainable params "
-             "| train tok/s | eval tok/s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| method | acc (%) | SE | acc_norm (%) | seeds | busiest expert | top-K set | effective experts "
+             "| trainable params | train tok/s | eval tok/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary["rows"]:
         seeds = "–" if r["method"] == "zero-shot" else str(len(r["seeds"]))
         tps = f"{r['train_tokens_per_s']:.0f}" if r.get("train_tokens_per_s") else "–"
@@ -180,9 +184,9 @@ def markdown_table(summary: dict, header: str) -> str:
         params = f"{r['trainable_params']:,}" if r["trainable_params"] is not None else "–"
         se = "–" if r.get("acc_se") is None else f"{100 * r['acc_se']:.1f}"
         routing = [f"{_share(r.get(f'{f}_injection'))} → {_share(r.get(f'{f}_trained'))}"
-                   if r.get(f"{f}_trained") is not None else "–" for f in ("busiest_share", "top_set_fraction")]
+                   if r.get(f"{f}_trained") is not None else "–" for f in ROUTING_COLUMNS]
         lines.append(f"| {r['method']} | {percent_pm(r['acc_mean'], r['acc_std'])} | {se} | "
-                     f"{percent_pm(r['acc_norm_mean'], r['acc_norm_std'])} | {seeds} | {routing[0]} | {routing[1]} | "
+                     f"{percent_pm(r['acc_norm_mean'], r['acc_norm_std'])} | {seeds} | {' | '.join(routing)} | "
                      f"{params} | {tps} | {eps} |")
     lines.append("")
     if summary.get("tasks"):
@@ -196,8 +200,9 @@ def markdown_table(summary: dict, header: str) -> str:
                  + (f"; chance: {100 * chance:.1f} %" if chance is not None else "") + ". "
                  "Zero-shot is the bare base model on the same held-out part. Routing (GMoE methods, mean over "
                  f"layers and seeds, on up to {REPORT_EXAMPLES} held-out examples, at injection → after training): the busiest "
-                 "expert's share of the top-K slots (balanced 1/E) and the fraction of tokens on the layer's most "
-                 "common top-K set.")
+                 "expert's share of the top-K slots (balanced 1/E), the fraction of tokens on the layer's most "
+                 "common top-K set (uniform routing: 1/C(E, K)) and the effective number of experts per token, "
+                 "1/Σ_k w_k² of its top-K mixing weights (K when equal, 1 when one expert takes all).")
     return "\n".join(lines) + "\n"
 
 
