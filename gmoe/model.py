@@ -293,6 +293,28 @@ class GMoEModel(nn.Module):
         self.report_non_finite()
         return torch.stack([m.expert_load.detach().clone() for m in self.gmoe_layers()])
 
+    # ----- inference -----
+    @property
+    def router_cache(self) -> bool:
+        """Whether eval forwards reuse each graph router's token-independent terms (expert
+        nodes, layer 1's constant, Â) instead of recomputing them per forward; on by default.
+        The cache is rebuilt whenever a tensor it depends on changes (`gmoe.router_cache`)."""
+        return all(getattr(m.router, "cache_terms", True) for m in self.gmoe_layers())
+
+    @router_cache.setter
+    def router_cache(self, enabled: bool) -> None:
+        for layer in self.gmoe_layers():
+            if hasattr(layer.router, "cache_terms"):
+                layer.router.cache_terms = bool(enabled)
+                layer.router.term_cache.clear()
+
+    def clear_router_cache(self) -> None:
+        """Drop every router's cached terms. Needed only after writing router weights through
+        `.data` (which bypasses the version counters the cache watches)."""
+        for layer in self.gmoe_layers():
+            if hasattr(layer.router, "term_cache"):
+                layer.router.term_cache.clear()
+
     @contextlib.contextmanager
     def disable_adapter(self):
         """Within this context the model computes exactly the base model: every GMoE MLP runs

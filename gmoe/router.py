@@ -11,7 +11,9 @@ import torch.nn as nn
 
 from gmoe_kernels import functional
 from gmoe_kernels.activations import act, compute_dtype
+from gmoe_kernels.backend import resolve_backend
 
+from .router_cache import TermCache
 from .topology import build_expert_graph
 
 
@@ -79,6 +81,9 @@ class GraphRouter(nn.Module):
                 nodes = act(activation, self.expert_features @ self.expert_weight.t())
             adjacency = build_expert_graph(nodes, edge_density)
         self.register_buffer("expert_adjacency", adjacency)
+        #: Reuse the token-independent terms in eval (`token_independent_terms`); on by default.
+        self.cache_terms = True
+        self.term_cache = TermCache()
 
     def normalized_adjacency(self) -> torch.Tensor:
         """Â (E+1, E+1) fp32 of the current `expert_adjacency`, computed once and cached
@@ -106,12 +111,39 @@ class GraphRouter(nn.Module):
             self.__dict__["_normalized_adjacency"] = cached
         return cached[2]
 
+    def token_independent_terms(self, x: torch.Tensor, backend: str | None = None):
+        """(Â, C1): the normalised adjacency and layer 1's constant (`graph_router_constant`)
+        for inputs like `x`, or (Â, None) where the router op must compute C1 itself.
+
+        Training mode, or autograd recording with a source requiring grad: (Â, None), the
+        training path, unchanged. Otherwise (eval, inference): C1 from the eval cache
+        (`gmoe.router_cache`), rebuilt whenever a source tensor, the backend or the dtype
+        changed; with `cache_terms` False, or while torch.compile traces, computed afresh by
+        the same ops (so cached and uncached routing are the same bits).
+        """
+        sources = (self.expert_features, self.expert_weight, self.gcn_weight, self.expert_adjacency)
+        if self.training or (torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
+            return self.normalized_adjacency(), None
+        compute = compute_dtype(x)
+
+        def build():
+            a_hat = self.normalized_adjacency()
+            return a_hat, functional.graph_router_constant(
+                self.expert_features, self.expert_weight, a_hat, self.gcn_weight, self.activation, compute)
+
+        if not self.cache_terms or not self.term_cache.usable(self, sources):
+            return build()
+        settings = (resolve_backend(backend, x.device), compute, self.activation, self.token_coupling)
+        return self.term_cache.get(sources, settings, build)
+
     def forward(self, x: torch.Tensor, backend: str | None = None):
         dtype = x.dtype  # fp32 from GMoEMLP for half-precision models; fp64 in gradchecks
+        adjacency, constant = self.token_independent_terms(x, backend)
         return functional.graph_router(
             x, self.token_weight.to(dtype), self.expert_weight.to(dtype),
-            self.expert_features.to(dtype), self.normalized_adjacency(), self.gcn_weight.to(dtype),
-            self.score_weight.to(dtype), self.top_k, self.activation, backend=backend)
+            self.expert_features.to(dtype), adjacency, self.gcn_weight.to(dtype),
+            self.score_weight.to(dtype), self.top_k, self.activation, backend=backend,
+            layer1_constant=constant)
 
 
 class LinearRouter(nn.Module):

@@ -113,3 +113,16 @@ def check_graph_router(x, token_weight, expert_weight, expert_features, adjacenc
              adjacency=adjacency, gcn_weight=gcn_weight, score_weight=score_weight))
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be an int in [1, E = {num_experts}], got {top_k!r}")
+
+
+def check_layer1_constant(constant, x, num_experts, width):
+    """The graph router's precomputed layer-1 term C1: (E+1, G), x's compute dtype, x's device."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if not isinstance(constant, torch.Tensor):
+        raise TypeError(f"layer1_constant must be a torch.Tensor, got {type(constant).__name__}")
+    if tuple(constant.shape) != (num_experts + 1, width):
+        raise ValueError(f"layer1_constant must have shape (E+1, G) = {(num_experts + 1, width)}, got "
+                         f"{tuple(constant.shape)}; compute it with functional.graph_router_constant")
+    if constant.dtype != compute or constant.device != x.device:
+        raise ValueError(f"layer1_constant is {constant.dtype} on {constant.device}; x ({x.dtype} on {x.device}) "
+                         f"needs {compute} on {x.device}: pass graph_router_constant(..., dtype={compute})")

@@ -6,11 +6,13 @@ R LoRA rank, G router width, L router layers. `backend` is "auto" | "reference" 
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from . import reference
 from .backend import resolve_backend
-from .checks import check_expert_mix, check_graph_router, check_routing_indices
+from .checks import (check_activation, check_expert_mix, check_graph_router, check_layer1_constant,
+                     check_routing_indices)
 from .routing_plan import RoutingPlan
 
 
@@ -70,7 +72,8 @@ def stacked_down_lora(z, lora_b_down, scaling: float):
 
 
 def graph_router(x, token_weight, expert_weight, expert_features, adjacency, gcn_weight,
-                 score_weight, top_k: int, activation: str, backend: str | None = None):
+                 score_weight, top_k: int, activation: str, backend: str | None = None,
+                 layer1_constant=None):
     """The GMoE graph router for every token.
 
     x:               (T, H)
@@ -78,13 +81,34 @@ def graph_router(x, token_weight, expert_weight, expert_features, adjacency, gcn
     expert_features: (E, H)  X, the frozen expert features
     adjacency:       (E+1, E+1) fp32 normalised Â (see `normalized_adjacency`), token node last
     gcn_weight:      (L, G, G) W_1 … W_L;  score_weight: (G,) w_p
+    layer1_constant: (E+1, G) in x's compute dtype (fp32; fp64 for fp64 x), optional: the
+                     token-independent C1 of `graph_router_constant`, reused instead of computed
+                     from X and W_exp (the model's eval cache); no gradient reaches X or W_exp
+                     through it unless it carries one
     Returns logits (T, E) fp32, probs (T, E) fp32, indices (T, K) int64, weights (T, K) fp32.
     """
     check_graph_router(x, token_weight, expert_weight, expert_features, adjacency, gcn_weight,
                        score_weight, top_k, activation)
+    if layer1_constant is not None:
+        check_layer1_constant(layer1_constant, x, expert_features.shape[0], gcn_weight.shape[1])
     impl = reference if resolve_backend(backend, x.device) == "reference" else _triton()
     return impl.graph_router(x, token_weight, expert_weight, expert_features, adjacency,
-                             gcn_weight, score_weight, top_k, activation)
+                             gcn_weight, score_weight, top_k, activation, layer1_constant)
+
+
+def graph_router_constant(expert_features, expert_weight, adjacency, gcn_weight, activation: str,
+                          dtype=torch.float32):
+    """C1 = (Â[:, :E] act(X W_exp^T)) W_1^T, (E+1, G) in `dtype` (fp32, or fp64 for fp64
+    inputs): the part of the graph router's first layer that no token changes, computed with
+    the ops every backend's router uses, so that passing it back as `graph_router`'s
+    `layer1_constant` gives the same bits as letting the router compute it.
+
+    expert_features: (E, H); expert_weight: (G, H); adjacency: (E+1, E+1) Â; gcn_weight: (L, G, G).
+    """
+    check_activation(activation)
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64 (the router's compute dtypes), got {dtype}")
+    return reference.layer1_constant(expert_features, expert_weight, adjacency, gcn_weight, activation, dtype)
 
 
 def topk_route(probs, top_k: int, backend: str | None = None):

@@ -7,10 +7,10 @@ DeprecationWarning.
 import warnings
 
 from .expert_mix import expert_mix
-from .graph_router import graph_router, normalized_adjacency, router_logits
+from .graph_router import graph_router, layer1_constant, normalized_adjacency, router_logits
 from .routing import combine, dispatch, make_routing_plan, topk_route
 
-__all__ = ["combine", "dispatch", "expert_mix", "graph_router", "make_routing_plan",
+__all__ = ["combine", "dispatch", "expert_mix", "graph_router", "layer1_constant", "make_routing_plan",
            "normalized_adjacency", "router_logits", "topk_route"]
 
 _MOVED_TO_NAIVE = ("expert_ffn_loop", "graph_router_loop")

@@ -62,28 +62,43 @@ def _mix(rows, nodes):
     return _Mix.apply(rows, nodes)
 
 
+def layer1_constant(expert_features, expert_weight, adjacency, gcn_weight, activation: str,
+                    compute: torch.dtype = torch.float32) -> torch.Tensor:
+    """C1 = (Â[:, :E] P) W_1^T, P = act(X W_exp^T): the token-independent part of layer 1,
+    (E+1, G) in `compute`. Every backend's router computes it with these ops, so a C1 computed
+    once (the model's eval cache) gives the same bits as one computed per call."""
+    num_experts = expert_features.shape[0]
+    expert_nodes = act(activation, expert_features.to(compute) @ expert_weight.to(compute).t())  # (E, G)
+    adj = adjacency.detach().to(compute)
+    return (adj[:, :num_experts] @ expert_nodes) @ gcn_weight[0].to(compute).t()
+
+
 def router_logits(x, token_weight, expert_weight, expert_features, adjacency, gcn_weight,
-                  score_weight, activation: str) -> torch.Tensor:
+                  score_weight, activation: str, constant=None) -> torch.Tensor:
     """Expert logits (T, E) fp32 of the graph router; see `graph_router` for shapes.
 
     Nodes are held node-major, (nodes, T, G): the graph mix of a layer is then one 2-D GEMM
     on a (nodes, T·G) view and the layer's weight one 2-D GEMM on (nodes·T, G), with no
     transposed copies. The last layer computes the E expert rows only (the token node's own
-    row is scored by nobody), which saves 1/(E+1) of its GEMM.
+    row is scored by nobody), which saves 1/(E+1) of its GEMM. `constant`: layer 1's C1
+    from `layer1_constant` when the caller has it (then X and W_exp are not read).
     """
     compute = compute_dtype(x)
     num_experts = expert_features.shape[0]
     num_layers = gcn_weight.shape[0]
     adj = adjacency.to(compute)
     token_node = act(activation, x.to(compute) @ token_weight.to(compute).t())                 # (T, G)
-    expert_nodes = act(activation, expert_features.to(compute) @ expert_weight.to(compute).t())  # (E, G)
     num_tokens, width = token_node.shape
     nodes = None
     for layer in range(num_layers):
         w = gcn_weight[layer].to(compute)
         rows = adj[:num_experts] if layer == num_layers - 1 else adj  # which nodes this layer outputs
         if layer == 0:
-            constant = (rows[:, :num_experts] @ expert_nodes) @ w.t()                 # (n, G)
+            if constant is None:
+                expert_nodes = act(activation, expert_features.to(compute) @ expert_weight.to(compute).t())
+                constant = (rows[:, :num_experts] @ expert_nodes) @ w.t()             # (n, G)
+            else:
+                constant = constant[:rows.shape[0]]
             token_term = _mix(rows[:, num_experts:], (token_node @ w.t()).view(1, -1))  # (n, T·G)
             pre = constant[:, None, :] + token_term.view(-1, num_tokens, width)          # (n, T, G)
         else:
@@ -96,10 +111,10 @@ def router_logits(x, token_weight, expert_weight, expert_features, adjacency, gc
 
 
 def graph_router(x, token_weight, expert_weight, expert_features, adjacency, gcn_weight,
-                 score_weight, top_k: int, activation: str):
+                 score_weight, top_k: int, activation: str, constant=None):
     """Reference backend of `gmoe_kernels.functional.graph_router` (see there for shapes)."""
     logits = router_logits(x, token_weight, expert_weight, expert_features, adjacency,
-                           gcn_weight, score_weight, activation)
+                           gcn_weight, score_weight, activation, constant)
     probs = torch.softmax(logits, dim=-1)
     indices, weights = topk_route(probs, top_k)
     return logits, probs, indices, weights

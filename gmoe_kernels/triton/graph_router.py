@@ -250,7 +250,7 @@ GraphRouterGCN = DeprecatedFunction("gmoe_kernels.triton.graph_router.GraphRoute
 # ---- public entry point ----------------------------------------------------------------
 
 def graph_router(x, token_weight, expert_weight, expert_features, adjacency, gcn_weight,
-                 score_weight, top_k: int, activation: str):
+                 score_weight, top_k: int, activation: str, constant=None):
     """Triton backend of `gmoe_kernels.functional.graph_router` (same signature and results).
 
     x:               (T, H) fp32|fp16|bf16|fp64
@@ -260,6 +260,8 @@ def graph_router(x, token_weight, expert_weight, expert_features, adjacency, gcn
     gcn_weight:      (L, G, G) W_1 … W_L;  score_weight: (G,) w_p
     top_k:           K ≤ E;  activation: one of ACTIVATIONS (canonical names, as the
                      reference: map `transformers` aliases with `canonical_activation`)
+    constant:        (E+1, G) C1 from `reference.layer1_constant` when the caller has it
+                     (the model's eval cache); then X and W_exp are not read
     Returns logits (T, E), probs (T, E), indices (T, K) int64, weights (T, K): fp32
     (fp64 for fp64 x). indices are torch.topk's on the returned probs.
     """
@@ -271,9 +273,12 @@ def graph_router(x, token_weight, expert_weight, expert_features, adjacency, gcn
     w1 = gcn_weight[0].to(compute)
     token_nodes = act(activation, x.to(compute) @ token_weight.to(compute).t())        # (T, G)
     token_proj = token_nodes @ w1.t()                                                  # (T, G)
-    expert_nodes = act(activation,
-                       expert_features.to(compute) @ expert_weight.to(compute).t())   # (E, G)
-    c1 = (adj[:, :num_experts] @ expert_nodes) @ w1.t()                            # (E+1, G)
+    if constant is None:
+        expert_nodes = act(activation,
+                           expert_features.to(compute) @ expert_weight.to(compute).t())   # (E, G)
+        c1 = (adj[:, :num_experts] @ expert_nodes) @ w1.t()                            # (E+1, G)
+    else:
+        c1 = constant
     logits, probs = _graph_router_gcn_op(c1.contiguous(), token_proj.contiguous(), adj,
                                          gcn_weight, score_weight, activation)
     indices, weights = topk_route(probs, top_k)
