@@ -94,11 +94,11 @@ def test_two_step_compare_writes_results_plots_and_resumes(setup, capsys):
 
 def test_methods_configs_and_parameter_counts():
     from tests.finetune_assets import tiny_tokenizer  # noqa: F401  (keeps the import graph of the module light)
-    from gmoe.finetune.methods import METHODS, AdapterSpec, apply_method, gmoe_config, trainable_parameters
+    from gmoe.finetune.methods import METHODS, PEFT_METHODS, AdapterSpec, apply_method, gmoe_config, trainable_parameters
     from tests.models import tiny_model
 
     spec = AdapterSpec(r=2, alpha=4, experts=4, top_k=2)
-    cfg = {m: gmoe_config(m, spec) for m in METHODS if m != "lora"}
+    cfg = {m: gmoe_config(m, spec) for m in METHODS if m not in PEFT_METHODS}
     assert cfg["gmoe"].router == "graph" and cfg["gmoe"].poisson_loss_coef == 0.005 and cfg["gmoe"].normal_loss_coef == 8.0
     assert cfg["gmoe-no-graph"].router == "linear" and cfg["gmoe-no-graph"].normal_loss_coef == 8.0
     assert cfg["gmoe-no-graph"].poisson_loss_coef == 0.005

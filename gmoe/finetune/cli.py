@@ -37,10 +37,10 @@ _COMMON = [O.ModelOptions, O.DataOptions]
 COMMANDS = {
     "run": ("Fine-tune one method (or --methods several) for --seeds seeds on a task and score the held-out "
             "part before and after", [*_COMMON, O.TrainOptions, O.SelectionOptions, O.ScoringOptions, O.RunOptions,
-                                      O.OutputOptions, O.TrackingOptions, O.ConfigOptions]),
+                                      O.CheckpointOptions, O.OutputOptions, O.TrackingOptions, O.ConfigOptions]),
     "compare": ("Compare several methods on one task: mean ± std over seeds, a Markdown table, JSON and a bar "
                 "chart", [*_COMMON, O.TrainOptions, O.SelectionOptions, O.ScoringOptions, O.CompareOptions,
-                          O.OutputOptions, O.TrackingOptions, O.ConfigOptions]),
+                          O.CheckpointOptions, O.OutputOptions, O.TrackingOptions, O.ConfigOptions]),
     "eval": ("Score the base model zero-shot and, with --adapter, a saved adapter on the task's held-out part",
              [*_COMMON, O.ScoringOptions, O.EvalOptions, O.OutputOptions, O.ConfigOptions]),
 }
@@ -158,20 +158,32 @@ def main(argv: list[str] | None = None) -> int:
     if "--eval-only" in rest:
         _fail("--eval-only is now the eval subcommand: gmoe-finetune eval --task TASK [--adapter RUN_DIR/adapter]")
     cfg = parse_command(command, rest)
+    from . import distributed
+    from .training import PREEMPTED, Preempted
+
+    ranks = distributed.from_env()
     try:
+        distributed.init(ranks)
         if command == "eval" and cfg.harness:
             return harness_eval(cfg)
-        job = Job(cfg)
+        job = Job(cfg, ranks=ranks)
         if command == "eval":
-            return _print_eval(job.eval_only(), cfg)
+            res = job.eval_only()
+            return _print_eval(res, cfg) if ranks.is_main else 0
         summary = job.compare()
+    except Preempted as stop:
+        print(f"{PROG}: {stop}", file=sys.stderr)
+        return PREEMPTED
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         from .assets import MissingAssetError
 
-        if isinstance(err, RuntimeError) and not isinstance(err, MissingAssetError):
+        if isinstance(err, RuntimeError) and not isinstance(err, (MissingAssetError, distributed.PeerFailed)):
             raise
-        print(f"{PROG}: error: {err}", file=sys.stderr)
+        where = f" (rank {ranks.rank})" if ranks.distributed else ""
+        print(f"{PROG}: error{where}: {err}", file=sys.stderr)
         return 2
+    if not ranks.is_main:
+        return BUSY if summary["busy"] else 0
     print()
     print(summary["markdown"])
     _print_outputs(summary)

@@ -1,13 +1,15 @@
-"""One fine-tuning job: data and split, the cached zero-shot score, then per (method, seed):
-inject the adapter, train with Trainer, score the held-out part, save adapter, results and plots.
-Each (method, seed) result is written as soon as it finishes and skipped when already present
-with the same settings, so a long comparison resumes where it stopped. A run folder is replaced
-whole (runfiles.py) and owned by one live process at a time (runlock.py)."""
+"""One fine-tuning job: data and split, the cached zero-shot score, then per (method, seed) one run
+(trainrun.py: inject, train, score, save). Each (method, seed) result is written as soon as it finishes
+and skipped when already present with the same settings, so a long comparison resumes where it stopped;
+a run that was interrupted resumes from its last checkpoint (checkpoints.py). A run folder is replaced
+whole (runfiles.py) and owned by one live process at a time (runlock.py).
+
+On several processes (distributed.py) every rank runs the same job: rank 0 decides (claim, skip, resume)
+and alone writes files; the others follow through collectives. Scoring is sharded over the ranks."""
 from __future__ import annotations
 
 import copy
 import dataclasses
-import gc
 import hashlib
 import json
 import os
@@ -17,22 +19,19 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import checkpoints, distributed, plots, report, runfiles, runlock, trainrun
 from . import methods as M
-from . import plots, report, runfiles, runlock
-from .encoding import PadCollator, training_features
 from .data import Data, prepare_data  # noqa: F401  (prepare_data: the job's data, patched in tests)
 from .multitask import job_name, macro
-from .options import (DataOptions, EvalOptions, ModelOptions, OutputOptions, RerunOptions, ScoringOptions,
-                      SelectionOptions, TrackingOptions, TrainOptions)
-from .routing import measure_routing
+from .options import (CheckpointOptions, DataOptions, EvalOptions, ModelOptions, OutputOptions, RerunOptions,
+                      ScoringOptions, SelectionOptions, TrackingOptions, TrainOptions)
 from .scoring import evaluate
-from .selection import Selector, no_selection
 from .validate import check_config
 
 
 @dataclass
-class JobConfig(ModelOptions, DataOptions, ScoringOptions, TrainOptions, SelectionOptions, OutputOptions, RerunOptions,
-                TrackingOptions, EvalOptions):
+class JobConfig(ModelOptions, DataOptions, ScoringOptions, TrainOptions, SelectionOptions, CheckpointOptions,
+                OutputOptions, RerunOptions, TrackingOptions, EvalOptions):
     """One job's settings: the option fields (options.py, where every default lives) plus the
     methods and seeds to run."""
     methods: list[str] = field(default_factory=lambda: ["gmoe"])
@@ -102,10 +101,13 @@ def zero_shot_key(cfg: JobConfig, data: Data) -> dict:
 
 
 class Job:
-    def __init__(self, cfg: JobConfig, log=print):
-        self.cfg, self.log = cfg, log
-        check_config(cfg)  # every argument, before any data, model or output is touched
-        self.data = prepare_data(cfg)
+    def __init__(self, cfg: JobConfig, log=print, ranks: distributed.Ranks | None = None):
+        self.cfg = cfg
+        self.ranks = ranks if ranks is not None else distributed.from_env()
+        self.log = log if self.ranks.is_main else _quiet
+        # every argument, before any data, model or output is touched; then the data (every rank reads it)
+        distributed.agree(self.ranks, "checking the arguments", check_config, cfg)
+        self.data = distributed.agree(self.ranks, "preparing the data", prepare_data, cfg)
         self._base = self._tok = None
 
     # ----- model -----
@@ -114,25 +116,25 @@ class Job:
             from .assets import load_base_model
 
             start = time.perf_counter()
-            self._base, self._tok = load_base_model(self.cfg.model, self.cfg.torch_dtype(),
-                                                    self.cfg.attn_implementation)
-            if torch.cuda.is_available():
-                self._base.to("cuda")
+            self._base, self._tok = distributed.agree(self.ranks, "loading the model", load_base_model, self.cfg.model,
+                                                      self.cfg.torch_dtype(), self.cfg.attn_implementation)
+            self._base.to(self.ranks.device())  # this rank's own GPU (LOCAL_RANK), never plain "cuda"
             self.log(f"loaded {self.cfg.model} in {time.perf_counter() - start:.1f}s")
         return self._base, self._tok
 
-    def _evaluate(self, model, tok, examples) -> dict:
-        """acc, acc_norm, predictions and throughput on `examples`."""
-        res = evaluate(model, tok, examples, batch_size=self.cfg.eval_batch_size,
-                       max_length=self.cfg.max_length, max_batch_tokens=self.cfg.eval_batch_tokens)
+    def evaluate(self, model, tok, examples) -> dict:
+        """acc, acc_norm, predictions and throughput on `examples`, sharded over the ranks."""
+        res = evaluate(model, tok, examples, batch_size=self.cfg.eval_batch_size, max_length=self.cfg.max_length,
+                       max_batch_tokens=self.cfg.eval_batch_tokens, ranks=self.ranks,
+                       equal_forwards=self.ranks.engine not in ("single", "ddp"))
         return {k: v for k, v in res.items() if k not in ("loglikelihoods", "predictions_norm")}
 
-    def _score(self, model, tok, which: str = "eval") -> dict:
+    def score(self, model, tok, which: str = "eval") -> dict:
         """The held-out ("eval") or selection ("selection") score; several tasks: each task's and their mean."""
         parts = self.data.parts(which)
         if list(parts) == [None]:
-            return self._evaluate(model, tok, parts[None])
-        return macro({t: self._evaluate(model, tok, ex) for t, ex in parts.items()})
+            return self.evaluate(model, tok, parts[None])
+        return macro({t: self.evaluate(model, tok, ex) for t, ex in parts.items()})
 
     # ----- zero-shot, cached per task and split -----
     def zero_shot(self) -> dict:
@@ -145,34 +147,80 @@ class Job:
     def _zero_shot(self, cfg: JobConfig, data: Data) -> dict:
         key = zero_shot_key(cfg, data)
         path = os.path.join(task_dir(cfg), f"zero_shot-{_digest(key)}.json")
-        if os.path.isfile(path):
-            cached = report.read_json(path)
-            if cached.get("key") == json.loads(json.dumps(key, default=str)):
-                return cached["result"]
+        cached = distributed.broadcast(self.ranks, _read_cache(path, key) if self.ranks.is_main else None)
+        if cached is not None:
+            return cached
         base, tok = self.base()
         self.log(f"zero-shot scoring of {len(data.eval)} held-out {cfg.task} examples ...")
-        result = self._evaluate(base, tok, data.eval)
-        report.write_json(path, {"key": key, "result": result})
+        result = self.evaluate(base, tok, data.eval)
+        if self.ranks.is_main:
+            report.write_json(path, {"key": key, "result": result})
         self.log(f"zero-shot {cfg.task}: acc {result['acc']:.4f}  acc_norm {result['acc_norm']:.4f}")
         return result
 
     # ----- one (method, seed) -----
     def run(self, method: str, seed: int) -> dict:
-        """The (method, seed) result: the verified one on disk, or a new run. Raises runlock.RunBusy
-        when another live process is running it (with or without --force: see runlock.py)."""
-        cfg = self.cfg
-        out = run_dir(cfg, method, seed)
-        done = None if cfg.force else self.finished(method, seed)
+        """The (method, seed) result: the verified one on disk, or a new run (resumed from its newest
+        complete checkpoint, if any). Raises runlock.RunBusy on every rank when another live process is
+        running it (with or without --force: see runlock.py)."""
+        out = run_dir(self.cfg, method, seed)
+        claim = _Claim()
+        try:
+            decision = distributed.broadcast(self.ranks, distributed.agree(
+                self.ranks, f"claiming {method} seed {seed}", self._decide, method, seed, out, claim))
+            if "busy" in decision:
+                raise runlock.RunBusy(decision["busy"])
+            if "done" in decision:
+                self.log(f"{method} seed {seed}: already done ({os.path.join(out, 'results.json')}), skipped")
+                return decision["done"]
+            return self._run(method, seed, out, decision["resume"])
+        finally:
+            claim.release()
+
+    def _decide(self, method: str, seed: int, out: str, claim: _Claim) -> dict | None:
+        """Rank 0: skip ({"done": result}), refuse ({"busy": why}) or run ({"resume": checkpoint or None}),
+        holding the run's lock in `claim` from then on. Other ranks: None (they learn it by broadcast)."""
+        if not self.ranks.is_main:
+            return None
+        done = None if self.cfg.force else self.finished(method, seed)
         if done is not None:
-            self.log(f"{method} seed {seed}: already done ({os.path.join(out, 'results.json')}), skipped")
-            return done
+            return {"done": done}
+        try:
+            claim.lock = runlock.claim(out)
+        except runlock.RunBusy as err:
+            return {"busy": str(err)}
+        removed = runfiles.remove_leftovers(out)
+        if removed:
+            self.log(f"{method} seed {seed}: removed {len(removed)} folder(s) left by a crashed run")
+        done = None if self.cfg.force else self.finished(method, seed)  # finished by another process meanwhile
+        if done is not None:
+            return {"done": done}
+        root = checkpoints.checkpoint_root(out)
+        if self.cfg.force:
+            checkpoints.remove(root)
+        found = checkpoints.newest(root, self.log)
+        return {"resume": found[0] if found else None}
+
+    def _run(self, method: str, seed: int, out: str, resume: str | None) -> dict:
+        """Train and score into a fresh folder beside `out`, then swap it in whole (runfiles.py)."""
         zero = self.zero_shot()
-        with runlock.claim(out):
-            removed = runfiles.remove_leftovers(out)
-            if removed:
-                self.log(f"{method} seed {seed}: removed {len(removed)} folder(s) left by a crashed run")
-            done = None if cfg.force else self.finished(method, seed)  # finished by another process meanwhile
-            return done if done is not None else self._run(method, seed, out, zero)
+        new = runfiles.fresh_dir(out) if self.ranks.is_main else None
+        try:
+            result = trainrun.run(self, method, seed, new, out, zero, resume)
+            distributed.agree(self.ranks, f"putting {method} seed {seed} in place", self._finish, new, out)
+        except BaseException:
+            if new is not None:
+                shutil.rmtree(new, ignore_errors=True)
+            raise
+        z, tuned = result["zero_shot"], result["finetuned"]
+        self.log(f"{method} seed {seed}: zero-shot acc {z['acc']:.4f} -> fine-tuned acc {tuned['acc']:.4f} "
+                 f"(acc_norm {z['acc_norm']:.4f} -> {tuned['acc_norm']:.4f}); {out}/results.json")
+        return result
+
+    def _finish(self, new: str | None, out: str) -> None:
+        if self.ranks.is_main:
+            runfiles.swap_in(new, out)
+            checkpoints.remove(checkpoints.checkpoint_root(out))  # the run is complete: nothing to resume
 
     def finished(self, method: str, seed: int) -> dict | None:
         """The finished result of (method, seed) on disk, or None. A ValueError when it was made with
@@ -190,126 +238,27 @@ class Job:
             runfiles.check_adapter_digest(os.path.join(out, "adapter"), done["adapter_sha256"], path)
         return done
 
-    def _run(self, method, seed, out, zero) -> dict:
-        """Train and score into a fresh folder beside `out`, then swap it in whole (runfiles.py)."""
-        new = runfiles.fresh_dir(out)
-        try:
-            result = self._run_into(method, seed, new, out, zero)
-            runfiles.swap_in(new, out)
-        except BaseException:
-            shutil.rmtree(new, ignore_errors=True)
-            raise
-        zero, tuned = result["zero_shot"], result["finetuned"]
-        self.log(f"{method} seed {seed}: zero-shot acc {zero['acc']:.4f} -> fine-tuned acc {tuned['acc']:.4f} "
-                 f"(acc_norm {zero['acc_norm']:.4f} -> {tuned['acc_norm']:.4f}); {out}/results.json")
-        return result
-
-    def _run_into(self, method, seed, new, out, zero) -> dict:
-        cfg = self.cfg
-        import transformers
-
-        base, tok = self.base()
-        transformers.set_seed(seed)
-        model = M.apply_method(copy.deepcopy(base), method, cfg.spec())
-        routing_at_injection = measure_routing(model, tok, self.data.eval, cfg.max_length)
-        params = M.trainable_parameters(model)
-        self.log(f"{method} seed {seed}: {params['trainable']:,} trainable of {params['total']:,} parameters")
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        wall = time.perf_counter()
-        train = self._train(model, tok, method, seed, new)
-        selection = train.pop("selection")
-        finetuned = self._score(model, tok)
-        routing = {"injection": routing_at_injection, "trained": measure_routing(model, tok, self.data.eval, cfg.max_length)}
-        adapter = os.path.join(new, "adapter")
-        model.save_pretrained(adapter)
-        runfiles.chmod_default(adapter)
-        result = {
-            "task": job_name(cfg.task), **self._task_list(), "method": method, "seed": seed, "model": cfg.model,
-            "budget": cfg.training_budget(),
-            "config": dataclasses.asdict(cfg), "adapter_config": _adapter_config(model),
-            "split": self.data.split, "zero_shot": zero, "finetuned": finetuned, "selection": selection,
-            "trainable_params": params, "train": train, "routing": routing, "peak_memory": report.peak_memory_mib(),
-            "precision": cfg.precision_info(),
-            "wall_seconds": time.perf_counter() - wall, "versions": report.versions(),
-            "machine": report.machine(), "adapter": os.path.join(out, "adapter"),
-            "adapter_sha256": runfiles.adapter_digest(adapter),
-        }
-        result["plots"] = runfiles.relocate(self._plots(result, train, new), new, out)
-        report.write_json(os.path.join(new, "results.json"), result)  # last: the folder is complete
-        del model
-        gc.collect()  # Trainer, optimizer and adapter hold reference cycles: free them before the next run
-        return result
-
-    def _train(self, model, tok, method, seed, out) -> dict:
-        from .training import FinetuneTrainer, training_arguments
-
-        cfg = self.cfg
-        if not self.data.train:
-            raise ValueError("no training examples: check --train-file / --max-train-examples")
-        feats = training_features(tok, self.data.train, cfg.max_length)
-        args = training_arguments(os.path.join(out, "trainer"), seed, cfg.epochs, cfg.lr, cfg.batch_size,
-                                  cfg.grad_accum, cfg.warmup_ratio, cfg.max_steps, cfg.log_steps,
-                                  dtype=cfg.torch_dtype(), gradient_checkpointing=cfg.gradient_checkpointing,
-                                  report_to=cfg.report_to)
-        selector = None
-        if cfg.eval_steps is not None:
-            selector = Selector(model, lambda m: self._score(m, tok, "selection"), cfg.eval_steps,
-                                keep_best=cfg.select == "best", log=self.log)
-        trainer = FinetuneTrainer(model=model, args=args, train_dataset=feats, data_collator=PadCollator(tok.pad_token_id),
-                                  callbacks=[selector] if selector else None)
-        self.log(f"training {method} seed {seed} on {len(feats)} examples ...")
-        metrics = trainer.train().metrics
-        steps = trainer.state.global_step
-        if selector is None:
-            selection = no_selection(steps)
-        else:
-            if cfg.select == "best":
-                selector.restore_best()
-            selection = selector.result(cfg.select, len(self.data.selection), steps, self.data.selection_info)
-            self.log(f"{method} seed {seed}: kept the adapter of step {selection['step']} of {steps} "
-                     f"(--select {cfg.select}; selection acc {selector.best['acc']:.4f} at step {selector.best['step']})")
-        if trainer.routing_history:
-            s = trainer.routing_history[-1]["summary"]
-            self.log(f"routing in the last logging window (means over layers): busiest expert "
-                     f"{s['busiest_share']:.3f} of the slots (balanced {1 / cfg.experts:.3f}), "
-                     f"{s['top_set_fraction']:.3f} of tokens on the most common top-{cfg.top_k} set")
-        seconds = metrics.get("train_runtime")
-        history = [dict(r) for r in trainer.state.log_history]
-        return {"seconds": seconds, "steps": steps, "examples": len(feats), "selection": selection,
-                "tokens": trainer.train_tokens,
-                "tokens_per_s": trainer.train_tokens / seconds if seconds else None,
-                "final_train_loss": metrics.get("train_loss"), "log_history": history,
-                "routing_history": trainer.routing_history}
-
-    def _plots(self, result, train, out) -> dict:
-        title = f"{result['model']} · {result['task']} · {result['method']} · seed {result['seed']}"
-        paths = {"loss": plots.loss_curves(train["log_history"], os.path.join(out, "loss.png"), title)}
-        routing = plots.routing_over_training(train["routing_history"], os.path.join(out, "routing.png"), title)
-        if routing:
-            paths["routing"] = routing
-        return paths
-
     # ----- eval-only -----
     def eval_only(self) -> dict:
         cfg = self.cfg
         zero = self.zero_shot()
-        result = {"task": job_name(cfg.task), **self._task_list(), "model": cfg.model, "split": self.data.split,
-                  "zero_shot": zero,
-                  "precision": cfg.precision_info(),
+        result = {"task": job_name(cfg.task), **self.task_list(), "model": cfg.model, "split": self.data.split,
+                  "zero_shot": zero, "precision": cfg.precision_info(),
                   "versions": report.versions(), "machine": report.machine()}
         if cfg.adapter:
             base, tok = self.base()
-            model = M.load_adapter(copy.deepcopy(base), cfg.adapter)
+            model = distributed.agree(self.ranks, "loading the adapter", M.load_adapter, copy.deepcopy(base),
+                                      cfg.adapter)
             result["adapter"] = cfg.adapter
-            result["finetuned"] = self._score(model, tok)
+            result["finetuned"] = self.score(model, tok)
         name = "eval-" + (_digest(os.path.abspath(cfg.adapter)) if cfg.adapter else "zero-shot")
         path = os.path.join(task_dir(cfg), f"{name}.json")
-        report.write_json(path, result)
+        if self.ranks.is_main:
+            report.write_json(path, result)
         result["path"] = path
         return result
 
-    def _task_list(self) -> dict:
+    def task_list(self) -> dict:
         """{"tasks": [...]} for a job of several tasks, else nothing (single-task results stay as they were)."""
         return {"tasks": list(self.data.tasks)} if self.data.tasks else {}
 
@@ -317,10 +266,10 @@ class Job:
     def compare(self) -> dict:
         """Run every asked (method, seed) not done yet, then rebuild the summary from what is on disk.
 
-        The summary is written under a lock (`.summary.lock` in the task folder) and read from disk
-        inside it, so of two processes sharing an output folder the one that writes last lists
-        every run finished by then. Runs another live process holds are skipped and returned in
-        "busy"; asked runs with no finished result are listed in "missing" (the table says so)."""
+        The summary is written by rank 0 under a lock (`.summary.lock` in the task folder) and read from disk
+        inside it, so of two jobs sharing an output folder the one that writes last lists every run finished
+        by then. Runs another live process holds are skipped and returned in "busy"; asked runs with no
+        finished result are listed in "missing" (the table says so)."""
         busy = []
         # seed-major order: a table stopped half-way has every method at its first seeds
         for s in self.cfg.seeds:
@@ -330,10 +279,18 @@ class Job:
                 except runlock.RunBusy as err:
                     self.log(f"{m} seed {s}: skipped: {err}")
                     busy.append({"method": m, "seed": s, "reason": str(err)})
+        zero = self.zero_shot()  # every rank: it may need scoring (a collective) when every run was skipped
+        summary = distributed.broadcast(self.ranks, distributed.agree(self.ranks, "writing the summary",
+                                                                      self._summary, zero))
+        summary["busy"] = busy
+        return summary
+
+    def _summary(self, zero: dict) -> dict | None:
+        if not self.ranks.is_main:
+            return None
         with runlock.claim(os.path.join(task_dir(self.cfg), "summary"), wait=True):
             results, missing = self.finished_results()
-            summary = self.write_summary(results, missing)
-        summary["busy"] = busy
+            summary = self.write_summary(results, missing, zero)
         summary["runs"] = [{"method": m, "seed": r["seed"], "files": [
             os.path.join(run_dir(self.cfg, m, r["seed"]), "results.json"), *r.get("plots", {}).values()]}
             for m, rs in results.items() for r in rs]
@@ -352,9 +309,9 @@ class Job:
                     results.setdefault(m, []).append(done)
         return results, missing
 
-    def write_summary(self, results: dict, missing: list = ()) -> dict:
+    def write_summary(self, results: dict, missing: list = (), zero: dict | None = None) -> dict:
         cfg = self.cfg
-        zero = self.zero_shot()
+        zero = zero if zero is not None else self.zero_shot()
         parts = self.data.parts()
         chance = sum(sum(1.0 / ex.num_choices for ex in ex_) / len(ex_) for ex_ in parts.values()) / len(parts)
         summary = report.summarize(job_name(cfg.task), zero, results, chance=chance)
@@ -384,12 +341,26 @@ class Job:
         return summary
 
 
-def _adapter_config(model) -> dict:
-    cfg = getattr(model, "gmoe_config", None)
-    if cfg is not None:
-        return cfg.to_dict()
-    peft_cfg = getattr(model, "peft_config", {}).get("default")
-    return json.loads(json.dumps(peft_cfg.to_dict(), default=str)) if peft_cfg is not None else {}
+class _Claim:
+    """Rank 0's lock of the run being decided and run (none on the other ranks)."""
+
+    lock: runlock.RunLock | None = None
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+def _quiet(*args, **kwargs) -> None:
+    """The log of ranks other than 0: rank 0 speaks for the job."""
+
+
+def _read_cache(path: str, key: dict) -> dict | None:
+    if not os.path.isfile(path):
+        return None
+    cached = report.read_json(path)
+    return cached["result"] if cached.get("key") == json.loads(json.dumps(key, default=str)) else None
 
 
 def _diff(a: dict, b: dict) -> dict:

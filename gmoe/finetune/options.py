@@ -80,7 +80,9 @@ class TrainOptions:
     epochs: float = field(default=2.0, metadata=_help("training epochs"))
     max_steps: int = field(default=-1, metadata=_help("stop after this many optimizer steps (overrides --epochs)"))
     lr: float = field(default=5e-4, metadata=_help("peak learning rate (linear schedule)"))
-    batch_size: int = field(default=8, metadata=_help("training sequences per device and step"))
+    batch_size: int = field(default=8, metadata=_help(
+        "training sequences per micro-step over all processes (global: split evenly over the ranks, so a run "
+        "on N processes trains on the same batches as on one); the optimizer step takes batch-size × grad-accum"))
     grad_accum: int = field(default=1, metadata=_help("gradient accumulation steps"))
     warmup_ratio: float = field(default=0.1, metadata=_help("warm-up share of the steps"))
     r: int = field(default=8, metadata=_help("LoRA rank (of every expert and of the plain LoRAs)"))
@@ -103,6 +105,17 @@ class SelectionOptions:
     selection_size: int = field(default=100, metadata=_help(
         "with --eval-steps: examples (per task) carved out of the training part, seeded by --split-seed, before "
         "--max-train-examples is applied"))
+
+
+@dataclass
+class CheckpointOptions:
+    _argument_group_name = "checkpoints and resuming"
+    save_steps: int | None = field(default=None, metadata=_help(
+        "write a checkpoint (adapter, optimizer, scheduler, RNG and data position of every rank) every this "
+        "many optimizer steps; rerunning an interrupted run resumes from its newest complete one. SIGTERM always "
+        "writes one at the end of the current step, then exits with status 75 (preempted, resumable)"))
+    save_total_limit: int | None = field(default=2, metadata=_help(
+        "keep at most this many checkpoints of a run (the newest); they are removed when the run finishes"))
 
 
 @dataclass

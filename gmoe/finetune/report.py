@@ -12,7 +12,7 @@ import secrets
 
 import torch
 
-from .routing import REPORT_EXAMPLES
+from .measure import REPORT_EXAMPLES
 
 
 def write_bytes(path: str, data: bytes) -> None:

@@ -3,38 +3,8 @@ job records it at injection and after training, and `gmoe-finetune routing` repo
 saved adapter beside a freshly injected one."""
 from __future__ import annotations
 
-import torch
-
-from ..model import GMoEModel
-from .encoding import PadCollator, training_features
+from .measure import REPORT_EXAMPLES, measure_routing
 from .options import DataOptions, RoutingOptions
-
-#: Examples routed for a report: enough tokens (~5k on SmolLM2 prompts) for stable shares at E 8.
-REPORT_EXAMPLES = RoutingOptions.max_examples
-
-
-def measure_routing(model, tokenizer, examples, max_length: int, max_examples: int = REPORT_EXAMPLES,
-                    batch_size: int = 16) -> dict | None:
-    """`RoutingStats.to_dict()` of `model` over the gold (context, continuation) of the first
-    `max_examples` examples, in eval mode without gradients; None for a model without GMoE layers."""
-    if not isinstance(model, GMoEModel):
-        return None
-    feats = training_features(tokenizer, examples[:max_examples], max_length)
-    collate = PadCollator(tokenizer.pad_token_id)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with model.measuring_routing(), torch.no_grad():
-            for start in range(0, len(feats), batch_size):
-                batch = collate(feats[start:start + batch_size])
-                model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-            stats = model.routing_stats()
-    finally:
-        model.train(was_training)
-    result = stats.to_dict()
-    result["examples"] = len(feats)
-    return result
 
 
 def report_routing(model_name: str, task: str, adapter: str | None = None, method: str = "gmoe", seed: int = 0,
@@ -85,7 +55,7 @@ def main(argv: list[str]) -> int:
     """`gmoe-finetune routing`: the routing report of a saved adapter, or of a method's fresh injection."""
     import sys
 
-    from .methods import METHODS
+    from .methods import METHODS, PEFT_METHODS
     from .options import ModelOptions, make_parser
     from .report import write_json
     from .multitask import task_names
@@ -100,9 +70,9 @@ def main(argv: list[str]) -> int:
         task_names(args.task)
     except ValueError as err:
         p.error(f"argument --task: {err}")
-    if args.method not in METHODS or args.method == "lora":
+    if args.method not in METHODS or args.method in PEFT_METHODS:
         p.error(f"argument --method: invalid choice: {args.method!r} (choose from "
-                f"{', '.join(m for m in METHODS if m != 'lora')})")
+                f"{', '.join(m for m in METHODS if m not in PEFT_METHODS)})")
     if args.max_examples < 1 or args.max_length < 2:
         p.error("--max-examples must be at least 1 and --max-length at least 2")
     try:

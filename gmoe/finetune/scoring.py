@@ -35,10 +35,13 @@ def _batches(order: list[int], lengths: list[int], batch_size: int, max_batch_to
 
 
 def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_size: int = 64,
-                   max_length: int = 1024, pad_token_id: int = 0, max_batch_tokens: int = 2048) -> list[float]:
+                   max_length: int = 1024, pad_token_id: int = 0, max_batch_tokens: int = 2048,
+                   forwards=None) -> list[float]:
     """Summed log-likelihood of each request's continuation ids given its context ids. A forward
     holds at most `batch_size` requests and `max_batch_tokens` padded tokens (its logits are
-    max_batch_tokens × vocabulary floats)."""
+    max_batch_tokens × vocabulary floats). `forwards(n)`, when given, is told this call's number of
+    forwards and returns how many to run in all: the extra ones run on one pad token and are discarded
+    (under FSDP or ZeRO-3 every forward is a collective, so every rank must run as many)."""
     device = _device(model)
     seqs = []
     for ctx, cont in requests:
@@ -49,11 +52,16 @@ def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_siz
         seqs.append((ctx + cont)[:-1])
     order = sorted(range(len(requests)), key=lambda i: -len(seqs[i]))
     out = [0.0] * len(requests)
+    batches = list(_batches(order, [len(q) for q in seqs], batch_size, max_batch_tokens))
+    padding = (forwards(len(batches)) - len(batches)) if forwards is not None else 0
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for idx in _batches(order, [len(q) for q in seqs], batch_size, max_batch_tokens):
+            for _ in range(padding):
+                one = torch.full((1, 1), pad_token_id, dtype=torch.long, device=device)
+                model(input_ids=one, attention_mask=torch.ones_like(one))
+            for idx in batches:
                 width = max(len(seqs[i]) for i in idx)
                 ids = torch.full((len(idx), width), pad_token_id, dtype=torch.long)
                 mask = torch.zeros((len(idx), width), dtype=torch.long)
@@ -78,8 +86,26 @@ def pick(scores: list[float]) -> int:
 
 
 def evaluate(model, tokenizer, examples, batch_size: int = 64, max_length: int = 1024,
-             max_batch_tokens: int = 2048) -> dict:
-    """acc, acc_norm, per-example predictions and throughput over `examples`."""
+             max_batch_tokens: int = 2048, ranks=None, equal_forwards: bool = False) -> dict:
+    """acc, acc_norm, per-example predictions and throughput over `examples`. With `ranks` (several
+    processes), each rank scores a contiguous share of the examples and the per-example log-likelihoods
+    are gathered in order, so every rank returns the whole result; `equal_forwards`: every rank runs as
+    many forwards (FSDP, ZeRO-3). `seconds` is then the slowest rank's."""
+    from . import distributed
+
+    ranks = ranks or distributed.Ranks()
+    share = ranks.shard(len(examples))
+    forwards = (lambda n: max(distributed.gather(ranks, n))) if equal_forwards and ranks.distributed else None
+    part = _score_examples(model, tokenizer, examples[share.start:share.stop], batch_size, max_length,
+                           max_batch_tokens, forwards)
+    parts = distributed.gather(ranks, part)
+    per_ex = [lls for p in parts for lls in p["loglikelihoods"]]
+    return _result(examples, per_ex, requests=sum(p["requests"] for p in parts),
+                   tokens=sum(p["tokens"] for p in parts), seconds=max(p["seconds"] for p in parts))
+
+
+def _score_examples(model, tokenizer, examples, batch_size, max_length, max_batch_tokens, forwards) -> dict:
+    """Each example's per-choice log-likelihoods, with the request and token counts and the time taken."""
     requests, owner = [], []
     for e, ex in enumerate(examples):
         for ctx, cont in zip(ex.contexts, ex.continuations):
@@ -87,12 +113,16 @@ def evaluate(model, tokenizer, examples, batch_size: int = 64, max_length: int =
             owner.append(e)
     start = time.perf_counter()
     lls = loglikelihoods(model, requests, batch_size=batch_size, max_length=max_length,
-                         pad_token_id=tokenizer.pad_token_id, max_batch_tokens=max_batch_tokens)
+                         pad_token_id=tokenizer.pad_token_id, max_batch_tokens=max_batch_tokens, forwards=forwards)
     seconds = time.perf_counter() - start
     tokens = sum(min(len(c) + len(k), max_length + 1) - 1 for c, k in requests)
     per_ex = [[] for _ in examples]
     for e, ll in zip(owner, lls):
         per_ex[e].append(ll)
+    return {"loglikelihoods": per_ex, "requests": len(requests), "tokens": tokens, "seconds": seconds}
+
+
+def _result(examples, per_ex: list[list[float]], requests: int, tokens: int, seconds: float) -> dict:
     pred = [pick(s) for s in per_ex]
     pred_norm = [pick([s / max(n, 1) for s, n in zip(scores, ex.norm_lengths)])
                  for scores, ex in zip(per_ex, examples)]
@@ -100,7 +130,7 @@ def evaluate(model, tokenizer, examples, batch_size: int = 64, max_length: int =
     return {
         "acc": sum(p == ex.gold for p, ex in zip(pred, examples)) / n,
         "acc_norm": sum(p == ex.gold for p, ex in zip(pred_norm, examples)) / n,
-        "n": n, "requests": len(requests), "tokens": tokens, "seconds": seconds,
+        "n": n, "requests": requests, "tokens": tokens, "seconds": seconds,
         "tokens_per_s": tokens / seconds if seconds > 0 else None,
         "predictions": pred, "predictions_norm": pred_norm,
         "loglikelihoods": per_ex,

@@ -72,9 +72,18 @@ class Selector(TrainerCallback):
 
     def restore_best(self) -> None:
         """Put the best step's adapter back (with keep_best; a no-op when the last step was the best)."""
-        if self._state is not None and self.best is not self.curve[-1]:
+        if self._state is not None and self.best["step"] != self.curve[-1]["step"]:
             load_adapter_state(self.model, self._state)
         self._state = None
+
+    def state(self) -> tuple[dict, dict | None]:
+        """(the curve, best step and seconds as JSON; the kept adapter tensors, or None): what a checkpoint
+        holds so that a resumed run selects as an uninterrupted one."""
+        return {"curve": self.curve, "best": self.best, "seconds": self.seconds}, self._state
+
+    def load_state(self, record: dict, tensors: dict | None) -> None:
+        self.curve, self.best, self.seconds = list(record["curve"]), record["best"], float(record["seconds"])
+        self._state = tensors if self.keep_best else None
 
     def result(self, select: str, size: int, final_step: int, info: dict | None = None) -> dict:
         """The `selection` record of a result: which step's adapter was kept, and the curve it was chosen on."""
