@@ -17,6 +17,7 @@
 #       E32-K8-R8                                                -> expand_<variant>.json/.log
 #   4c. one training step under set_sync_debug_mode("error")
 #       (tests/gpu/test_sync.py)                                 -> sync_check.json/.log
+#   4c'. the fine-tuning job, 2 steps on one GPU, bf16 (benchmarks/gpu_job_check.py) -> job_check.json/.log
 #   4d. the compile table: every kernel and config for sm_90 and
 #       sm_80, registers, spills, shared, atomics (CPU only)     -> compile_gate.json/.log
 #   5. a short summary table, printed last                       -> summary.txt
@@ -129,6 +130,12 @@ case $rc in
   *) sync_line="host syncs: FOUND (rc $rc, see sync_check.log)"; status=1 ;;
 esac
 
+step "the fine-tuning job on this GPU: 2 steps of the tiny model, bf16, a checkpoint (benchmarks/gpu_job_check.py)"
+timeout -k 10 "${GPU_CHECK_JOB_S:-120}" "$PY" benchmarks/gpu_job_check.py "$OUT" 2>&1 | tee "$OUT/job_check.log"
+job_rc=${PIPESTATUS[0]}
+job_line="fine-tuning job on the GPU: $([ "$job_rc" = 0 ] && echo ok || echo "FAILED (rc $job_rc)")"
+[ "$job_rc" = 0 ] || status=1
+
 step "compile table: every kernel and config for sm_90/sm_80 (ptxas), limit ${COMPILE_S}s"
 TRITON_INTERPRET=0 timeout -k 10 "$COMPILE_S" "$PY" -m benchmarks.compile_gate --workers "$(nproc)" \
   --json "$OUT/compile_gate.json" > "$OUT/compile_gate.log" 2>&1
@@ -143,6 +150,7 @@ step "summary"
   echo "$bench_line"
   echo "$expand_line"
   echo "$sync_line"
+  echo "$job_line"
   echo "$compile_line"
   [ -s "$OUT/gpu_kernels.jsonl" ] && "$PY" benchmarks/report.py --kernels "$OUT/gpu_kernels.jsonl"
   [ -s "$OUT/bench.json" ] && "$PY" benchmarks/report.py "$OUT/bench.json" --summary

@@ -238,3 +238,21 @@ def test_sigterm_checkpoints_and_a_rerun_resumes_on_two_processes(setup, two):
     assert "resuming from" in rerun.stdout + rerun.stderr
     assert _record(out)["train"]["resumed_from_step"] >= 1
     assert _worst_relative(_adapter(out), _adapter(two)) < RTOL
+
+
+@pytest.mark.parametrize("config,engine", [("fsdp.yaml", "fsdp2"), ("zero3.yaml", "deepspeed")])
+def test_accelerate_engines_train_what_one_process_does(setup, one, config, engine):
+    """The shipped accelerate configs, end to end: FSDP2 and DeepSpeed ZeRO-3 on 2 gloo processes."""
+    pytest.importorskip("accelerate")
+    if engine == "deepspeed":
+        pytest.importorskip("deepspeed")
+    root, model, data = setup
+    out = root / engine
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "examples" / "accelerate" / config), "--num_processes", "2", "--main_process_port",
+           str(_free_port()), "-m", "gmoe.finetune", *_args(model, data, out)]
+    proc = _run(cmd, _env(ACCELERATE_USE_CPU="1"))
+    assert proc.returncode == 0, _tail(proc)
+    record = _record(out)
+    assert record["distributed"]["engine"] == engine and record["distributed"]["world_size"] == 2
+    assert _worst_relative(_adapter(out), _adapter(one)) < RTOL

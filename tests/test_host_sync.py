@@ -247,3 +247,26 @@ def test_cached_adjacency_follows_the_adjacency_buffer(tmp_path):
     fresh(**batch)
     loaded = GMoEModel.from_pretrained(fresh.unload(), tmp_path)
     check(loaded)
+
+
+def test_the_jobs_training_step_has_no_host_sync(tmp_path):
+    """The fine-tuning job's trainer (its loss, logging windows, token count, step clock and SIGTERM check)
+    adds no host sync to the step: values are read only at logging steps and checkpoints."""
+    from gmoe.finetune.training import FinetuneTrainer, training_arguments
+
+    model = _model("gmoe")
+    args = training_arguments(str(tmp_path), seed=0, epochs=1, lr=1e-3, batch_size=2, grad_accum=1, warmup_ratio=0.0)
+    trainer = FinetuneTrainer(model=model, args=args, train_dataset=[_batch()], checkpoint_root=str(tmp_path))
+    batch = _batch()
+    num_items = batch["labels"][:, 1:].ne(-100).sum()  # as Trainer counts it, once per step and outside it
+
+    def step():
+        trainer.training_step(model, dict(batch), num_items)
+        for callback in (trainer.stop, *(c for c in trainer.callback_handler.callbacks if type(c).__name__ == "_StepClock")):
+            callback.on_step_begin(trainer.args, trainer.state, trainer.control)
+            callback.on_step_end(trainer.args, trainer.state, trainer.control)
+
+    recorder = check_training_step(step)
+    assert not recorder.ours(), "host synchronisations in the job's step:\n" + _syncs(recorder.ours())
+    assert trainer._micro == 2 and trainer._token_mean  # both steps were counted, on the device
+    assert int(trainer._tokens) == 2 * int(batch["attention_mask"].sum())
