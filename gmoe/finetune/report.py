@@ -153,6 +153,7 @@ def summarize(task: str, zero_shot: dict, results: dict[str, list[dict]], chance
         row["train_tokens_per_s"] = mean_std([r["train"]["tokens_per_s"] for r in runs])[0]
         row["eval_tokens_per_s"] = mean_std([r["finetuned"]["tokens_per_s"] for r in runs])[0]
         row["train_seconds"] = mean_std([r["train"]["seconds"] for r in runs])[0]
+        row.update(scale(runs))
         for field in ROUTING_COLUMNS:
             row[f"{field}_injection"] = routing_mean(runs, "injection", field)
             row[f"{field}_trained"] = routing_mean(runs, "trained", field)
@@ -164,8 +165,25 @@ def summarize(task: str, zero_shot: dict, results: dict[str, list[dict]], chance
     return out
 
 
+def scale(runs: list[dict]) -> dict:
+    """How the runs were trained: the median step time (mean over runs), the largest peak memory of any
+    rank, and the world size and engine (listed when the runs differ); records of older versions lack them."""
+    steps = [r["train"].get("median_step_seconds") for r in runs]
+    memory = [m.get("mib") for r in runs
+              for m in r.get("distributed", {}).get("peak_memory_per_rank", [r.get("peak_memory") or {}])]
+    setups = sorted({(r.get("distributed", {}).get("world_size", 1), r.get("distributed", {}).get("engine", "single"))
+                     for r in runs})
+    return {"median_step_seconds": mean_std([s for s in steps if s is not None])[0],
+            "peak_memory_mib": max((m for m in memory if m is not None), default=None),
+            "world": ", ".join(f"{w}×{e}" if w > 1 else "1" for w, e in setups) or None}
+
+
 #: Routing fields of the compare table, at injection → after training (means over layers and seeds).
 ROUTING_COLUMNS = ("busiest_share", "top_set_fraction", "effective_experts")
+
+
+def _num(value, fmt: str) -> str:
+    return "–" if value is None else fmt.format(value)
 
 
 def _share(value) -> str:
@@ -175,8 +193,8 @@ def _share(value) -> str:
 def markdown_table(summary: dict, header: str) -> str:
     lines = [header, "",
              "| method | acc (%) | SE | acc_norm (%) | seeds | busiest expert | top-K set | effective experts "
-             "| trainable params | train tok/s | eval tok/s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| trainable params | train tok/s | step (s) | peak MiB / rank | processes | eval tok/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary["rows"]:
         seeds = "–" if r["method"] == "zero-shot" else str(len(r["seeds"]))
         tps = f"{r['train_tokens_per_s']:.0f}" if r.get("train_tokens_per_s") else "–"
@@ -187,7 +205,8 @@ def markdown_table(summary: dict, header: str) -> str:
                    if r.get(f"{f}_trained") is not None else "–" for f in ROUTING_COLUMNS]
         lines.append(f"| {r['method']} | {percent_pm(r['acc_mean'], r['acc_std'])} | {se} | "
                      f"{percent_pm(r['acc_norm_mean'], r['acc_norm_std'])} | {seeds} | {' | '.join(routing)} | "
-                     f"{params} | {tps} | {eps} |")
+                     f"{params} | {tps} | {_num(r.get('median_step_seconds'), '{:.3f}')} | "
+                     f"{_num(r.get('peak_memory_mib'), '{:.0f}')} | {r.get('world') or '–'} | {eps} |")
     lines.append("")
     if summary.get("tasks"):
         lines += task_table(summary)
@@ -202,7 +221,9 @@ def markdown_table(summary: dict, header: str) -> str:
                  f"layers and seeds, on up to {REPORT_EXAMPLES} held-out examples, at injection → after training): the busiest "
                  "expert's share of the top-K slots (balanced 1/E), the fraction of tokens on the layer's most "
                  "common top-K set (uniform routing: 1/C(E, K)) and the effective number of experts per token, "
-                 "1/Σ_k w_k² of its top-K mixing weights (K when equal, 1 when one expert takes all).")
+                 "1/Σ_k w_k² of its top-K mixing weights (K when equal, 1 when one expert takes all). Train tok/s: "
+                 "non-padding training tokens per second over all processes; step: the median optimizer step time; "
+                 "peak MiB: the largest of any rank (GPU: max allocated; CPU: peak RSS); processes: N×engine.")
     return "\n".join(lines) + "\n"
 
 
