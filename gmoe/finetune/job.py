@@ -323,7 +323,7 @@ class Job:
         base = os.path.join(task_dir(cfg), name)
         s = self.data.split
         header = (f"**{job_name(cfg.task)}** ({cfg.model}): train {s['train_used']} / held-out eval {s['eval_used']} examples "
-                  f"of {s['source']} (split seed {s['split_seed']}); budget: {cfg.epochs:g} epoch(s), lr {cfg.lr:g}, "
+                  f"of {s['source']} (split seed {s['split_seed']}); budget: {_budget_words(cfg)}, lr {cfg.lr:g}, "
                   f"batch {cfg.batch_size}×{cfg.grad_accum}, warmup {cfg.warmup_ratio:g}, r {cfg.r}, alpha {cfg.alpha:g}, "
                   f"E {cfg.experts}, K {cfg.top_k}; seeds {cfg.seeds}")
         if self.data.tasks:
@@ -365,6 +365,13 @@ def _read_cache(path: str, key: dict) -> dict | None:
 
 def _diff(a: dict, b: dict) -> dict:
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def _budget_words(cfg: JobConfig) -> str:
+    """What set the training budget: --max-steps when given (it overrides --epochs), else the epochs."""
+    if cfg.max_steps > 0:
+        return f"{cfg.max_steps} optimizer step(s) (--max-steps; --epochs {cfg.epochs:g} unused)"
+    return f"{cfg.epochs:g} epoch(s)"
 
 
 def _pairs(pairs) -> str:

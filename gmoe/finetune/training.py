@@ -86,8 +86,9 @@ class FinetuneTrainer(GMoETrainer):
             sums = self._reduce(self._window)
             steps = self._micro / _accumulation(self)
             per_step_ranks = 1 if self._token_mean else self.ranks.world_size
-            logs["task_loss"] = round(float(sums[0]) / (steps * per_step_ranks), 6)
-            logs["router_loss"] = round(float(sums[1]) / (self._micro * self.ranks.world_size), 6)
+            # the task loss first, the router loss beside it (large at injection: docs/finetune.md), then the rest
+            logs = {"task_loss": round(float(sums[0]) / (steps * per_step_ranks), 6),
+                    "router_loss": round(float(sums[1]) / (self._micro * self.ranks.world_size), 6), **logs}
             self._window, self._micro = None, 0
         super().log(logs, *args, **kwargs)
 
