@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import checkpoints, distributed, plots, report, runfiles, runlock, trainrun
+from . import checkpoints, distributed, report, runfiles, runlock, trainrun
 from . import methods as M
 from .data import Data, prepare_data  # noqa: F401  (prepare_data: the job's data, patched in tests)
 from .multitask import job_name, macro
@@ -264,81 +264,10 @@ class Job:
 
     # ----- several methods and seeds -----
     def compare(self) -> dict:
-        """Run every asked (method, seed) not done yet, then rebuild the summary from what is on disk.
+        """Every asked (method, seed), then the summary table (summary.py)."""
+        from .summary import compare
 
-        The summary is written by rank 0 under a lock (`.summary.lock` in the task folder) and read from disk
-        inside it, so of two jobs sharing an output folder the one that writes last lists every run finished
-        by then. Runs another live process holds are skipped and returned in "busy"; asked runs with no
-        finished result are listed in "missing" (the table says so)."""
-        busy = []
-        # seed-major order: a table stopped half-way has every method at its first seeds
-        for s in self.cfg.seeds:
-            for m in self.cfg.methods:
-                try:
-                    self.run(m, s)
-                except runlock.RunBusy as err:
-                    self.log(f"{m} seed {s}: skipped: {err}")
-                    busy.append({"method": m, "seed": s, "reason": str(err)})
-        zero = self.zero_shot()  # every rank: it may need scoring (a collective) when every run was skipped
-        summary = distributed.broadcast(self.ranks, distributed.agree(self.ranks, "writing the summary",
-                                                                      self._summary, zero))
-        summary["busy"] = busy
-        return summary
-
-    def _summary(self, zero: dict) -> dict | None:
-        if not self.ranks.is_main:
-            return None
-        with runlock.claim(os.path.join(task_dir(self.cfg), "summary"), wait=True):
-            results, missing = self.finished_results()
-            summary = self.write_summary(results, missing, zero)
-        summary["runs"] = [{"method": m, "seed": r["seed"], "files": [
-            os.path.join(run_dir(self.cfg, m, r["seed"]), "results.json"), *r.get("plots", {}).values()]}
-            for m, rs in results.items() for r in rs]
-        return summary
-
-    def finished_results(self) -> tuple[dict, list]:
-        """{method: [results of its finished seeds]} of the asked methods and seeds, and the
-        (method, seed) pairs asked for that have no finished result."""
-        results, missing = {}, []
-        for m in self.cfg.methods:
-            for s in self.cfg.seeds:
-                done = self.finished(m, s)
-                if done is None:
-                    missing.append((m, s))
-                else:
-                    results.setdefault(m, []).append(done)
-        return results, missing
-
-    def write_summary(self, results: dict, missing: list = (), zero: dict | None = None) -> dict:
-        cfg = self.cfg
-        zero = zero if zero is not None else self.zero_shot()
-        parts = self.data.parts()
-        chance = sum(sum(1.0 / ex.num_choices for ex in ex_) / len(ex_) for ex_ in parts.values()) / len(parts)
-        summary = report.summarize(job_name(cfg.task), zero, results, chance=chance)
-        summary["split"] = self.data.split
-        summary["budget"] = cfg.training_budget()
-        summary["preset"] = cfg.preset
-        summary["machine"], summary["versions"] = report.machine(), report.versions()
-        name = "compare" if len(cfg.methods) > 1 else f"summary-{cfg.methods[0]}"
-        base = os.path.join(task_dir(cfg), name)
-        s = self.data.split
-        header = (f"**{job_name(cfg.task)}** ({cfg.model}): train {s['train_used']} / held-out eval {s['eval_used']} examples "
-                  f"of {s['source']} (split seed {s['split_seed']}); budget: {_budget_words(cfg)}, lr {cfg.lr:g}, "
-                  f"batch {cfg.batch_size}×{cfg.grad_accum}, warmup {cfg.warmup_ratio:g}, r {cfg.r}, alpha {cfg.alpha:g}, "
-                  f"E {cfg.experts}, K {cfg.top_k}; seeds {cfg.seeds}")
-        if self.data.tasks:
-            header += (f"; tasks {', '.join(self.data.tasks)} trained together (mixture shuffled with seed "
-                       f"{s['mix_seed']}), acc the mean over tasks; counts per task as listed below")
-        summary["markdown"] = report.markdown_table(summary, header)
-        summary["missing"] = [{"method": m, "seed": s} for m, s in missing]
-        if missing:
-            summary["markdown"] += f"\nPARTIAL: no finished result yet for {_pairs(missing)}.\n"
-        report.write_text(base + ".md", summary["markdown"])
-        summary["plot"] = plots.comparison_bars(summary["rows"], base + ".png",
-                                                f"{job_name(cfg.task)}: acc, mean ± std over seeds")
-        report.write_json(base + ".json", summary)
-        summary["paths"] = {"markdown": base + ".md", "json": base + ".json", "plot": summary["plot"]}
-        return summary
+        return compare(self)
 
 
 class _Claim:
@@ -365,14 +294,3 @@ def _read_cache(path: str, key: dict) -> dict | None:
 
 def _diff(a: dict, b: dict) -> dict:
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
-
-
-def _budget_words(cfg: JobConfig) -> str:
-    """What set the training budget: --max-steps when given (it overrides --epochs), else the epochs."""
-    if cfg.max_steps > 0:
-        return f"{cfg.max_steps} optimizer step(s) (--max-steps; --epochs {cfg.epochs:g} unused)"
-    return f"{cfg.epochs:g} epoch(s)"
-
-
-def _pairs(pairs) -> str:
-    return ", ".join(f"{m} seed {s}" for m, s in pairs)
