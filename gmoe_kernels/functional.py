@@ -9,10 +9,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import reference
+from . import reference, small_batch
 from .backend import resolve_backend
 from .checks import (check_activation, check_expert_mix, check_graph_router, check_layer1_constant,
                      check_routing_indices)
+from .reference.expert_mix_gathered import expert_mix_gathered
 from .routing_plan import RoutingPlan
 
 
@@ -34,10 +35,18 @@ def expert_mix(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_
     lora_a_down: (E, R, F)
     indices:     (T, K) int64 chosen experts;  weights: (T, K) mixing weights
     Returns h_c (T, F) = sum_k w_k h_k and z (T, E·R) with w_k A_d^{e_k} h_k in block e_k.
+    A few tokens with no gradient recorded (decoding) take the gathered path, which needs no
+    routing plan (`gmoe_kernels.small_batch`); the results agree to rounding.
     """
     check_expert_mix(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_b_up,
                      lora_a_down, indices, weights, activation)
-    impl = reference if resolve_backend(backend, x.device) == "reference" else _triton()
+    name = resolve_backend(backend, x.device)
+    tensors = (x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_b_up, lora_a_down, weights)
+    recording = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if small_batch.use_gathered(x.shape[0], name, recording):   # a few tokens: no routing plan
+        return expert_mix_gathered(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up,
+                                   lora_b_up, lora_a_down, indices, weights, scaling, activation)
+    impl = reference if name == "reference" else _triton()
     return impl.expert_mix(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up,
                            lora_b_up, lora_a_down, indices, weights, scaling, activation)
 
@@ -65,8 +74,13 @@ def stacked_down_lora(z, lora_b_down, scaling: float):
     """s · [z_1 … z_E] [B_d^1 … B_d^E]^T: the down LoRA of every expert as one (T, E·R) × (E·R, H) GEMM.
 
     z: (T, E·R) from `expert_mix`; lora_b_down: (E, H, R). Returns (T, H).
+    Below R tokens (decoding) as E per-expert products summed, (E, T, R) x (E, R, H): stacking
+    B_d copies E·R·H elements, more than the E·T·H of the products.
     """
     num_experts, hidden, rank = lora_b_down.shape
+    if z.shape[0] < rank:
+        per_expert = torch.bmm(z.view(-1, num_experts, rank).transpose(0, 1), lora_b_down.transpose(1, 2))
+        return per_expert.sum(0).mul_(scaling)
     stacked_b_down = lora_b_down.permute(1, 0, 2).reshape(hidden, num_experts * rank)
     return scaling * (z @ stacked_b_down.t())
 

@@ -1,0 +1,67 @@
+"""The expert mix for a few tokens (decoding): each token's K experts' LoRA factors gathered,
+batched matmuls, no routing plan.
+
+Same signature and results as `expert_mix.expert_mix` (the maths of its module docstring):
+
+  g_k = G[t] + s B_g^{e_k} (A_g^{e_k} x_t),  u_k likewise,  h_k = act(g_k) * u_k
+  h_c[t] = sum_k w_k h_k,   z[t, e_k] += w_k A_d^{e_k} h_k
+
+For one token the routing plan (a sort, counts, offsets, one host read of the offsets) and the
+per-expert loop cost more than the experts' arithmetic. Here the shrinks are one GEMM over all
+experts (E·R columns, cheaper than gathering the A's), and the B's and A_d of the chosen experts
+are gathered per (token, slot), (T·K, F, R), and applied with batched matmuls: no host
+synchronisation and static shapes, so it compiles whole (torch.compile, CUDA graphs). The
+gathered copies cost T·K·3·F·R elements, which is why it pays only below a measured number of
+tokens (`gmoe_kernels.small_batch`).
+
+Differentiable by autograd (gathers, matmuls and elementwise ops); the dispatch uses it where
+no gradient is recorded, so the training step keeps the plan path and its memory profile.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..activations import act, compute_dtype
+
+
+def _slot_shrink(x, lora_a, indices):
+    """(T·K, 1, R): A^{e_k} x_t for each token's K experts, from one (T, H) x (H, E·R) GEMM."""
+    num_experts, rank, hidden = lora_a.shape
+    num_tokens, top_k = indices.shape
+    every = (x @ lora_a.reshape(num_experts * rank, hidden).t()).view(num_tokens, num_experts, rank)
+    return every.gather(1, indices[:, :, None].expand(num_tokens, top_k, rank)).view(-1, 1, rank)
+
+
+def _gather(weight, flat_indices):
+    """(T·K, …): expert e_k's matrix for every (token, slot); index_select copies whole
+    contiguous matrices, several times faster on a CPU than advanced indexing."""
+    return weight.index_select(0, flat_indices)
+
+
+def _slot_expand(base, lora_b, shrink, flat_indices, top_k, scaling):
+    """(T·K, 1, F): base[t] + s B^{e_k} shrink_k for every (token, slot), as row vectors:
+    (1, R) x (R, F) products, the orientation ATen's CPU batched GEMM runs fastest."""
+    num_tokens, size_f = base.shape
+    per_slot = base[:, None, :].expand(num_tokens, top_k, size_f).reshape(-1, 1, size_f)
+    return torch.baddbmm(per_slot, shrink, _gather(lora_b, flat_indices).transpose(1, 2), alpha=scaling)
+
+
+def expert_mix_gathered(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_b_up,
+                        lora_a_down, indices, weights, scaling: float, activation: str):
+    """h_c (T, F) and z (T, E·R) in x's dtype; shapes as `functional.expert_mix`. Sums in fp32
+    (fp64 for fp64 x)."""
+    compute = compute_dtype(x)
+    num_experts, rank, _ = lora_a_gate.shape
+    num_tokens, top_k = indices.shape
+    flat = indices.reshape(-1)
+    xf = x.to(compute)
+    g = _slot_expand(gate_base.to(compute), lora_b_gate.to(compute),
+                     _slot_shrink(xf, lora_a_gate.to(compute), indices), flat, top_k, scaling)
+    u = _slot_expand(up_base.to(compute), lora_b_up.to(compute),
+                     _slot_shrink(xf, lora_a_up.to(compute), indices), flat, top_k, scaling)
+    h = act(activation, g).mul_(u).mul_(weights.to(compute).reshape(-1, 1, 1))    # w_k h_k, (T·K, 1, F)
+    h_c = h.view(num_tokens, top_k, -1).sum(1)
+    a_d = torch.bmm(h, _gather(lora_a_down.to(compute), flat).transpose(1, 2))     # (T·K, 1, R)
+    z = a_d.new_zeros(num_tokens, num_experts, rank).scatter_add_(
+        1, indices[:, :, None].expand(num_tokens, top_k, rank), a_d.view(num_tokens, top_k, rank))
+    return h_c.to(x.dtype), z.view(num_tokens, num_experts * rank).to(x.dtype)
