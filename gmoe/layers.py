@@ -15,10 +15,13 @@ import torch
 import torch.nn as nn
 
 from gmoe_kernels import functional
+from gmoe_kernels.activations import act
 
 from . import losses, telemetry
 from .config import EXPERT_MODULES, GMoEConfig
 from .router import GraphRouter, LinearRouter
+from .padding import TokenRows
+from .router_cache import TermCache
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -36,6 +39,17 @@ def _autocast_off(device: torch.device):
     if torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
+
+
+def _padded_routing(probs, indices, weights, rows, num_tokens):
+    """The routing of the real `rows` scattered into all `num_tokens` rows; a padding row gets
+    a valid placeholder (uniform probabilities, experts 0..K-1, equal weights) so that every
+    statistic of it is finite before the mask leaves it out."""
+    num_experts, top_k = probs.shape[1], indices.shape[1]
+    filled = (probs.new_full((num_tokens, num_experts), 1.0 / num_experts),
+              torch.arange(top_k, device=indices.device).expand(num_tokens, top_k).clone(),
+              weights.new_full((num_tokens, top_k), 1.0 / top_k))
+    return tuple(full.index_copy_(0, rows, part) for full, part in zip(filled, (probs, indices, weights)))
 
 
 class LoRALinear(nn.Module):
@@ -133,6 +147,9 @@ class GMoEMLP(nn.Module):
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.last_routing = self.last_loss_targets = None
         self.disabled = False  # set by GMoEModel.disable_adapter()
+        self.target_cache = TermCache()  # the router-loss targets in eval (record_routing)
+        #: Set by GMoEModel: which rows of the current forward are real tokens (`TokenRows`).
+        self.token_rows: TokenRows | None = None
 
     def _apply(self, fn, recurse=True):
         # The router (gain-100 token projection, λ, σ) loses top-k decisions in half precision,
@@ -157,9 +174,20 @@ class GMoEMLP(nn.Module):
         then too (the recomputation must save the same tensors), but only the first call is kept.
         """
         cfg, router = self.config, self.router
-        targets = (
-            losses.poisson_log_target(cfg.num_experts, router.poisson_rate) if cfg.poisson_loss_coef > 0 else None,
-            losses.normal_log_target(cfg.num_experts, router.normal_std) if cfg.normal_loss_coef > 0 else None)
+
+        def build():
+            return (
+                losses.poisson_log_target(cfg.num_experts, router.poisson_rate) if cfg.poisson_loss_coef > 0 else None,
+                losses.normal_log_target(cfg.num_experts, router.normal_std) if cfg.normal_loss_coef > 0 else None)
+
+        # In eval the targets, like the router's token-independent terms, are computed once and
+        # reused while λ and σ are unchanged (gmoe.router_cache): ~20 small ops per layer and forward.
+        sources = [t for t in (getattr(router, "poisson_rate", None), getattr(router, "normal_std", None))
+                   if t is not None]
+        if sources and self.target_cache.usable(self, sources):
+            targets = self.target_cache.get(sources, (), build)
+        else:
+            targets = build()
         # (Dynamo cannot trace the graph-task query; a compiled forward is never a recompute.)
         if torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1:
             self.last_routing, self.last_loss_targets = (probs, indices, weights), targets
@@ -175,26 +203,46 @@ class GMoEMLP(nn.Module):
             raise ValueError(f"input is on {hidden_states.device} but the MLP weights are on "
                              f"{base.gate_proj.weight.device}; move the model or the input")
         x = hidden_states.reshape(-1, shape[-1])
+        rows = self.token_rows.real(x.shape[0]) if self.token_rows is not None and not self.training else None
+        y, routing = self._mix(x, rows)
+        self.record_routing(*routing)
+        return y.view(*shape[:-1], y.shape[-1])
+
+    def _mix(self, x: torch.Tensor, rows: torch.Tensor | None = None):
+        """(y (T, H), (probs, indices, weights)) for the flattened tokens x (T, H).
+
+        rows: the real tokens of an eval forward with padding (`gmoe.padding`), or None. Then
+        only those rows are routed and reach the experts; a padding row gets the base MLP's
+        output (the frozen projections run on every row, as without padding) and a zero
+        routing, which the router loss and the telemetry leave out by the same mask.
+        """
+        base = self.base_layer
         backend = self.config.backend
+        routed = x if rows is None else x.index_select(0, rows)
         with _autocast_off(x.device):
             # The router runs in fp32 on fp32 weights (the gain-100 token projection loses
             # top-k decisions when rounded to bf16); it is a small part of the layer's cost.
-            router_input = x.float() if x.dtype in HALF_DTYPES else x
+            router_input = routed.float() if routed.dtype in HALF_DTYPES else routed
             logits, probs, indices, weights = self.router(router_input, backend=backend)
-        self.record_routing(probs, indices, weights)
         # The frozen projections run as modules (quantized or hooked bases work, and under
         # autocast they choose the compute dtype); everything in between is the fused mix.
         gate_base, up_base = base.gate_proj(x), base.up_proj(x)
         dtype = gate_base.dtype
         ex = self.experts
-        lora_input = self.lora_dropout(x) if self.training else x
+        lora_input = self.lora_dropout(routed) if self.training else routed
+        gate_routed, up_routed = (gate_base, up_base) if rows is None else \
+            (gate_base.index_select(0, rows), up_base.index_select(0, rows))
         with _autocast_off(x.device):
             h_c, z = functional.expert_mix(
-                lora_input.to(dtype), gate_base, up_base.to(dtype),
+                lora_input.to(dtype), gate_routed, up_routed.to(dtype),
                 ex["gate_proj"].lora_A.to(dtype), ex["gate_proj"].lora_B.to(dtype),
                 ex["up_proj"].lora_A.to(dtype), ex["up_proj"].lora_B.to(dtype),
                 ex["down_proj"].lora_A.to(dtype), indices, weights, self.scaling, self.activation,
                 backend=backend)
+            if rows is not None:
+                h_c = (act(self.activation, gate_base) * up_base.to(dtype)).index_copy_(0, rows, h_c)
+                z = z.new_zeros(x.shape[0], z.shape[1]).index_copy_(0, rows, z)
+                probs, indices, weights = _padded_routing(probs, indices, weights, rows, x.shape[0])
             down_lora = functional.stacked_down_lora(z, ex["down_proj"].lora_B.to(dtype), self.scaling)
         y = base.down_proj(h_c)
-        return (y + down_lora.to(y.dtype)).view(*shape[:-1], y.shape[-1])
+        return y + down_lora.to(y.dtype), (probs, indices, weights)

@@ -21,6 +21,7 @@ from .activation import detect_activation
 from .config import CONFIG_NAME, WEIGHTS_NAME, GMoEConfig
 from .io import atomic_save_dir, check_adapter_state, read_safetensors
 from .layers import GMoEMLP, LoRALinear, adapter_dtype
+from .padding import TokenRows
 from .topology import warn_if_twins
 
 SUPPORTED = "Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2 (any decoder whose MLP has gate_proj, up_proj, down_proj and act_fn)"
@@ -68,15 +69,19 @@ class GMoEModel(nn.Module):
             raise ValueError(f"target_modules {missing} match no nn.Linear in {type(model).__name__}; "
                              "check the names (e.g. q_proj, k_proj, v_proj, o_proj) or remove them")
         self._injected: list[tuple[str, nn.Module]] = []
+        self._token_rows = TokenRows()  # the real tokens of an eval forward, shared by the layers
         for name, mlp in mlps:
             layer = GMoEMLP(mlp, config, activation, build_graph=_build_graph)
             layer.layer_name = name  # for messages
+            layer.token_rows = self._token_rows
             _set_module(model, name, layer)
             self._injected.append((name, mlp))
         for name, linear in targets:
             _set_module(model, name, LoRALinear(linear, config.r, config.lora_alpha, config.lora_dropout,
                                                 dtype=adapter_dtype(linear, config)))
             self._injected.append((name, linear))
+        self._padding_hooks = (model.register_forward_pre_hook(self._note_padding, with_kwargs=True),
+                               model.register_forward_hook(self._clear_padding))
         self._unloaded = False
         self._adapters_disabled = False
         self._non_finite_steps: dict[tuple[str, ...], torch.Tensor] = {}  # see _advance_load
@@ -120,6 +125,24 @@ class GMoEModel(nn.Module):
             for layer in self.gmoe_layers():
                 layer.last_routing = layer.last_loss_targets = None
         return out.to_tuple() if return_dict is False else out
+
+    def _note_padding(self, module, args, kwargs):
+        """Forward pre-hook on the base model: in eval, which of this forward's tokens are real,
+        for the GMoE layers (`gmoe.padding`). `generate` calls the base model directly, so the
+        hook (not this class's forward) is where every eval forward passes."""
+        if torch.compiler.is_compiling():
+            return
+        if module.training:
+            self._token_rows.clear()
+            return
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        self._token_rows.note_mask(kwargs.get("attention_mask"), tokens)
+
+    def _clear_padding(self, module, args, output):
+        if not torch.compiler.is_compiling():
+            self._token_rows.clear()
 
     def _check_inputs(self, input_ids, inputs_embeds):
         if input_ids is not None:
@@ -383,6 +406,8 @@ class GMoEModel(nn.Module):
         for name, original in self._injected:
             _set_module(self.base_model, name, original)
         self._injected = []
+        for hook in self._padding_hooks:
+            hook.remove()
         for name, param in self.base_model.named_parameters():
             param.requires_grad_(self._requires_grad.get(name, param.requires_grad))
         self._unloaded = True

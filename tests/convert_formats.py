@@ -28,9 +28,11 @@ def token_ids(vocab=64):
 
 
 def eval_logits(model, ids, mask):
+    """Eval logits at the real tokens (zeros at padding): GMoE routes no padding token, so its
+    padding positions hold the base MLP's output, where the other implementations route them."""
     model.eval()
     with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask).logits
+        return model(input_ids=ids, attention_mask=mask).logits * mask[..., None]
 
 
 def layer_shapes(base, i):
