@@ -4,6 +4,7 @@ the fresh folder `new` (job.py swaps it in). A SIGTERM ends training after a che
 training.Preempted; nothing is scored or written then."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import gc
@@ -41,9 +42,11 @@ def run(job, method: str, seed: int, new: str | None, out: str, zero: dict, resu
     routing = {"injection": routing_at_injection, "trained": measure_routing(model, tok, job.data.eval, cfg.max_length)}
     memory = distributed.gather(ranks, report.peak_memory_mib())
     result = None
+    with full_parameters(model):  # every rank: under ZeRO-3 / FSDP2 the parameters are gathered for saving
+        if ranks.is_main:
+            model.save_pretrained(os.path.join(new, "adapter"))
     if ranks.is_main:
         adapter = os.path.join(new, "adapter")
-        model.save_pretrained(adapter)
         runfiles.chmod_default(adapter)
         result = {
             "task": job_name(cfg.task), **job.task_list(), "method": method, "seed": seed, "model": cfg.model,
@@ -122,6 +125,28 @@ def _train(job, model, tok, method: str, seed: int, out: str, resume: str | None
             "median_step_seconds": trainer.median_step_seconds(), "resumed_from_step": _step_of(resume),
             "final_train_loss": metrics.get("train_loss"), "log_history": history,
             "routing_history": trainer.routing_history}, trainer
+
+
+@contextlib.contextmanager
+def full_parameters(model):
+    """The whole of every parameter on every rank while inside (a collective: every rank enters): DeepSpeed
+    ZeRO-3 partitions parameters above its persistence threshold, FSDP2 shards them along dim 0. Nothing to
+    do for DDP, ZeRO-2 or one process."""
+    partitioned = [p for p in model.parameters() if hasattr(p, "ds_id") and p.requires_grad]  # the adapter only
+    sharded = [m for m in model.modules() if type(m).__name__.startswith("FSDP") and hasattr(m, "unshard")]
+    if partitioned:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+            yield
+        return
+    for module in sharded:
+        module.unshard()
+    try:
+        yield
+    finally:
+        for module in sharded:
+            module.reshard()
 
 
 def _step_of(checkpoint: str | None) -> int | None:
