@@ -289,6 +289,9 @@ def test_compare_of_several_methods_seeds_and_tasks_on_two_processes(setup):
             run = os.path.join("arc-e+obqa", method, f"seed{seed}")
             a, b = (read_safetensors(os.path.join(o, run, "adapter", "adapter_model.safetensors")) for o in (one, two))
             assert _worst_relative(b, a) < RTOL, (method, seed)
+    gmoe = json.loads((one / "arc-e+obqa" / "gmoe" / "seed0" / "results.json").read_text())["routing"]
+    assert set(gmoe["tasks"]) == {"arc-e", "obqa"}  # each task's own routing, at injection and after training
+    assert all(gmoe["tasks"][t][when]["tokens"] > 0 for t in gmoe["tasks"] for when in ("injection", "trained"))
     summary = json.loads((two / "arc-e+obqa" / "compare.json").read_text())
     assert not summary["missing"] and [r["method"] for r in summary["rows"]] == ["zero-shot", "gmoe", "lora"]
     assert all(r["seeds"] == [0, 1] and r["world"] == "2×ddp" for r in summary["rows"][1:])

@@ -17,7 +17,7 @@ import torch
 from . import checkpoints, distributed, plots, report, runfiles
 from . import methods as M
 from .encoding import PadCollator, training_features
-from .measure import measure_routing
+from .measure import REPORT_EXAMPLES, measure_routing
 from .multitask import job_name
 from .selection import Selector, no_selection
 
@@ -30,7 +30,7 @@ def run(job, method: str, seed: int, new: str | None, out: str, zero: dict, resu
     base, tok = job.base()
     transformers.set_seed(seed)
     model = M.apply_method(copy.deepcopy(base), method, cfg.spec())
-    routing_at_injection = measure_routing(model, tok, job.data.eval, cfg.max_length)
+    routing_at_injection = _routing(job, model, tok)
     params = M.trainable_parameters(model)
     job.log(f"{method} seed {seed}: {params['trainable']:,} trainable of {params['total']:,} parameters")
     if torch.cuda.is_available():
@@ -39,7 +39,7 @@ def run(job, method: str, seed: int, new: str | None, out: str, zero: dict, resu
     train, trainer = _train(job, model, tok, method, seed, out, resume)
     selection = train.pop("selection")
     finetuned = job.score(model, tok)
-    routing = {"injection": routing_at_injection, "trained": measure_routing(model, tok, job.data.eval, cfg.max_length)}
+    routing = _by_stage(routing_at_injection, _routing(job, model, tok))
     memory = distributed.gather(ranks, report.peak_memory_mib())
     result = None
     with full_parameters(model):  # every rank: under ZeRO-3 / FSDP2 the parameters are gathered for saving
@@ -147,6 +147,27 @@ def full_parameters(model):
     finally:
         for module in sharded:
             module.reshard()
+
+
+def _routing(job, model, tok) -> dict:
+    """Routing telemetry on the held-out examples (several tasks: interleaved), and for a mixture each task's
+    own, on as many of its examples as the interleaved report takes of it: whether tasks use other experts."""
+    cfg = job.cfg
+    out = {"all": measure_routing(model, tok, job.data.eval, cfg.max_length)}
+    if job.data.tasks and out["all"] is not None:
+        share = max(1, REPORT_EXAMPLES // len(job.data.tasks))
+        out["tasks"] = {t: measure_routing(model, tok, d.eval, cfg.max_length, max_examples=share)
+                        for t, d in job.data.tasks.items()}
+    return out
+
+
+def _by_stage(injection: dict, trained: dict) -> dict:
+    """results.json's "routing": {"injection", "trained"} as before, plus "tasks": {task: {"injection", "trained"}}."""
+    routing = {"injection": injection["all"], "trained": trained["all"]}
+    if "tasks" in injection:
+        routing["tasks"] = {t: {"injection": injection["tasks"][t], "trained": trained["tasks"][t]}
+                            for t in injection["tasks"]}
+    return routing
 
 
 def _step_of(checkpoint: str | None) -> int | None:
