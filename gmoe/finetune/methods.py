@@ -124,8 +124,11 @@ def read_adapter_config(path: str) -> dict:
 
 
 def load_adapter(model, path: str, trainable: bool = False):
-    """A saved adapter (GMoE or PEFT LoRA folder) onto the base model."""
-    if read_adapter_config(path).get("peft_type") == "GMOE":
+    """A saved adapter (GMoE or PEFT LoRA folder) onto the base model; a config whose peft_type is
+    neither is a ValueError naming the file."""
+    from .adapters import adapter_kind
+
+    if adapter_kind(path) == "GMOE":
         import gmoe
 
         return gmoe.GMoEModel.from_pretrained(model, path, is_trainable=trainable)

