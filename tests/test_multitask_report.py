@@ -1,0 +1,51 @@
+"""The multi-task study's statistics against hand and brute-force computations."""
+import collections
+import math
+import statistics
+
+import pytest
+
+from benchmarks.multitask.report import difference, macro_correct, task_expert_information
+
+
+def _record(tokens, layers):
+    return {"tokens": tokens, "layers": [{"slot_share": s} for s in layers]}
+
+
+def test_task_expert_information_against_counting_slots():
+    # two layers; task a routes to experts 0/1, task b to 1/2 in layer 0 and like a in layer 1
+    per_task = {"a": _record(30, [[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]]),
+                "b": _record(10, [[0.0, 0.4, 0.6], [0.2, 0.3, 0.5]])}
+    brute = []
+    for layer in range(2):
+        events = collections.Counter()
+        for t, r in per_task.items():
+            for e, s in enumerate(r["layers"][layer]["slot_share"]):
+                events[(t, e)] += round(1000 * r["tokens"] * s)  # slots as counts
+        n = sum(events.values())
+        pt = collections.Counter()
+        pe = collections.Counter()
+        for (t, e), c in events.items():
+            pt[t] += c
+            pe[e] += c
+        info = sum(c / n * math.log((c / n) / (pt[t] / n * pe[e] / n)) for (t, e), c in events.items() if c)
+        brute.append(info / -sum(c / n * math.log(c / n) for c in pt.values()))
+    assert brute[1] == pytest.approx(0.0, abs=1e-12)  # the same spread in both tasks: nothing to tell
+    assert task_expert_information(per_task) == pytest.approx(statistics.fmean(brute), rel=1e-9)
+
+
+def test_task_expert_information_is_one_when_the_expert_names_the_task():
+    per_task = {"a": _record(5, [[1.0, 0.0]]), "b": _record(5, [[0.0, 1.0]])}
+    assert task_expert_information(per_task) == pytest.approx(1.0)
+    assert task_expert_information({"a": per_task["a"]}) is None  # one task: nothing to measure
+
+
+def test_macro_correct_weighs_each_task_the_same():
+    golds = {"a": [0, 1], "b": [0, 0, 0, 0]}
+    run = {"finetuned": {"tasks": {"a": {"predictions": [0, 0]}, "b": {"predictions": [0, 0, 0, 1]}}}}
+    (row,) = macro_correct([run], golds)
+    assert statistics.fmean(row) == pytest.approx((0.5 + 0.75) / 2)  # the macro accuracy
+    other = {"finetuned": {"tasks": {"a": {"predictions": [0, 1]}, "b": {"predictions": [1, 1, 1, 1]}}}}
+    mean, se = difference(macro_correct([run, run], golds), macro_correct([other, other], golds))
+    assert mean == pytest.approx((0.5 + 0.75) / 2 - (1.0 + 0.0) / 2)
+    assert se > 0
