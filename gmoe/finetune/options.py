@@ -246,6 +246,8 @@ class OptionParser(argparse.ArgumentParser):
         names = (f.name, *ALIASES.get(f.name, ()))
         shown = [f"--{n.replace('_', '-')}" for n in names]
         hidden = [f"--{n}" for n in names if "_" in n]
+        if f.default is dataclasses.MISSING:
+            raise TypeError(f"option field {f.name} needs a plain default (the parser shows it in --help)")
         kwargs = {"dest": f.name, "default": f.default, "help": f.metadata.get("help", "")}
         if len(names) > 1:
             kwargs["help"] += f" (also {', '.join(shown[1:])})"

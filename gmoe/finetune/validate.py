@@ -56,14 +56,14 @@ def check_budget(cfg) -> None:
         check_schedule(cfg.max_steps, cfg.warmup_ratio, f"--max-steps {cfg.max_steps}")
 
 
-def optimizer_steps(train_examples: int, batch_size: int, grad_accum: int, epochs: float, max_steps: int = -1,
-                    processes: int = 1) -> int:
+def optimizer_steps(train_examples: int, batch_size: int, grad_accum: int, epochs: float, max_steps: int = -1) -> int:
     """The optimizer steps Trainer takes: --max-steps, or ceil(epochs x steps per epoch), where an epoch
-    is ceil(examples / (batch x processes)) batches and a step --grad-accum of them (a last, shorter
-    accumulation counts as a step), at least one (transformers' set_initial_training_values)."""
+    is ceil(examples / batch) batches and a step --grad-accum of them (a last, shorter accumulation
+    counts as a step), at least one (transformers' set_initial_training_values). --batch-size is global
+    (split over the processes of a launch), so the count is the same on any number of processes."""
     if max_steps > 0:
         return max_steps
-    batches = math.ceil(train_examples / (batch_size * processes))
+    batches = math.ceil(train_examples / batch_size)
     per_epoch = max(batches // grad_accum + int(batches % grad_accum > 0), 1)
     return math.ceil(epochs * per_epoch)
 
@@ -103,8 +103,7 @@ def check_train_schedule(cfg, train_examples: int) -> None:
     """`check_schedule` of an --epochs budget once the training part's size is known."""
     if cfg.max_steps >= 1 or getattr(cfg, "eval_only", False) or train_examples < 1:
         return
-    steps = optimizer_steps(train_examples, cfg.batch_size, cfg.grad_accum, cfg.epochs,
-                            processes=int(os.environ.get("WORLD_SIZE", "1")))
+    steps = optimizer_steps(train_examples, cfg.batch_size, cfg.grad_accum, cfg.epochs)
     check_schedule(steps, cfg.warmup_ratio, f"--epochs {cfg.epochs:g} on {train_examples} training examples "
                    f"at --batch-size {cfg.batch_size} x --grad-accum {cfg.grad_accum}")
 
