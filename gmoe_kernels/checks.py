@@ -25,7 +25,7 @@ def _check_shapes(expected: dict, given: dict):
             raise ValueError(f"{name} must have shape {shape}, got {tuple(given[name].shape)}")
 
 
-def _check_routing(indices, num_tokens, num_experts, device):
+def _check_routing(indices, num_tokens, num_experts, device, host_read=False):
     if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int64:
         raise TypeError(f"indices must be an int64 tensor, got {getattr(indices, 'dtype', type(indices).__name__)}")
     if indices.dim() != 2 or indices.shape[0] != num_tokens:
@@ -34,15 +34,22 @@ def _check_routing(indices, num_tokens, num_experts, device):
         raise ValueError(f"K = {indices.shape[1]} must be in [1, E = {num_experts}]")
     if indices.device != device:
         raise ValueError(f"indices is on {indices.device} but x is on {device}")
-    check_expert_range(indices, num_experts)
+    check_expert_range(indices, num_experts, host_read)
 
 
-def check_expert_range(indices, num_experts):
+def check_expert_range(indices, num_experts, host_read=False):
     """Expert ids in [0, E), by a device-side assertion: no host synchronisation on a GPU
     (a failure surfaces at the next synchronising call, as torch's embedding reports a bad
     id); on a CPU it fails at once and is reported as a ValueError. Skipped while
-    torch.compile traces."""
+    torch.compile traces. `host_read` (decoding, no autograd): on a CPU, one min/max read on
+    the host instead (one op, not six: a decoding step runs this once per layer)."""
     if indices.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if host_read and indices.device.type == "cpu":
+        low, high = torch.aminmax(indices)
+        if low < 0 or high >= num_experts:
+            raise ValueError(f"indices hold expert ids in [{int(low)}, {int(high)}]; "
+                             f"every id must be in [0, E = {num_experts})")
         return
     in_range = (indices.min() >= 0) & (indices.max() < num_experts)
     message = f"every expert id in indices must be in [0, E = {num_experts})"
@@ -70,8 +77,9 @@ def check_activation(activation):
 
 
 def check_expert_mix(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_b_up,
-                     lora_a_down, indices, weights, activation):
-    """Shapes, dtypes and devices of `functional.expert_mix`'s inputs."""
+                     lora_a_down, indices, weights, activation, host_read=False):
+    """Shapes, dtypes and devices of `functional.expert_mix`'s inputs (`host_read`: see
+    `check_expert_range`)."""
     check_activation(activation)
     _check_float_and_device(x.device, x=x, gate_base=gate_base, up_base=up_base, lora_a_gate=lora_a_gate,
                             lora_b_gate=lora_b_gate, lora_a_up=lora_a_up, lora_b_up=lora_b_up,
@@ -82,7 +90,7 @@ def check_expert_mix(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up,
         raise ValueError(f"lora_a_gate must be (E, R, H) with R >= 1, got {tuple(lora_a_gate.shape)}")
     (num_tokens, hidden), (num_experts, rank, _) = x.shape, lora_a_gate.shape
     size_f = gate_base.shape[-1]
-    _check_routing(indices, num_tokens, num_experts, x.device)
+    _check_routing(indices, num_tokens, num_experts, x.device, host_read)
     top_k = indices.shape[1]
     _check_shapes(
         {"gate_base": (num_tokens, size_f), "up_base": (num_tokens, size_f),

@@ -38,12 +38,15 @@ def expert_mix(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_
     A few tokens with no gradient recorded (decoding) take the gathered path, which needs no
     routing plan (`gmoe_kernels.small_batch`); the results agree to rounding.
     """
-    check_expert_mix(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_b_up,
-                     lora_a_down, indices, weights, activation)
-    name = resolve_backend(backend, x.device)
     tensors = (x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_b_up, lora_a_down, weights)
+    if not all(isinstance(t, torch.Tensor) for t in tensors):   # the clear TypeError first
+        check_expert_mix(*tensors[:8], indices, weights, activation)
+    name = resolve_backend(backend, x.device)
     recording = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    if small_batch.use_gathered(x.shape[0], name, recording):   # a few tokens: no routing plan
+    gathered = small_batch.use_gathered(x.shape[0], name, recording)
+    check_expert_mix(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_b_up,
+                     lora_a_down, indices, weights, activation, host_read=gathered and not recording)
+    if gathered:   # a few tokens: no routing plan
         return expert_mix_gathered(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up,
                                    lora_b_up, lora_a_down, indices, weights, scaling, activation)
     impl = reference if name == "reference" else _triton()

@@ -105,3 +105,11 @@ def test_gathered_dispatch_agrees_with_the_plan_path():
             want = functional.expert_mix(*inputs, backend="reference")
     for a, b in zip(got, want):
         assert_close(a, b)
+
+
+def test_gathered_path_names_an_expert_id_out_of_range():
+    """The decoding path checks ids with one host read (CPU), with the same clear error."""
+    inputs = list(_inputs(torch.float32, T=2, K=2))
+    inputs[8] = torch.tensor([[0, 4], [1, 2]])   # E = 4
+    with torch.no_grad(), pytest.raises(ValueError, match=r"expert ids in \[0, 4\].*E = 4"):
+        functional.expert_mix(*inputs, backend="reference")

@@ -7,12 +7,12 @@ Same signature and results as `expert_mix.expert_mix` (the maths of its module d
   h_c[t] = sum_k w_k h_k,   z[t, e_k] += w_k A_d^{e_k} h_k
 
 For one token the routing plan (a sort, counts, offsets, one host read of the offsets) and the
-per-expert loop cost more than the experts' arithmetic. Here the shrinks are one GEMM over all
-experts (E·R columns, cheaper than gathering the A's), and the B's and A_d of the chosen experts
-are gathered per (token, slot), (T·K, F, R), and applied with batched matmuls: no host
+per-expert loop cost more than the experts' arithmetic. Here the A's, B's and A_d of the chosen
+experts are gathered per (token, slot), e.g. (T·K, F, R), and applied with batched matmuls
+(row vector times matrix, the orientation ATen's CPU batched GEMM runs fastest): no host
 synchronisation and static shapes, so it compiles whole (torch.compile, CUDA graphs). The
-gathered copies cost T·K·3·F·R elements, which is why it pays only below a measured number of
-tokens (`gmoe_kernels.small_batch`).
+gathered copies cost T·K·(2·H + 3·F)·R elements, which is why it pays only below a measured
+number of tokens (`gmoe_kernels.small_batch`).
 
 Differentiable by autograd (gathers, matmuls and elementwise ops); the dispatch uses it where
 no gradient is recorded, so the training step keeps the plan path and its memory profile.
@@ -24,12 +24,10 @@ import torch
 from ..activations import act, compute_dtype
 
 
-def _slot_shrink(x, lora_a, indices):
-    """(T·K, 1, R): A^{e_k} x_t for each token's K experts, from one (T, H) x (H, E·R) GEMM."""
-    num_experts, rank, hidden = lora_a.shape
-    num_tokens, top_k = indices.shape
-    every = (x @ lora_a.reshape(num_experts * rank, hidden).t()).view(num_tokens, num_experts, rank)
-    return every.gather(1, indices[:, :, None].expand(num_tokens, top_k, rank)).view(-1, 1, rank)
+def _slot_shrink(x_slots, lora_a, flat_indices):
+    """(T·K, 1, R): A^{e_k} x_t for each token's K experts, reading only those K experts' A
+    (the shrink over all E experts would read E/K times the bytes; decoding is bound by them)."""
+    return torch.bmm(x_slots, _gather(lora_a, flat_indices).transpose(1, 2))
 
 
 def _gather(weight, flat_indices):
@@ -54,11 +52,12 @@ def expert_mix_gathered(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_
     num_experts, rank, _ = lora_a_gate.shape
     num_tokens, top_k = indices.shape
     flat = indices.reshape(-1)
-    xf = x.to(compute)
+    hidden = x.shape[1]
+    x_slots = x.to(compute)[:, None, :].expand(num_tokens, top_k, hidden).reshape(-1, 1, hidden)
     g = _slot_expand(gate_base.to(compute), lora_b_gate.to(compute),
-                     _slot_shrink(xf, lora_a_gate.to(compute), indices), flat, top_k, scaling)
+                     _slot_shrink(x_slots, lora_a_gate.to(compute), flat), flat, top_k, scaling)
     u = _slot_expand(up_base.to(compute), lora_b_up.to(compute),
-                     _slot_shrink(xf, lora_a_up.to(compute), indices), flat, top_k, scaling)
+                     _slot_shrink(x_slots, lora_a_up.to(compute), flat), flat, top_k, scaling)
     h = act(activation, g).mul_(u).mul_(weights.to(compute).reshape(-1, 1, 1))    # w_k h_k, (T·K, 1, F)
     h_c = h.view(num_tokens, top_k, -1).sum(1)
     a_d = torch.bmm(h, _gather(lora_a_down.to(compute), flat).transpose(1, 2))     # (T·K, 1, R)

@@ -59,6 +59,8 @@ class _Mix(torch.autograd.Function):
 
 
 def _mix(rows, nodes):
+    if not torch.is_grad_enabled():   # decoding: the Function's bookkeeping would be pure overhead
+        return rows @ nodes
     return _Mix.apply(rows, nodes)
 
 
