@@ -6,7 +6,9 @@
 Ops: `ffn` (one GMoE FFN layer on given routing), `router` (routing T tokens), `step` (one
 training step, forward+loss+backward, of a small Llama built from a config; of a local model
 with --model; the whole step with AdamW of a real pretrained model with
---step-models smollm2-135m, rows of mode `train`). Every contender of a case runs on the same weights and inputs (benchmarks/contenders/),
+--step-models smollm2-135m, rows of mode `train`), `decode` (inference on a real model: prefill
+tokens/s and greedy decode tok/s with the KV cache, per --decode-threads; asked for by name:
+  python benchmarks/run.py --device cpu --ops decode --no-check --json out.json --plot out/cpu). Every contender of a case runs on the same weights and inputs (benchmarks/contenders/),
 timed the same way (measure.py). See benchmarks/README.md for every column.
 """
 from __future__ import annotations
@@ -40,7 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="fewer cases and repeats (CPU: cpu-medium E8-K2-R8)")
     p.add_argument("--shapes", help=f"comma-separated shape names ({', '.join(SHAPES)}); default: the plan")
     p.add_argument("--variants", help="comma-separated E-K-R labels, e.g. E8-K2-R8,E32-K8-R8 (default: each shape's)")
-    p.add_argument("--ops", default="ffn,router,step", help="subset of ffn,router,step")
+    p.add_argument("--ops", default="ffn,router,step",
+                   help="subset of ffn,router,step,decode (decode: inference on --decode-model, not by default)")
     p.add_argument("--routings", default="balanced",
                    help=f"comma-separated expert popularities of the ffn cases ({', '.join(ROUTINGS)})")
     p.add_argument("--impls", help="comma-separated contenders to run (default: all)")
@@ -53,19 +56,25 @@ def parse_args(argv=None):
                    help="a local Hugging Face causal-LM folder to time one step of (env GMOE_BENCH_MODEL)")
     p.add_argument("--model-batch", type=int, default=1)
     p.add_argument("--model-seq", type=int, default=512)
+    p.add_argument("--decode-model", default="smollm2-135m", help="the real model of --ops decode")
+    p.add_argument("--decode-threads", default="1,2", help="CPU thread counts of --ops decode, one block each")
+    p.add_argument("--decode-new", type=int, default=None, help="new tokens per decode measurement (default 48)")
+    p.add_argument("--decode-rounds", type=int, default=None, help="interleaved decode rounds (default 5; --quick 3)")
     p.add_argument("--json", help="write rows + machine stamp here")
     p.add_argument("--csv", help="write stamped CSV rows here")
     p.add_argument("--plot", metavar="PREFIX", help="write PNG charts PREFIX-<op>-<shape>.png")
     p.add_argument("--budget-s", type=float, default=None,
                    help="stop starting new cases after this many seconds (rows so far are kept)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the machine's cores)")
-    p.add_argument("--no-check", action="store_true", help="skip the tiny-shape agreement check")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip the tiny-shape agreement check (and --ops decode's greedy-identity check)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
 def known_impls() -> set[str]:
-    names = {*contenders.FFN_IMPLS, *contenders.ROUTER_IMPLS, *contenders.STEP_IMPLS, *contenders.REAL_STEP_IMPLS}
+    names = {*contenders.FFN_IMPLS, *contenders.ROUTER_IMPLS, *contenders.STEP_IMPLS, *contenders.REAL_STEP_IMPLS,
+             *contenders.DECODE_IMPLS, *contenders.decode.DECODE_EXTRA_IMPLS}
     return names.union(*contenders.EXTRA_IMPLS.values())
 
 
@@ -326,6 +335,44 @@ def run_real_step(runner: Runner, spec, device, dtype) -> None:
     runner.save(complete=False)
 
 
+def run_decode(runner: Runner, args, device, dtype) -> None:
+    """Inference on the real model (benchmarks/contenders/decode.py): one block per thread count."""
+    from benchmarks.contenders import decode
+
+    try:
+        threads = [int(t) for t in args.decode_threads.split(",") if t]
+    except ValueError:
+        raise SystemExit(f"--decode-threads {args.decode_threads!r}: comma-separated integers, e.g. 1,2") from None
+    try:
+        from gmoe.finetune.assets import load_base_model
+        base, tokenizer = load_base_model(args.decode_model, dtype=dtype)
+    except Exception as err:  # noqa: BLE001 - a missing package must not sink the other rows
+        print(f"decode: cannot load {args.decode_model} ({type(err).__name__}: {err}); skipped", flush=True)
+        runner.skipped.append(f"decode {args.decode_model} ({type(err).__name__})")
+        return
+    settings = decode.DecodeSettings(rounds=args.decode_rounds or (3 if args.quick else 5))
+    if args.decode_new:
+        settings.new = args.decode_new
+    wanted = [i for i in (*decode.DECODE_IMPLS, *decode.DECODE_EXTRA_IMPLS)
+              if (runner.impls is None and i in decode.DECODE_IMPLS) or (runner.impls and i in runner.impls)]
+    models = decode.build_models(base.to(device), settings, wanted)
+    timing = measure.Settings(warmup=1, min_reps=settings.rounds, min_time_s=0.0, warmup_ms=10, rep_ms=40, retries=0)
+    for count in threads:
+        if runner.over_budget(f"decode {count} threads"):
+            continue
+        runner.rows.extend(decode.run_block(models, tokenizer, settings, count, device, args.decode_model, timing))
+        runner.save(complete=False)
+    torch.set_num_threads(threads[0])   # (the check's 2 × 64 steps at batch 8: the quickest block's threads)
+    ids, mask = decode.prompt_batch(tokenizer, len(decode.PROMPTS), device)
+    for impl in ("gmoe-graph", "gmoe-linear"):
+        if impl in models and not args.no_check and not runner.over_budget(f"greedy identity {impl}"):
+            runner.checks[f"greedy_identity/{impl}"] = check = decode.greedy_identity(
+                models[impl], ids, mask, settings.check_tokens)
+            print(f"greedy tokens, inference paths on vs off, {impl}: {check}", flush=True)
+    runner.stamp["decode_threads"] = threads
+    torch.set_num_threads(runner.stamp["threads"])
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     check_args(args)
@@ -336,9 +383,9 @@ def main(argv=None) -> int:
     threads = measure.setup_threads(device, args.threads)
     settings = measure.QUICK if args.quick else measure.FULL
     ops = [o for o in args.ops.split(",") if o]
-    unknown = set(ops) - {"ffn", "router", "step"}
+    unknown = set(ops) - {"ffn", "router", "step", "decode"}
     if unknown:
-        raise SystemExit(f"--ops: unknown {sorted(unknown)}; choose from ffn,router,step")
+        raise SystemExit(f"--ops: unknown {sorted(unknown)}; choose from ffn,router,step,decode")
 
     stamp = report.machine_stamp(device, dtype, threads)
     if device.type == "cpu":
@@ -374,15 +421,19 @@ def main(argv=None) -> int:
         run_steps(runner, args, plan, device, dtype)
     if "ffn" in ops or "router" in ops:
         run_cases(runner, rest, ops)
+    if "decode" in ops:
+        run_decode(runner, args, device, dtype)
 
     stamp["load_after"] = report.load_average()
     runner.save(complete=True)
     print()
     print(report.table(runner.rows, stamp))
     if args.plot:
-        for name in report.plot(runner.rows, args.plot, stamp):
+        for name in report.plot([r for r in runner.rows if r["op"] != "decode"], args.plot, stamp):
             print(f"wrote {name}")
-    lines = verdict(runner.rows)
+        if any(r["op"] == "decode" for r in runner.rows):
+            print(f"wrote {contenders.decode.plot(runner.rows, args.plot + '-decode.png', stamp)}")
+    lines = verdict(runner.rows) + contenders.decode.verdict(runner.rows)
     if lines:
         print("\n" + "\n".join(lines))
     if runner.skipped:

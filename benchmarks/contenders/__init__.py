@@ -11,6 +11,7 @@ identical shapes, weights and inputs:
   router: graph-triton, graph-reference, graph-pyg (GCNConv over a block-diagonal graph of
           T·(E+1) nodes, the published approach), linear
   step:   see `step_contenders`.
+  decode: inference on a real model (`decode`): prefill and greedy decoding with the KV cache.
 
 A contender that cannot run here (no CUDA, module missing, package absent, or it raised) is
 returned with `error` set, so the report shows why instead of dropping the row.
@@ -24,11 +25,13 @@ from .common import (ATTENTION, EXTRA_IMPLS, FFN_IMPLS, LORA_KEYS, MLP, REAL_STE
                      triton_missing, unavailable)
 from .ffn import GatedFFN, ffn_contenders
 from .router import block_diagonal_edges, router_contenders
+from . import decode
+from .decode import DECODE_IMPLS
 from .step import (StepProblem, build_llama, export_mixlora_adapter, make_step_problem, step_contenders,
                    step_floor_flops)
 
 __all__ = [
-    "ATTENTION", "EXTRA_IMPLS", "FFN_IMPLS", "LORA_KEYS", "MLP", "REAL_STEP_IMPLS", "ROUTER_IMPLS", "STEP_IMPLS",
+    "ATTENTION", "DECODE_IMPLS", "decode", "EXTRA_IMPLS", "FFN_IMPLS", "LORA_KEYS", "MLP", "REAL_STEP_IMPLS", "ROUTER_IMPLS", "STEP_IMPLS",
     "Contender", "GatedFFN", "Problem", "StepProblem", "block_diagonal_edges", "build_llama",
     "check_agreement", "collect", "export_mixlora_adapter", "ffn_contenders", "make_problem",
     "make_step_problem", "package_missing", "ring_adjacency", "router_contenders", "step_contenders",
