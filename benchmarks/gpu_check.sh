@@ -18,6 +18,11 @@
 #   4c. one training step under set_sync_debug_mode("error")
 #       (tests/gpu/test_sync.py)                                 -> sync_check.json/.log
 #   4c'. the fine-tuning job, 2 steps on one GPU, bf16 (benchmarks/gpu_job_check.py) -> job_check.json/.log
+#   4c''. compile-ready decoding: a static-cache decode step under torch.compile
+#       (mode="reduce-overhead", fullgraph) vs eager, SmolLM2-shaped, 4 layers,
+#       batch 1 and 8 (benchmarks/gpu_decode_check.py)          -> decode_check.json/.log
+#       and where the small-batch expert path pays on Triton
+#       (benchmarks/small_batch.py, bf16)                        -> small_batch.json/.log
 #   4d. the compile table: every kernel and config for sm_90 and
 #       sm_80, registers, spills, shared, atomics (CPU only)     -> compile_gate.json/.log
 #   5. a short summary table, printed last                       -> summary.txt
@@ -33,13 +38,16 @@ OUT=$(cd "$OUT" && pwd)
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 PY=${PYTHON:-python3}
-# 30 + 100 + 110 + 3·40 + 30 + 90 = 480 s of limits: under 8 minutes with start-up.
+# 30 + 100 + 110 + 3·40 + 30 + 90 = 480 s of limits: under 8 minutes with start-up; with the
+# decode steps (90 + 40 s) 610 s, about 11 minutes (not yet run on a GPU).
 TESTS_S=${GPU_CHECK_TESTS_S:-30}
 KERNELS_S=${GPU_CHECK_KERNELS_S:-100}
 BENCH_S=${GPU_CHECK_BENCH_S:-110}
 EXPAND_S=${GPU_CHECK_EXPAND_S:-40}
 SYNC_S=${GPU_CHECK_SYNC_S:-30}
 COMPILE_S=${GPU_CHECK_COMPILE_S:-90}
+DECODE_S=${GPU_CHECK_DECODE_S:-90}
+SMALL_BATCH_S=${GPU_CHECK_SMALL_BATCH_S:-40}
 BENCH_TAIL_S=${GPU_CHECK_BENCH_TAIL_S:-40}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_INTERPRET=0          # tests/conftest.py only sets it when unset: real kernels here
@@ -136,6 +144,18 @@ job_rc=${PIPESTATUS[0]}
 job_line="fine-tuning job on the GPU: $([ "$job_rc" = 0 ] && echo ok || echo "FAILED (rc $job_rc)")"
 [ "$job_rc" = 0 ] || status=1
 
+step "compile-ready decoding: reduce-overhead decode step vs eager (benchmarks/gpu_decode_check.py), limit ${DECODE_S}s"
+timeout -k 10 "$DECODE_S" "$PY" benchmarks/gpu_decode_check.py "$OUT" --layers 4 2>&1 | tee "$OUT/decode_check.log"
+rc=${PIPESTATUS[0]}
+case $rc in
+  0) decode_line="compiled decode (reduce-overhead): matches eager, no host sync" ;;
+  124|137) decode_line="compiled decode: TIMED OUT after ${DECODE_S}s (decode_check.json keeps the rows so far)" ;;
+  *) decode_line="compiled decode: FAILED (rc $rc, see decode_check.log)"; status=1 ;;
+esac
+timeout -k 10 "$SMALL_BATCH_S" "$PY" benchmarks/small_batch.py --device cuda --backend triton --dtype bf16 \
+  --json "$OUT/small_batch.json" 2>&1 | tee "$OUT/small_batch.log"
+decode_line="$decode_line; small-batch path on Triton: $(tail -n 1 "$OUT/small_batch.log")"
+
 step "compile table: every kernel and config for sm_90/sm_80 (ptxas), limit ${COMPILE_S}s"
 TRITON_INTERPRET=0 timeout -k 10 "$COMPILE_S" "$PY" -m benchmarks.compile_gate --workers "$(nproc)" \
   --json "$OUT/compile_gate.json" > "$OUT/compile_gate.log" 2>&1
@@ -151,6 +171,7 @@ step "summary"
   echo "$expand_line"
   echo "$sync_line"
   echo "$job_line"
+  echo "$decode_line"
   echo "$compile_line"
   [ -s "$OUT/gpu_kernels.jsonl" ] && "$PY" benchmarks/report.py --kernels "$OUT/gpu_kernels.jsonl"
   [ -s "$OUT/bench.json" ] && "$PY" benchmarks/report.py "$OUT/bench.json" --summary

@@ -1,0 +1,58 @@
+"""Compile-ready decoding: a decode step with transformers' static KV cache compiles whole
+(torch.compile fullgraph=True, inductor on the CPU) and matches eager.
+
+One tiny model, one compiled step function, reused for several steps (the cache position is an
+input, so the steps share one graph). Inductor's C++ compile is the slow part (tens of seconds
+on 2 cores): one test compiles once and checks everything.
+"""
+import inspect
+
+import pytest
+import torch
+
+from gmoe import GMoEConfig, get_gmoe_model
+from tests.models import tiny_model
+from tests.tolerances import assert_close
+
+SMALL = dict(num_experts=4, top_k=2, r=2, lora_alpha=4, gcn_dim=16, edge_density=0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("router", ["graph"])
+def test_static_cache_decode_step_compiles_whole_and_matches_eager(router):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = get_gmoe_model(tiny_model("llama", layers=1), GMoEConfig(**SMALL, router=router, backend="reference"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    model.eval()
+    batch, prompt, steps = 2, 5, 3
+    ids = torch.randint(0, 64, (batch, prompt))
+
+    def new_cache():
+        return transformers.StaticCache(config=model.config, max_cache_len=prompt + steps + 1)
+
+    # transformers 5 renames past_key_values to cache
+    key = "cache" if "cache" in inspect.signature(model.base_model.forward).parameters else "past_key_values"
+
+    def decode_step(token, cache, position):
+        return model(input_ids=token, **{key: cache}, cache_position=position, use_cache=True).logits
+
+    compiled_step = torch.compile(decode_step, fullgraph=True, backend="inductor")
+    results = {}
+    with torch.no_grad():
+        for name, step in (("eager", decode_step), ("compiled", compiled_step)):
+            cache = new_cache()
+            logits = model(input_ids=ids, **{key: cache}, use_cache=True,
+                           cache_position=torch.arange(prompt)).logits
+            token = logits[:, -1:].argmax(-1)
+            outs = []
+            for i in range(steps):
+                logits = step(token, cache, torch.tensor([prompt + i]))
+                outs.append(logits)
+                token = logits[:, -1:].argmax(-1)
+            results[name] = torch.cat(outs, 1)
+    assert_close(results["compiled"], results["eager"], name="decode logits")
+    assert torch.equal(results["compiled"].argmax(-1), results["eager"].argmax(-1))
