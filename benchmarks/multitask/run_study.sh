@@ -16,7 +16,8 @@ from gmoe.finetune.methods import METHODS
 from benchmarks.multitask.select_tasks import STUDY_METHODS
 print(','.join(m for m in STUDY_METHODS if m in METHODS))") || exit
 echo "tasks: $tasks; methods: $methods"
+# --save-steps: a run stopped when the machine goes away resumes from its last checkpoint (not part of the budget)
 "$python" -m gmoe.finetune compare --config benchmarks/multitask/study.yaml --task "$tasks" --methods "$methods" \
-    --output-dir "$out"
+    --save-steps 20 --output-dir "$out"
 rc=$?
 [ $rc -eq 0 ] || [ $rc -eq 3 ] || exit $rc   # 3: some runs are held by another copy; they finish there
