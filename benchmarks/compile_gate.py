@@ -131,6 +131,8 @@ def _describe(constexprs: dict, options: dict) -> str:
     parts = [f"{k.replace('BLOCK_', 'B')}={constexprs[k]}" for k in keys]
     if "DOT_DTYPE" in constexprs:
         parts.append(f"dot={constexprs['DOT_DTYPE']}")
+    if constexprs.get("TOKEN_READOUT"):
+        parts.append("token-readout")
     return " ".join(parts + [f"w{options['num_warps']}", f"s{options['num_stages']}"])
 
 
@@ -190,7 +192,8 @@ def _capture_expert_mix(tokens, hidden, inter, experts, top_k, rank, dtype, mode
 
 
 def _capture_graph_router(tokens, experts, width, layers):
-    """The GCN kernels (fp32 whatever the model's dtype: the router stays fp32)."""
+    """The GCN kernels (fp32 whatever the model's dtype: the router stays fp32), with the shared
+    readout w_p and with the token-readout option (each token's q = W_q x)."""
     graph_router = importlib.import_module("gmoe_kernels.triton.graph_router")
     f32 = torch.float32
     c1, u = _meta(experts + 1, width, dtype=f32), _meta(tokens, width, dtype=f32)
@@ -198,6 +201,9 @@ def _capture_graph_router(tokens, experts, width, layers):
     gcn, score = _meta(layers, width, width, dtype=f32), _meta(width, dtype=f32)
     logits, probs = graph_router.graph_router_gcn_forward(c1, u, adj, gcn, score, "silu")
     graph_router.graph_router_gcn_backward(logits, probs, probs, c1, u, adj, gcn, score, "silu")
+    readout = _meta(tokens, width, dtype=f32)
+    logits, probs = graph_router.graph_router_gcn_forward(c1, u, adj, gcn, None, "silu", readout=readout)
+    graph_router.graph_router_gcn_backward(logits, probs, probs, c1, u, adj, gcn, None, "silu", readout=readout)
 
 
 def _capture_routing(tokens, hidden, experts, top_k, dtype):

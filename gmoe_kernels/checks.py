@@ -102,12 +102,16 @@ def check_expert_mix(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up,
 
 
 def check_graph_router(x, token_weight, expert_weight, expert_features, adjacency, gcn_weight,
-                       score_weight, top_k, activation):
+                       score_weight, top_k, activation, query_weight=None):
     """Shapes, dtypes and devices of `functional.graph_router`'s inputs."""
     check_activation(activation)
+    if query_weight is not None and score_weight is not None:
+        raise ValueError("pass score_weight=None with query_weight: the token readout W_q x replaces the "
+                         "shared readout w_p")
+    readout = dict(score_weight=score_weight) if query_weight is None else dict(query_weight=query_weight)
     _check_float_and_device(x.device, x=x, token_weight=token_weight, expert_weight=expert_weight,
                             expert_features=expert_features, adjacency=adjacency, gcn_weight=gcn_weight,
-                            score_weight=score_weight)
+                            **readout)
     if x.dim() != 2:
         raise ValueError(f"x must be (T, H), got {tuple(x.shape)}: flatten batch and sequence first")
     if gcn_weight.dim() != 3 or gcn_weight.shape[0] < 1:
@@ -116,9 +120,10 @@ def check_graph_router(x, token_weight, expert_weight, expert_features, adjacenc
     _check_shapes(
         {"token_weight": (width, hidden), "expert_weight": (width, hidden),
          "expert_features": (num_experts, hidden), "adjacency": (num_experts + 1, num_experts + 1),
-         "gcn_weight": (gcn_weight.shape[0], width, width), "score_weight": (width,)},
+         "gcn_weight": (gcn_weight.shape[0], width, width),
+         **({"score_weight": (width,)} if query_weight is None else {"query_weight": (width, hidden)})},
         dict(token_weight=token_weight, expert_weight=expert_weight, expert_features=expert_features,
-             adjacency=adjacency, gcn_weight=gcn_weight, score_weight=score_weight))
+             adjacency=adjacency, gcn_weight=gcn_weight, **readout))
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be an int in [1, E = {num_experts}], got {top_k!r}")
 

@@ -90,7 +90,7 @@ def stacked_down_lora(z, lora_b_down, scaling: float):
 
 def graph_router(x, token_weight, expert_weight, expert_features, adjacency, gcn_weight,
                  score_weight, top_k: int, activation: str, backend: str | None = None,
-                 layer1_constant=None):
+                 layer1_constant=None, query_weight=None):
     """The GMoE graph router for every token.
 
     x:               (T, H)
@@ -102,15 +102,23 @@ def graph_router(x, token_weight, expert_weight, expert_features, adjacency, gcn
                      token-independent C1 of `graph_router_constant`, reused instead of computed
                      from X and W_exp (the model's eval cache); no gradient reaches X or W_exp
                      through it unless it carries one
+    query_weight:    (G, H)  W_q, optional, with score_weight None: the token-readout option. Each
+                     token reads the expert nodes' last states N^L_i with its own vector,
+                     ℓ_i = ⟨N^L_i, W_q x⟩, where the published router reads them all with one
+                     vector w_p: ℓ_i = ⟨N^L_i, w_p⟩
     Returns logits (T, E) fp32, probs (T, E) fp32, indices (T, K) int64, weights (T, K) fp32.
     """
     check_graph_router(x, token_weight, expert_weight, expert_features, adjacency, gcn_weight,
-                       score_weight, top_k, activation)
+                       score_weight, top_k, activation, query_weight)
     if layer1_constant is not None:
         check_layer1_constant(layer1_constant, x, expert_features.shape[0], gcn_weight.shape[1])
     impl = reference if resolve_backend(backend, x.device) == "reference" else _triton()
+    if query_weight is None:
+        return impl.graph_router(x, token_weight, expert_weight, expert_features, adjacency,
+                                 gcn_weight, score_weight, top_k, activation, layer1_constant)
     return impl.graph_router(x, token_weight, expert_weight, expert_features, adjacency,
-                             gcn_weight, score_weight, top_k, activation, layer1_constant)
+                             gcn_weight, score_weight, top_k, activation, layer1_constant,
+                             query_weight=query_weight)
 
 
 def graph_router_constant(expert_features, expert_weight, adjacency, gcn_weight, activation: str,

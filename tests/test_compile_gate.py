@@ -48,5 +48,8 @@ def test_every_kernel_compiles_spill_free_for_hopper_and_ampere(tmp_path):
                            "_graph_router_fwd_kernel", "_graph_router_bwd_kernel",
                            "_histogram_kernel", "_plan_scatter_kernel", "_gather_rows_kernel",
                            "_combine_rows_kernel"}, (target, sorted(kernels))
+        # the graph router's kernels with the token-readout option too
+        readout = {r["kernel"] for r in rows if r["target"] == target and "token-readout" in r["config"]}
+        assert readout == {"_graph_router_fwd_kernel", "_graph_router_bwd_kernel"}, (target, sorted(readout))
     bad = [line for line in proc.stdout.splitlines() if line.startswith("  _")]
     assert proc.returncode == 0 and not bad, "\n".join(bad) or proc.stderr[-3000:]

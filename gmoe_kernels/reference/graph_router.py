@@ -75,8 +75,15 @@ def layer1_constant(expert_features, expert_weight, adjacency, gcn_weight, activ
     return (adj[:, :num_experts] @ expert_nodes) @ gcn_weight[0].to(compute).t()
 
 
+def token_readout(x, query_weight) -> torch.Tensor:
+    """q_t = W_q x_t (T, G) in x's compute dtype: each token's readout vector under the
+    token-readout option (`graph_router`'s `query_weight`). Every backend forms it with these ops."""
+    compute = compute_dtype(x)
+    return x.to(compute) @ query_weight.to(compute).t()
+
+
 def router_logits(x, token_weight, expert_weight, expert_features, adjacency, gcn_weight,
-                  score_weight, activation: str, constant=None) -> torch.Tensor:
+                  score_weight, activation: str, constant=None, query_weight=None) -> torch.Tensor:
     """Expert logits (T, E) fp32 of the graph router; see `graph_router` for shapes.
 
     Nodes are held node-major, (nodes, T, G): the graph mix of a layer is then one 2-D GEMM
@@ -84,6 +91,9 @@ def router_logits(x, token_weight, expert_weight, expert_features, adjacency, gc
     transposed copies. The last layer computes the E expert rows only (the token node's own
     row is scored by nobody), which saves 1/(E+1) of its GEMM. `constant`: layer 1's C1
     from `layer1_constant` when the caller has it (then X and W_exp are not read).
+    `query_weight` W_q (G, H), with score_weight None: the logits read the expert states against
+    each token's own vector, ℓ_ti = ⟨N^L_ti, W_q x_t⟩ (`token_readout`), instead of w_p:
+    ℓ_ti = ⟨N^L_ti, w_p⟩.
     """
     compute = compute_dtype(x)
     num_experts = expert_features.shape[0]
@@ -109,14 +119,17 @@ def router_logits(x, token_weight, expert_weight, expert_features, adjacency, gc
             mixed = _mix(rows, nodes.view(nodes.shape[0], num_tokens * width))        # (n, T·G)
             pre = (mixed.view(-1, width) @ w.t()).view(rows.shape[0], num_tokens, width)
         nodes = act(activation, pre)
+    if query_weight is not None:  # (elementwise and a sum over G: no 3-D matmul, see above)
+        readout = token_readout(x, query_weight)                                       # (T, G)
+        return (nodes * readout[None]).sum(-1).t()
     return (nodes.view(-1, width) @ score_weight.to(compute)).view(num_experts, num_tokens).t()
 
 
 def graph_router(x, token_weight, expert_weight, expert_features, adjacency, gcn_weight,
-                 score_weight, top_k: int, activation: str, constant=None):
+                 score_weight, top_k: int, activation: str, constant=None, query_weight=None):
     """Reference backend of `gmoe_kernels.functional.graph_router` (see there for shapes)."""
     logits = router_logits(x, token_weight, expert_weight, expert_features, adjacency,
-                           gcn_weight, score_weight, activation, constant)
+                           gcn_weight, score_weight, activation, constant, query_weight)
     probs = torch.softmax(logits, dim=-1)
     indices, weights = topk_route(probs, top_k)
     return logits, probs, indices, weights

@@ -18,6 +18,10 @@ Node states of one tile live in a per-program scratch area of global memory (G c
 layer's writes from the next layer's reads. Programs are persistent: each loops over
 tiles with stride num_programs, so scratch scales with the grid, not with T.
 
+TOKEN_READOUT (the token-readout option): the logits read the expert rows' last states with
+each token's own vector q_t (T, G) instead of the shared w_p, ℓ = N^L q_t; the backward then
+writes d q_t per token (like du) in place of summing dw_p.
+
 The backward's sums over tokens (dC1, dW, dw_p) go to per-program partial rows: a program
 adds each tile's share to its own row (plain loads and stores; the barrier at the top of the
 tile loop orders them), and the launcher sums the rows in a fixed order. No atomics, so the
@@ -78,6 +82,13 @@ def _act_rows_times_wt(z_ptr, stride_z_row, gcn_weight_ptr, stride_gcn_weight_ou
     return acc
 
 
+@triton.jit
+def _token_readout(readout_ptr, stride_readout_t, stride_readout_g, tok, row_ok, offs_n, n_ok, dtype):
+    """q[tok, offs_n] for every row (BLOCK_M, BLOCK_N): each token's readout vector, on its rows."""
+    return tl.load(readout_ptr + tok[:, None] * stride_readout_t + offs_n[None, :] * stride_readout_g,
+                   mask=row_ok[:, None] & n_ok[None, :], other=0.0).to(dtype)
+
+
 # Longer than 80 lines on purpose: the persistent tile loop and its layer loop read and
 # write the program's scratch between tl.debug_barrier() calls, which must stay in the
 # kernel's own control flow to order them; a split would pass ~20 pointers and strides
@@ -85,18 +96,20 @@ def _act_rows_times_wt(z_ptr, stride_z_row, gcn_weight_ptr, stride_gcn_weight_ou
 # tokens_per_tile is 1 from E = 32 on: specialised to a constant, it made ptxas spill.
 @triton.jit(do_not_specialize=["tokens_per_tile"])
 def _graph_router_fwd_kernel(
-    c1_ptr, token_proj_ptr, adjacency_ptr, gcn_weight_ptr, score_weight_ptr, logits_ptr,
+    c1_ptr, token_proj_ptr, adjacency_ptr, gcn_weight_ptr, score_weight_ptr, readout_ptr, logits_ptr,
     probs_ptr, scratch_ptr,
     num_tokens, num_experts, width, tokens_per_tile, num_tiles,
     stride_c1_node, stride_c1_g, stride_token_proj_t, stride_token_proj_g,
     stride_adjacency_row, stride_adjacency_col,
     stride_gcn_weight_layer, stride_gcn_weight_out, stride_gcn_weight_in, stride_score_weight_g,
+    stride_readout_t, stride_readout_g,
     stride_logits_t, stride_logits_e, stride_probs_t, stride_probs_e,
     stride_scratch_prog, stride_scratch_slot, stride_scratch_row,
     NUM_LAYERS: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TOKEN_READOUT: tl.constexpr,
 ):
-    """logits = N^L[:, :E] w_p and probs = softmax(logits) for every token.
+    """logits = N^L[:, :E] w_p (N^L[:, :E] q_t with TOKEN_READOUT) and probs = softmax(logits)
+    for every token.
 
     Scratch per program: 2 slots (ping-pong) × BLOCK_M × G holding the pre-activations Z.
     """
@@ -127,7 +140,7 @@ def _graph_router_fwd_kernel(
             z = _layer1_preact(c1_ptr, stride_c1_node, stride_c1_g, token_proj_ptr,
                                stride_token_proj_t,
                                stride_token_proj_g, node, tok, row_ok, adj_tok, offs_n, n_ok)
-            if NUM_LAYERS == 1:
+            if NUM_LAYERS == 1 and not TOKEN_READOUT:
                 score = tl.load(score_weight_ptr + offs_n * stride_score_weight_g, mask=n_ok,
                                 other=0.0).to(dtype)
                 logit += tl.sum(_act(z, ACTIVATION) * score[None, :], axis=1)
@@ -151,7 +164,7 @@ def _graph_router_fwd_kernel(
                                   local_tok,
                                   row_ok, False)
                 z = tl.dot(mix, acc, input_precision="ieee")
-                if layer == NUM_LAYERS - 1:
+                if layer == NUM_LAYERS - 1 and not TOKEN_READOUT:
                     score = tl.load(score_weight_ptr + offs_n * stride_score_weight_g, mask=n_ok,
                                     other=0.0).to(dtype)
                     logit += tl.sum(_act(z, ACTIVATION) * score[None, :], axis=1)
@@ -159,6 +172,18 @@ def _graph_router_fwd_kernel(
                     tl.store(dst + offs_m[:, None] * stride_scratch_row + offs_n[None, :],
                              z, mask=n_ok[None, :])
             tl.debug_barrier()
+
+        # Token readout: ℓ = N^L q_t from Z^L in scratch, in its own loop (fewer live registers
+        # than inside the layer loop's tl.dot).
+        if TOKEN_READOUT:
+            z_top = scratch + ((NUM_LAYERS - 1) % 2) * stride_scratch_slot
+            for n0 in range(0, width, BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                n_ok = offs_n < width
+                z = tl.load(z_top + offs_m[:, None] * stride_scratch_row + offs_n[None, :],
+                            mask=n_ok[None, :], other=0.0)
+                logit += tl.sum(_act(z, ACTIVATION) * _token_readout(
+                    readout_ptr, stride_readout_t, stride_readout_g, tok, row_ok, offs_n, n_ok, dtype), axis=1)
 
         # Softmax over each token's expert rows (same-token mask, no reshape needed).
         same = (local_tok[:, None] == local_tok[None, :]) & out_ok[None, :]
@@ -214,23 +239,26 @@ def _emit_layer_grad(dz, LAYER: tl.constexpr, offs_n, n_ok, offs_m, node, local_
 @triton.jit(do_not_specialize=["tokens_per_tile"])
 def _graph_router_bwd_kernel(
     grad_logits_ptr, grad_probs_ptr, probs_ptr, c1_ptr, token_proj_ptr, adjacency_ptr,
-    gcn_weight_ptr, score_weight_ptr, d_c1_ptr, d_token_proj_ptr, d_gcn_weight_ptr,
-    d_score_weight_ptr, scratch_ptr,
+    gcn_weight_ptr, score_weight_ptr, readout_ptr, d_c1_ptr, d_token_proj_ptr, d_gcn_weight_ptr,
+    d_score_weight_ptr, d_readout_ptr, scratch_ptr,
     num_tokens, num_experts, width, tokens_per_tile, num_tiles,
     stride_grad_logits_t, stride_grad_logits_e, stride_grad_probs_t, stride_grad_probs_e,
     stride_probs_t, stride_probs_e, stride_c1_node, stride_c1_g,
     stride_token_proj_t, stride_token_proj_g, stride_adjacency_row, stride_adjacency_col,
     stride_gcn_weight_layer, stride_gcn_weight_out, stride_gcn_weight_in, stride_score_weight_g,
+    stride_readout_t, stride_readout_g,
     stride_d_c1_prog, stride_d_c1_node, stride_d_c1_g,
     stride_d_token_proj_t, stride_d_token_proj_g,
     stride_d_gcn_weight_prog, stride_d_gcn_weight_layer, stride_d_gcn_weight_out,
     stride_d_gcn_weight_in,
     stride_d_score_weight_prog, stride_d_score_weight_g,
+    stride_d_readout_t, stride_d_readout_g,
     stride_scratch_prog, stride_scratch_slot, stride_scratch_row,
     NUM_LAYERS: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TOKEN_READOUT: tl.constexpr,
 ):
-    """dC1, du, dW_2..dW_L, dw_p from d logits and d probs (maths: graph_router.py, `_autograd_backward`).
+    """dC1, du, dW_2..dW_L, dw_p from d logits and d probs (maths: graph_router.py, `_autograd_backward`);
+    with TOKEN_READOUT d q_t (every token's row written) in place of dw_p.
 
     Scratch per program: slots 0..L-1 hold the recomputed Z^1..Z^L of the tile, slots L and
     L+1 the ping-pong D^l = diag(Âᵀ) dZ^l. dC1, dW and dw_p are sums over all tokens: each
@@ -299,15 +327,32 @@ def _graph_router_bwd_kernel(
 
         # Top layer: dw_p and dZ^L = (d_logit ⊗ w_p) ⊙ act'(Z^L) on the expert rows.
         z_top = scratch + (NUM_LAYERS - 1) * stride_scratch_slot
+        if TOKEN_READOUT:
+            # d q_t = sum over token t's expert rows of d_logit · N^L (d_logit is 0 off them)
+            sel_tok = ((local_tok[None, :] == offs_m[:, None]) & out_ok[None, :]).to(dtype)
+            out_tok = (tile * tokens_per_tile + offs_m).to(tl.int64)
+            tok_ok = (offs_m < tokens_per_tile) & (out_tok < num_tokens)
+            for n0 in range(0, width, BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                n_ok = offs_n < width
+                z = tl.load(z_top + offs_m[:, None] * stride_scratch_row + offs_n[None, :],
+                            mask=n_ok[None, :], other=0.0)
+                d_q = tl.dot(sel_tok, d_logit[:, None] * _act(z, ACTIVATION), input_precision="ieee")
+                tl.store(d_readout_ptr + out_tok[:, None] * stride_d_readout_t + offs_n[None, :] * stride_d_readout_g,
+                         d_q, mask=tok_ok[:, None] & n_ok[None, :])
         for n0 in range(0, width, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_ok = offs_n < width
             z = tl.load(z_top + offs_m[:, None] * stride_scratch_row + offs_n[None, :],
                         mask=n_ok[None, :], other=0.0)
-            _accumulate(d_score_weight_ptr + offs_n * stride_d_score_weight_g,
-                        tl.sum(d_logit[:, None] * _act(z, ACTIVATION), axis=0), n_ok)
-            score = tl.load(score_weight_ptr + offs_n * stride_score_weight_g, mask=n_ok, other=0.0).to(dtype)
-            dz = d_logit[:, None] * score[None, :] * _act_grad(z, ACTIVATION)
+            if TOKEN_READOUT:  # (d q_t is written by its own loop below: fewer live registers here)
+                dz = d_logit[:, None] * _token_readout(readout_ptr, stride_readout_t, stride_readout_g, tok, row_ok,
+                                                       offs_n, n_ok, dtype) * _act_grad(z, ACTIVATION)
+            else:
+                _accumulate(d_score_weight_ptr + offs_n * stride_d_score_weight_g,
+                            tl.sum(d_logit[:, None] * _act(z, ACTIVATION), axis=0), n_ok)
+                score = tl.load(score_weight_ptr + offs_n * stride_score_weight_g, mask=n_ok, other=0.0).to(dtype)
+                dz = d_logit[:, None] * score[None, :] * _act_grad(z, ACTIVATION)
             _emit_layer_grad(dz, NUM_LAYERS - 1, offs_n, n_ok, offs_m, node, local_tok, row_ok,
                              adj_tok, tile, tokens_per_tile, num_tokens, num_nodes,
                              adjacency_ptr, stride_adjacency_row, stride_adjacency_col,
