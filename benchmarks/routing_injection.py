@@ -3,11 +3,11 @@
     python -m benchmarks.routing_injection [--task obqa] [--examples 64] [--json PATH]
 
 For each router variant (the graph router at several token-projection gains, with the published
-degree coupling and with uniform token coupling, and the linear router), on SmolLM2-135M and the
+degree coupling, with uniform token coupling and with the token readout, and the linear router), on SmolLM2-135M and the
 first `--examples` held-out examples of a task (gold prompt and answer) (the job's split), averaged over the 30 layers:
-- `top_set_fraction`, `busiest_share`, `degree_correlation`: `gmoe.telemetry` (the fraction of tokens on
-  the layer's most common top-K set, the busiest expert's share of the slots, the slots' rank
-  correlation with the experts' degrees in the expert graph);
+- `top_set_fraction`, `busiest_share`, `degree_correlation`, `effective_experts`: `gmoe.telemetry` (the
+  fraction of tokens on the layer's most common top-K set, the busiest expert's share of the slots, the
+  slots' rank correlation with the experts' degrees in the expert graph, the mean of 1/Σ_k w_k²);
 - `token_to_expert_ratio`: in the GCN's first layer, the mean norm of the token node's term
   Â[i, t]·t over the mean norm of the expert nodes' terms Σ_j Â[i, j]·e_j, for an expert node i.
 """
@@ -37,6 +37,8 @@ def variants() -> list[tuple[str, gmoe.GMoEConfig]]:
     out = [(f"graph gain {g:g} {c}", dataclasses.replace(graph, token_init_gain=g, token_coupling=c))
            for c in ("degree", "uniform") for g in GAINS]
     out.append(("graph gain 100 degree, edge density 0.25", dataclasses.replace(graph, edge_density=0.25)))
+    out += [(f"graph gain {g:g} degree, token readout", dataclasses.replace(graph, token_init_gain=g, token_readout=True))
+            for g in (1.0, 3.0, 10.0, 100.0)]
     out.append(("linear (no graph)", gmoe_config("gmoe-no-graph", AdapterSpec())))
     return out
 
@@ -89,11 +91,12 @@ def main(argv=None) -> list[dict]:
         summary = measure_routing(model, tok, data.eval, max_length=256, max_examples=args.examples)["summary"]
         row = {"router": name, "top_set_fraction": summary["top_set_fraction"],
                "busiest_share": summary["busiest_share"], "degree_correlation": summary["degree_correlation"],
+               "effective_experts": summary["effective_experts"],
                "token_to_expert_ratio": token_to_expert_ratio(model, inputs)}
         rows.append(row)
         corr, ratio = row["degree_correlation"], row["token_to_expert_ratio"]
         print(f"{name:42s} top set {row['top_set_fraction']:.3f}  busiest {row['busiest_share']:.3f}  "
-              f"degree corr {'–' if corr is None else f'{corr:+.2f}'}  "
+              f"degree corr {'–' if corr is None else f'{corr:+.2f}'}  effective {row['effective_experts']:.2f}  "
               f"token/expert {'–' if ratio is None else f'{ratio:.1f}'}", flush=True)
     if args.json:
         from benchmarks.report import machine_stamp

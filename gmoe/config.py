@@ -11,8 +11,8 @@ from gmoe_kernels.backend import BACKENDS
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_TYPE = "GMOE"
-FORMAT_VERSION = 2  # 2: λ and σ of shape (1,) (0-dim in 1); token_coupling, load_decay, freeze_loss_params
-READABLE_FORMAT_VERSIONS = (1, 2)  # version 1 adapters lack the new fields: their defaults are version 1's behaviour
+FORMAT_VERSION = 3  # 2: λ and σ of shape (1,) (0-dim in 1); token_coupling, load_decay, freeze_loss_params; 3: token_readout
+READABLE_FORMAT_VERSIONS = (1, 2, 3)  # older adapters lack the newer fields: their defaults are the older behaviour
 ROUTERS = ("graph", "linear")
 TOKEN_COUPLINGS = ("degree", "uniform")
 ADAPTER_DTYPES = ("float32", "base")
@@ -53,6 +53,7 @@ class GMoEConfig:
     expert_modules: list[str] = field(default_factory=lambda: list(EXPERT_MODULES))
     token_init_gain: float = 100.0
     token_coupling: str = "degree"
+    token_readout: bool = False
     load_decay: float = 1.0
     freeze_loss_params: bool = False
     adapter_dtype: str = "float32"
@@ -95,8 +96,12 @@ class GMoEConfig:
         if self.token_coupling not in TOKEN_COUPLINGS:
             _fail("token_coupling", self.token_coupling, f"choose one of {TOKEN_COUPLINGS}")
         number("load_decay", 0.0, 1.0, low_open=True)
-        if not isinstance(self.freeze_loss_params, bool):
-            _fail("freeze_loss_params", self.freeze_loss_params, "must be true or false")
+        for name in ("freeze_loss_params", "token_readout"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "must be true or false")
+        if self.token_readout and self.router != "graph":
+            _fail("token_readout", self.token_readout,
+                  f"reads the graph router's expert states; set router='graph' (got {self.router!r}) or turn it off")
         if self.adapter_dtype not in ADAPTER_DTYPES:
             _fail("adapter_dtype", self.adapter_dtype, f"choose one of {ADAPTER_DTYPES}")
         if self.backend not in BACKENDS:

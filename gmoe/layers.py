@@ -139,6 +139,7 @@ class GMoEMLP(nn.Module):
             self.router = GraphRouter(hidden, E, config.top_k, config.gcn_dim, config.gcn_layers,
                                       config.edge_density, activation, config.token_init_gain,
                                       build_graph=build_graph, token_coupling=config.token_coupling,
+                                      token_readout=config.token_readout,
                                       **coefs).to(device)
         else:
             self.router = LinearRouter(hidden, E, config.top_k, **coefs).to(device)

@@ -57,22 +57,29 @@ class GraphRouter(nn.Module):
     """GCN over E expert nodes plus the token node (DESIGN.md, "Graph router").
 
     Parameters: token_weight (G,H) W_tok, expert_weight (G,H) W_exp, gcn_weight (L,G,G),
-    score_weight (G,) w_p, poisson_rate λ, normal_std σ.
+    score_weight (G,) w_p (query_weight (G,H) W_q in its place with `token_readout`),
+    poisson_rate λ, normal_std σ.
     Buffers (saved with the adapter, never recomputed): expert_features (E,H) X,
     expert_adjacency (E,E) bool.
     """
 
     def __init__(self, hidden_size, num_experts, top_k, gcn_dim, gcn_layers, edge_density,
                  activation, token_init_gain=100.0, build_graph=True, poisson_loss_coef=1.0,
-                 normal_loss_coef=1.0, token_coupling="degree", freeze_loss_params=False):
+                 normal_loss_coef=1.0, token_coupling="degree", freeze_loss_params=False,
+                 token_readout=False):
         super().__init__()
         self.num_experts, self.top_k, self.activation = num_experts, top_k, activation
-        self.token_coupling = token_coupling
+        self.token_coupling, self.token_readout = token_coupling, token_readout
         self.token_weight = nn.Parameter(_glorot_(torch.empty(gcn_dim, hidden_size), token_init_gain))
         self.expert_weight = nn.Parameter(_glorot_(torch.empty(gcn_dim, hidden_size)))
         self.gcn_weight = nn.Parameter(torch.stack(
             [_glorot_(torch.empty(gcn_dim, gcn_dim)) for _ in range(gcn_layers)]))
-        self.score_weight = nn.Parameter(_glorot_(torch.empty(1, gcn_dim)).squeeze(0))
+        if token_readout:
+            # Each token reads the expert states with its own vector W_q x in place of the shared
+            # w_p (docs/routing.md, "A router in which the token decides").
+            self.query_weight = nn.Parameter(_glorot_(torch.empty(gcn_dim, hidden_size)))
+        else:
+            self.score_weight = nn.Parameter(_glorot_(torch.empty(1, gcn_dim)).squeeze(0))
         _add_loss_parameters(self, num_experts, poisson_loss_coef, normal_loss_coef, freeze_loss_params)
         self.register_buffer("expert_features", _glorot_(torch.empty(num_experts, hidden_size)))
         adjacency = torch.zeros(num_experts, num_experts, dtype=torch.bool)
@@ -139,11 +146,12 @@ class GraphRouter(nn.Module):
     def forward(self, x: torch.Tensor, backend: str | None = None):
         dtype = x.dtype  # fp32 from GMoEMLP for half-precision models; fp64 in gradchecks
         adjacency, constant = self.token_independent_terms(x, backend)
+        readout = (dict(query_weight=self.query_weight.to(dtype)) if self.token_readout else {})
         return functional.graph_router(
             x, self.token_weight.to(dtype), self.expert_weight.to(dtype),
             self.expert_features.to(dtype), adjacency, self.gcn_weight.to(dtype),
-            self.score_weight.to(dtype), self.top_k, self.activation, backend=backend,
-            layer1_constant=constant)
+            None if self.token_readout else self.score_weight.to(dtype), self.top_k, self.activation,
+            backend=backend, layer1_constant=constant, **readout)
 
 
 class LinearRouter(nn.Module):

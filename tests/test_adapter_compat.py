@@ -29,9 +29,9 @@ def test_format_1_adapter_loads_with_the_published_defaults_and_the_same_logits(
     # fp32 on a 2-layer model: rounding differences across BLAS builds stay far below 1e-4
     assert torch.allclose(logits, expected["logits"], atol=1e-4, rtol=1e-4)
     assert model.expert_load().abs().sum() > 0
-    # saved again, it is format 2 and loads to the same adapter
+    # saved again, it is the current format (3) and loads to the same adapter
     model.save_pretrained(tmp_path)
-    assert '"format_version": 2' in (tmp_path / "adapter_config.json").read_text()
+    assert '"format_version": 3' in (tmp_path / "adapter_config.json").read_text()
     again = gmoe.GMoEModel.from_pretrained(_base(), tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(model.adapter_state_dict().values(),
                                                  again.adapter_state_dict().values()))

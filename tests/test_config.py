@@ -38,7 +38,7 @@ def test_round_trip_through_adapter_config(tmp_path):
                      target_modules=["q_proj"], base_model_name_or_path="tiny-llama")
     cfg.save(tmp_path)
     data = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert data["peft_type"] == "GMOE" and data["format_version"] == 2
+    assert data["peft_type"] == "GMOE" and data["format_version"] == 3
     assert data["base_model_name_or_path"] == "tiny-llama"
     assert GMoEConfig.load(tmp_path) == cfg
 

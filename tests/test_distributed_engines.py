@@ -171,8 +171,9 @@ def assert_matches_one_process(ranks, scenario, output="", check_router_loss=Tru
 
 # ----------------------------------------------------------------------------- torchrun: DDP, FSDP2, DeepSpeed, Trainer
 
-DDP_SCENARIOS = ("graph", "graph_accum", "graph_padded", "linear", "graph_options")
-TORCHRUN_JOBS = {"ddp": DDP_SCENARIOS, "fsdp2": ("graph", "graph_accum", "graph_options"), "deepspeed": ("graph_accum",),
+DDP_SCENARIOS = ("graph", "graph_accum", "graph_padded", "linear", "graph_options", "graph_token")
+TORCHRUN_JOBS = {"ddp": DDP_SCENARIOS, "fsdp2": ("graph", "graph_accum", "graph_options", "graph_token"),
+                 "deepspeed": ("graph_accum",),
                  "deepspeed_zero3": ("graph_accum",), "trainer": ("graph_accum",)}
 
 

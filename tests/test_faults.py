@@ -220,7 +220,7 @@ CORRUPT_CONFIGS = {
     "bad-type": (lambda c: json.dumps({**c, "top_k": "2"}), r"GMoEConfig.top_k='2'"),
     "null-list": (lambda c: json.dumps({**c, "target_modules": None}), r"GMoEConfig.target_modules=None"),
     "unknown-field": (lambda c: json.dumps({**c, "num_expert": 4}), r"unknown fields \['num_expert'\]"),
-    "other-version": (lambda c: json.dumps({**c, "format_version": 3}), "format_version=3 is not supported"),
+    "other-version": (lambda c: json.dumps({**c, "format_version": 4}), "format_version=4 is not supported"),
     "other-shapes": (lambda c: json.dumps({**c, "r": 4}), r"lora_A.* has shape .* but this model expects"),
 }
 

@@ -25,8 +25,9 @@ STEP_IMPLS = ("gmoe-triton", "gmoe-reference", "loop", "peft-lora", "dense-froze
 # Run only when asked by name (--impls, micro-benchmarks): lora-plain stands in for peft-lora
 # when PEFT is not installed (the same LoRA maths in plain PyTorch); graph-loop is the
 # per-token oracle `graph_router_loop` (a Python loop over tokens: slow by design);
-# gmoe-linear is GMoE with the linear router (the real-model step names it).
-EXTRA_IMPLS = {"ffn": ("lora-plain",), "router": ("graph-loop",), "step": ("lora-plain", "gmoe-linear")}
+# gmoe-linear is GMoE with the linear router (the real-model step names it); gmoe-token the graph
+# router with the token readout (the `gmoe-token` method's router), reference backend.
+EXTRA_IMPLS = {"ffn": ("lora-plain",), "router": ("graph-loop",), "step": ("lora-plain", "gmoe-linear", "gmoe-token")}
 # The real-model training step (forward, loss, backward, AdamW step) of shapes.REAL_STEP_MODELS.
 REAL_STEP_IMPLS = ("dense-frozen", "peft-lora", "gmoe-reference", "gmoe-linear", "loop")
 LORA_KEYS = ("lora_a_gate", "lora_b_gate", "lora_a_up", "lora_b_up", "lora_a_down", "lora_b_down")

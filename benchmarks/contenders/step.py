@@ -75,12 +75,16 @@ def _loss_contender(impl, model, ids, trainable=None, note="", patch=None) -> Co
                      persistent=[ids, *model.parameters(), *model.buffers()], note=note)
 
 
-def _gmoe_model(sp: StepProblem, backend: str, router: str = "graph"):
+#: The router options of the `gmoe-token` method (gmoe.finetune.methods) that change its cost.
+TOKEN_ROUTER = dict(token_readout=True, token_init_gain=3.0)  # tests/test_token_router.py checks them
+
+
+def _gmoe_model(sp: StepProblem, backend: str, router: str = "graph", **options):
     from gmoe import GMoEConfig, get_gmoe_model
 
     v = sp.variant
     config = GMoEConfig(num_experts=v.experts, top_k=v.top_k, r=v.rank, lora_alpha=2.0 * v.rank,
-                        target_modules=ATTENTION, backend=backend, router=router)
+                        target_modules=ATTENTION, backend=backend, router=router, **options)
     torch.manual_seed(1)
     model = get_gmoe_model(copy.deepcopy(sp.base), config)
     with torch.no_grad():  # non-zero B so the adapter is not a no-op (same cost either way)
@@ -260,6 +264,9 @@ def step_contenders(sp: StepProblem, impls=STEP_IMPLS) -> list[Contender]:
         if impl == "gmoe-linear":
             return _loss_contender(impl, _gmoe_model(sp, "reference", router="linear"), ids,
                                    note="linear router (GMoE losses), reference backend")
+        if impl == "gmoe-token":
+            return _loss_contender(impl, _gmoe_model(sp, "reference", **TOKEN_ROUTER), ids,
+                                   note="graph router with the token readout (gmoe-token), reference backend")
         if impl == "loop":
             return _loss_contender(impl, gmoe_ref, ids, note="gmoe-reference model, experts via expert_ffn_loop",
                                    patch=_loop_patch)

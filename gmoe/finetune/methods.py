@@ -9,6 +9,8 @@ caller's and identical across methods.
 - gmoe-uniform: gmoe with one weight on every token–expert edge (token_coupling "uniform")
 - gmoe-balanced: gmoe-window and gmoe-uniform together: the two options that spread the routing in the
   study's routing runs (docs/routing.md); freezing λ and σ changed nothing there and is left out
+- gmoe-token: gmoe whose router reads the expert states with each token's own vector W_q x (token_readout),
+  token projection gain 3 and load_decay 0.9: the settings under which the token decides (docs/routing.md)
 - mixlora: linear router with the Switch load-balancing loss (MixLoRA's default coefficient 0.01)
 - lora: PEFT LoraConfig on the same seven projections with the same rank
 - lora-matched: lora whose rank gives it as many trainable parameters as `gmoe` at the same spec (experts,
@@ -32,6 +34,7 @@ METHOD_OVERRIDES = {
     "gmoe-frozen": {"router": "graph", "freeze_loss_params": True},
     "gmoe-uniform": {"router": "graph", "token_coupling": "uniform"},
     "gmoe-balanced": {"router": "graph", "load_decay": 0.9, "token_coupling": "uniform"},
+    "gmoe-token": {"router": "graph", "token_readout": True, "token_init_gain": 3.0, "load_decay": 0.9},
     "mixlora": {"router": "linear", "poisson_loss_coef": 0.0, "normal_loss_coef": 0.0, "aux_loss_coef": 0.01},
 }
 METHODS = [*METHOD_OVERRIDES, "lora", "lora-matched"]

@@ -203,7 +203,7 @@ ALIASES = {
 #: GMoEConfig fields that no flag sets: each --method fixes them (methods.py)
 METHOD_FIELDS = ("router", "gcn_layers", "gcn_dim", "edge_density", "poisson_loss_coef", "normal_loss_coef",
                  "aux_loss_coef", "target_modules", "expert_modules", "token_init_gain", "token_coupling",
-                 "load_decay", "freeze_loss_params", "adapter_dtype", "backend", "base_model_name_or_path")
+                 "token_readout", "load_decay", "freeze_loss_params", "adapter_dtype", "backend", "base_model_name_or_path")
 
 
 def _to_bool(text: str) -> bool:
