@@ -20,4 +20,4 @@ def test_the_demo_reports_accuracies_with_standard_errors_the_chance_level_and_t
     assert lines[3] == "  gmoe               75.0 % (SE 15.3)"       # sqrt(.75 * .25 / 8)
     # differences 0,1,0,0,0,0,1,0 -> mean 0.25, sample std sqrt(2/7 * 0.75^2 ... ) / sqrt(8)
     assert lines[4] == "  gain               +25.0 points (paired SE 16.4: 1.5 SE)"
-    assert lines[5].startswith("  task loss          4.31 -> 3.22   (router loss 17.40 -> 8.00")
+    assert lines[5].startswith("  task loss          4.31 -> 3.22   (router loss 17.40 -> 8.00")  # 2nd half: 1 window

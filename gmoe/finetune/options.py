@@ -89,10 +89,12 @@ class TrainOptions:
         "training sequences per micro-step over all processes (global: split evenly over the ranks, so a run "
         "on N processes trains on the same batches as on one); the optimizer step takes batch-size × grad-accum"))
     grad_accum: int = field(default=1, metadata=_help("gradient accumulation steps"))
-    warmup_ratio: float = field(default=0.1, metadata=_help("warm-up share of the steps"))
+    warmup_ratio: float = field(default=0.1, metadata=_help(
+        "warm-up share of the steps: ceil(ratio × steps) steps, the first at learning rate 0; a warm-up that "
+        "spans every step (--max-steps 1 at 0.1) is refused"))
     r: int = field(default=8, metadata=_help(
-        "LoRA rank (of every expert and of the plain LoRAs); also --lora-r, which launchers' own parsers leave alone "
-        "(torchrun reads --r as an abbreviation of its own options)"))
+        "LoRA rank (of every expert and of the plain LoRAs); under a launcher spell it --lora-r (torchrun reads --r "
+        "as an abbreviation of its own options)"))
     alpha: float = field(default=16.0, metadata=_help("LoRA alpha (scaling alpha / r)"))
     dropout: float = field(default=0.05, metadata=_help("LoRA dropout"))
     experts: int = field(default=8, metadata=_help("E, experts per MLP (MoE methods)"))
