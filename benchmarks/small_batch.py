@@ -1,14 +1,19 @@
-"""Where the gathered expert mix (no routing plan) beats the plan path: the measurement behind
-`gmoe_kernels.small_batch`'s thresholds.
+"""Where each expert-mix path for a few tokens (gmoe_kernels.small_batch: "plan", "gathered",
+"dense") is fastest: the measurement behind `gmoe_kernels.small_batch.LIMITS`.
 
-  python benchmarks/small_batch.py --threads 1 --json benchmarks/results/small-batch-cpu-1thread.json
-  python benchmarks/small_batch.py --device cuda --backend triton --json gpu-small-batch.json
+  python benchmarks/small_batch.py --model smollm2-135m --threads 1 --json benchmarks/results/small-batch-cpu-smollm2-1thread.json
+  python benchmarks/small_batch.py --device cuda --backend triton --dtype bf16 --json gpu-small-batch.json
 
-Times `functional.expert_mix` without autograd (decoding) at SmolLM2-135M's MLP sizes (H 576,
-F 1536, E 8, K 2, R 8; `--hidden/--inter/...` to change them) for T = 1 … 256 tokens, both
-paths interleaved in one run (benchmarks/measure.py: medians; on a CPU the rounds rotate so
-that load from other processes lands on both alike), and prints the largest T up to which the
-gathered path is at least as fast at every T.
+With --model: one greedy decoding step of the real model with GMoE (graph router, E 8, K 2, r 8,
+as `run.py --ops decode`) and its KV cache, at batch T = 1 … 32 (T tokens per MLP), with each
+path forced in every MLP. This is the measurement the limits come from: in a whole model the
+weights are cold in the cache at every layer, which a layer timed alone in a loop hides (there
+the gathered path's copies come from the cache and looked cheaper than they are).
+Without --model: `functional.expert_mix` alone at SmolLM2-135M's MLP sizes (H 576, F 1536, E 8,
+K 2, R 8; `--hidden/--inter/...` to change them) for T = 1 … 256 (the GPU check's measurement).
+Either way every path runs interleaved in one run (benchmarks/measure.py: medians; on a CPU the
+rounds rotate so that load from other processes lands on all alike), and the fastest path per T
+is printed.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from benchmarks import measure, report  # noqa: E402
 from gmoe_kernels import functional, small_batch  # noqa: E402
 
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+MODEL_TOKENS = (1, 2, 4, 8, 16, 32)
 
 
 def parse_args(argv=None):
@@ -40,7 +46,11 @@ def parse_args(argv=None):
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    p.add_argument("--tokens", help=f"token counts (default {','.join(map(str, TOKENS))}; "
+                   f"with --model {','.join(map(str, MODEL_TOKENS))})")
+    p.add_argument("--model", help="time a decoding step of this packaged model (smollm2-135m) instead of one layer")
+    p.add_argument("--prefill", type=int, default=64, help="with --model: prompt tokens in the KV cache")
+    p.add_argument("--full", action="store_true", help="more repeats (benchmarks/measure.py FULL settings)")
     p.add_argument("--json", help="write the rows and the machine stamp here")
     return p.parse_args(argv)
 
@@ -59,6 +69,44 @@ def problem(tokens, args, device, dtype, gen):
     return (x, rand(tokens, F), rand(tokens, F), *lora, indices, weights, 2.0, "silu")
 
 
+def layer_cases(args, device, dtype, gen):
+    """(T, {path: callable}) for `functional.expert_mix` alone."""
+    for tokens in _tokens(args, TOKENS):
+        inputs = problem(tokens, args, device, dtype, gen)
+
+        def run(path, inputs=inputs):
+            with torch.no_grad(), small_batch.forced_path(path):
+                return functional.expert_mix(*inputs, backend=args.backend)
+
+        yield tokens, run
+
+
+def model_cases(args, device, dtype, gen):
+    """(T, {path: callable}) for a decoding step of the whole model at batch T."""
+    from benchmarks.contenders.decode import DecodeSettings, build_models
+    from gmoe.finetune.assets import load_base_model
+
+    base, _ = load_base_model(args.model, dtype=dtype)
+    model = build_models(base.to(device), DecodeSettings(), ("gmoe-graph",))["gmoe-graph"]
+    model.gmoe_config.backend = args.backend
+    for tokens in _tokens(args, MODEL_TOKENS):
+        ids = torch.randint(100, 10000, (tokens, args.prefill + 1), generator=gen).to(device)
+        with torch.no_grad():
+            cache = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+
+        def run(path, ids=ids, cache=cache):
+            with torch.no_grad(), small_batch.forced_path(path):
+                logits = model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True).logits
+            cache.crop(-1)   # drop the step's token: the next call decodes the same position again
+            return (logits,)
+
+        yield tokens, run
+
+
+def _tokens(args, default):
+    return [int(t) for t in args.tokens.split(",")] if args.tokens else list(default)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -66,33 +114,23 @@ def main(argv=None) -> int:
     stamp = report.machine_stamp(device, dtype, threads)
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for tokens in (int(t) for t in args.tokens.split(",")):
-        inputs = problem(tokens, args, device, dtype, gen)
-
-        def run(path, inputs=inputs):
-            with torch.no_grad(), small_batch.forced_path(path):
-                return functional.expert_mix(*inputs, backend=args.backend)
-
-        got, want = run("gathered"), run("plan")
-        err = max((a.float() - b.float()).abs().max().item() for a, b in zip(got, want))
-        timed = measure.time_group({"plan": lambda: run("plan"), "gathered": lambda: run("gathered")},
-                                   device, measure.QUICK)
-        row = {"tokens": tokens, "max_abs_diff": err,
+    cases = model_cases if args.model else layer_cases
+    for tokens, run in cases(args, device, dtype, gen):
+        want = run("plan")
+        err = {path: max((a.float() - b.float()).abs().max().item() for a, b in zip(run(path), want))
+               for path in ("gathered", "dense")}
+        timed = measure.time_group({path: (lambda path=path, run=run: run(path)) for path in small_batch.PATHS},
+                                   device, measure.FULL if args.full else measure.QUICK)
+        row = {"tokens": tokens, **{f"{path}_max_abs_diff": e for path, e in err.items()},
                **{f"{name}_ms": round(ms, 4) for name, (ms, _, _) in timed.items()},
                **{f"{name}_contended": c for name, (_, _, c) in timed.items()}}
-        row["speedup"] = round(row["plan_ms"] / row["gathered_ms"], 3)
+        row["fastest"] = min(small_batch.PATHS, key=lambda path: row[f"{path}_ms"])
         rows.append(row)
-        print(f"T={tokens:<4} plan {row['plan_ms']:8.3f} ms  gathered {row['gathered_ms']:8.3f} ms  "
-              f"x{row['speedup']:.2f}  (max |diff| {err:.1e})", flush=True)
-    faster = [r["tokens"] for r in rows if r["speedup"] >= 1.0]
-    threshold = 0
-    for r in rows:
-        if r["speedup"] < 1.0:
-            break
-        threshold = r["tokens"]
-    print(f"gathered at least as fast up to T = {threshold} (faster at T in {faster})")
+        print(f"T={tokens:<4} " + "  ".join(f"{path} {row[f'{path}_ms']:8.3f} ms" for path in small_batch.PATHS)
+              + f"  fastest: {row['fastest']}  (max |diff| to plan {max(err.values()):.1e})", flush=True)
+    print("fastest path by T: " + ", ".join(f"{r['tokens']}: {r['fastest']}" for r in rows))
     if args.json:
-        doc = {"machine": stamp, "backend": args.backend, "threshold": threshold,
+        doc = {"machine": stamp, "backend": args.backend, "model": args.model,
                "shape": {k: getattr(args, k) for k in ("hidden", "inter", "experts", "top_k", "rank")},
                "date": time.strftime("%Y-%m-%d"), "rows": rows}
         Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
