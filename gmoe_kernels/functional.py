@@ -13,13 +13,8 @@ from . import reference, small_batch
 from .backend import resolve_backend
 from .checks import (check_activation, check_expert_mix, check_graph_router, check_layer1_constant,
                      check_routing_indices)
-from .reference.expert_mix_dense import expert_mix_dense
 from .reference.expert_mix_gathered import expert_mix_gathered
 from .routing_plan import RoutingPlan
-
-
-# A few tokens with no gradient recorded (decoding): paths with no routing plan (`small_batch`).
-SMALL_BATCH_PATHS = {"gathered": expert_mix_gathered, "dense": expert_mix_dense}
 
 
 def _triton():
@@ -40,20 +35,23 @@ def expert_mix(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_
     lora_a_down: (E, R, F)
     indices:     (T, K) int64 chosen experts;  weights: (T, K) mixing weights
     Returns h_c (T, F) = sum_k w_k h_k and z (T, E·R) with w_k A_d^{e_k} h_k in block e_k.
-    A few tokens with no gradient recorded (decoding) take a path with no routing plan, gathered
-    or dense (`gmoe_kernels.small_batch`); the results agree to rounding.
+    A few tokens with no gradient recorded (decoding) take the gathered path, which needs no
+    routing plan (`gmoe_kernels.small_batch`); the results agree to rounding.
     """
     tensors = (x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_b_up, lora_a_down, weights)
     if not all(isinstance(t, torch.Tensor) for t in tensors):   # the clear TypeError first
         check_expert_mix(*tensors[:8], indices, weights, activation)
     name = resolve_backend(backend, x.device)
     recording = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    path = small_batch.path_for(x.shape[0], name, recording)
+    gathered = small_batch.use_gathered(x.shape[0], name, recording)
     check_expert_mix(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_b_up,
-                     lora_a_down, indices, weights, activation, host_read=path != "plan" and not recording)
-    impl = SMALL_BATCH_PATHS.get(path) or (reference.expert_mix if name == "reference" else _triton().expert_mix)
-    return impl(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up, lora_b_up, lora_a_down,
-                indices, weights, scaling, activation)
+                     lora_a_down, indices, weights, activation, host_read=gathered and not recording)
+    if gathered:   # a few tokens: no routing plan
+        return expert_mix_gathered(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up,
+                                   lora_b_up, lora_a_down, indices, weights, scaling, activation)
+    impl = reference if name == "reference" else _triton()
+    return impl.expert_mix(x, gate_base, up_base, lora_a_gate, lora_b_gate, lora_a_up,
+                           lora_b_up, lora_a_down, indices, weights, scaling, activation)
 
 
 def expert_ffn(x, gate_weight, up_weight, down_weight, lora_a_gate, lora_b_gate, lora_a_up,

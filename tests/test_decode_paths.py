@@ -1,5 +1,5 @@
-"""The small-batch (decoding) paths against the reference: the gathered and the dense expert mix
-(no routing plan), the per-expert down LoRA, and which path the dispatch takes.
+"""The small-batch (decoding) paths against the reference: the gathered expert mix (no routing
+plan), the per-expert down LoRA, and which path the dispatch takes.
 
 Each case says which edge it covers; tolerances from tests/tolerances.py; indices exact.
 """
@@ -8,12 +8,10 @@ import torch
 
 from gmoe_kernels import functional, small_batch
 from gmoe_kernels.reference import expert_mix as reference_mix
-from gmoe_kernels.reference.expert_mix_dense import expert_mix_dense
 from gmoe_kernels.reference.expert_mix_gathered import expert_mix_gathered
 from tests.problems import expert_problem
 from tests.tolerances import assert_close
 
-PATHS = {"gathered": expert_mix_gathered, "dense": expert_mix_dense}
 MIX_KEYS = ("lora_a_gate", "lora_b_gate", "lora_a_up", "lora_b_up", "lora_a_down")
 
 CASES = {
@@ -33,13 +31,12 @@ def _inputs(dtype, T, K, routing="random", R=3):
     return (x, gate_base, up_base, *(lora[k] for k in MIX_KEYS), indices, weights, 1.5, "silu")
 
 
-@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("case", CASES)
-def test_small_batch_mix_matches_the_reference_forward_and_backward(case, dtype, path):
+def test_gathered_mix_matches_the_reference_forward_and_backward(case, dtype):
     inputs = _inputs(dtype, **CASES[case])
     want = reference_mix(*inputs)
-    got = PATHS[path](*inputs)
+    got = expert_mix_gathered(*inputs)
     for name, a, b in zip(("h_c", "z"), got, want):
         assert_close(a, b, name=name)
     leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
@@ -51,20 +48,18 @@ def test_small_batch_mix_matches_the_reference_forward_and_backward(case, dtype,
         assert_close(a, b, name=f"d{name}")
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_small_batch_mix_adds_a_repeated_expert_twice(path):
+def test_gathered_mix_adds_a_repeated_expert_twice():
     """A caller's indices may list one expert in two slots (top-k never does): both count."""
     x, g, u, a_g, b_g, a_u, b_u, a_d, _, weights, s, act = _inputs(torch.float64, T=2, K=2)
     indices = torch.tensor([[1, 1], [0, 3]])
-    for a, b in zip(PATHS[path](x, g, u, a_g, b_g, a_u, b_u, a_d, indices, weights, s, act),
+    for a, b in zip(expert_mix_gathered(x, g, u, a_g, b_g, a_u, b_u, a_d, indices, weights, s, act),
                     reference_mix(x, g, u, a_g, b_g, a_u, b_u, a_d, indices, weights, s, act)):
         assert_close(a, b)
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_small_batch_mix_gradcheck(path):
+def test_gathered_mix_gradcheck():
     inputs = _inputs(torch.float64, T=2, K=2, R=2)
-    assert torch.autograd.gradcheck(lambda *t: PATHS[path](*t, *inputs[10:]), inputs[:10], fast_mode=True)
+    assert torch.autograd.gradcheck(lambda *t: expert_mix_gathered(*t, *inputs[10:]), inputs[:10], fast_mode=True)
 
 
 @pytest.mark.parametrize("tokens", [1, 2, 7], ids=["T1", "T2", "T7-below-R"])
@@ -79,48 +74,42 @@ def test_down_lora_for_few_tokens_matches_the_stacked_gemm(tokens):
         assert_close(a, b)
 
 
-def test_dispatch_takes_the_small_batch_paths_only_for_few_tokens_without_autograd(monkeypatch):
+def test_dispatch_takes_the_gathered_path_only_for_few_tokens_without_autograd(monkeypatch):
     calls = []
-    for name, real in list(functional.SMALL_BATCH_PATHS.items()):
-        monkeypatch.setitem(functional.SMALL_BATCH_PATHS, name,
-                            lambda *a, name=name, real=real: calls.append((name, a[0].shape[0])) or real(*a))
-    limits = small_batch.LIMITS["reference"]
-    assert 1 <= limits["gathered"] < limits["dense"]
-    sizes = (1, limits["gathered"], limits["gathered"] + 1, limits["dense"], limits["dense"] + 1)
+    real = functional.expert_mix_gathered
+    monkeypatch.setattr(functional, "expert_mix_gathered", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    limit = small_batch.MAX_TOKENS["reference"]
+    assert limit >= 1
+    few, many = _inputs(torch.float32, T=limit, K=2), _inputs(torch.float32, T=limit + 1, K=2)
     with torch.no_grad():
-        for tokens in sizes:
-            functional.expert_mix(*_inputs(torch.float32, T=tokens, K=2), backend="reference")
-    assert calls == [("gathered", 1), ("gathered", sizes[1]), ("dense", sizes[2]), ("dense", sizes[3])]
-    functional.expert_mix(*_inputs(torch.float32, T=1, K=2), backend="reference")   # autograd records: plan
-    assert len(calls) == 4
-    with small_batch.forced_path("dense"):
-        functional.expert_mix(*_inputs(torch.float32, T=1, K=2), backend="reference")
+        functional.expert_mix(*few, backend="reference")
+        functional.expert_mix(*many, backend="reference")
+    functional.expert_mix(*few, backend="reference")          # autograd records: the plan path
+    assert calls == [limit]
+    with small_batch.forced_path("gathered"):
+        functional.expert_mix(*many, backend="reference")
     with torch.no_grad(), small_batch.forced_path("plan"):
-        functional.expert_mix(*_inputs(torch.float32, T=1, K=2), backend="reference")
-    assert calls[4:] == [("dense", 1)]
-    assert small_batch.path_for(1, "triton", recording=False) == "plan" or small_batch.LIMITS["triton"]["gathered"] >= 1
+        functional.expert_mix(*few, backend="reference")
+    assert calls == [limit, limit + 1]
+    assert not small_batch.use_gathered(1, "triton", recording=False) or small_batch.MAX_TOKENS["triton"] >= 1
     with pytest.raises(ValueError, match="path='fast'.*plan"):
         with small_batch.forced_path("fast"):
             pass
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_small_batch_dispatch_agrees_with_the_plan_path(path):
+def test_gathered_dispatch_agrees_with_the_plan_path():
     inputs = _inputs(torch.float32, T=3, K=2)
     with torch.no_grad():
-        with small_batch.forced_path(path):
-            got = functional.expert_mix(*inputs, backend="reference")
+        got = functional.expert_mix(*inputs, backend="reference")
         with small_batch.forced_path("plan"):
             want = functional.expert_mix(*inputs, backend="reference")
     for a, b in zip(got, want):
         assert_close(a, b)
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_small_batch_path_names_an_expert_id_out_of_range(path):
-    """The decoding paths check ids with one host read (CPU), with the same clear error."""
+def test_gathered_path_names_an_expert_id_out_of_range():
+    """The decoding path checks ids with one host read (CPU), with the same clear error."""
     inputs = list(_inputs(torch.float32, T=2, K=2))
     inputs[8] = torch.tensor([[0, 4], [1, 2]])   # E = 4
-    with torch.no_grad(), small_batch.forced_path(path), \
-            pytest.raises(ValueError, match=r"expert ids in \[0, 4\].*E = 4"):
+    with torch.no_grad(), pytest.raises(ValueError, match=r"expert ids in \[0, 4\].*E = 4"):
         functional.expert_mix(*inputs, backend="reference")
