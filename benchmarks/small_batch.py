@@ -1,14 +1,13 @@
-"""Where each expert-mix path for a few tokens (gmoe_kernels.small_batch: "plan", "gathered",
-"dense") is fastest: the measurement behind `gmoe_kernels.small_batch.LIMITS`.
+"""Where the gathered expert mix (no routing plan) beats the plan path: the measurement behind
+`gmoe_kernels.small_batch.MAX_TOKENS`.
 
   python benchmarks/small_batch.py --model smollm2-135m --threads 1 --json benchmarks/results/small-batch-cpu-smollm2-1thread.json
   python benchmarks/small_batch.py --device cuda --backend triton --dtype bf16 --json gpu-small-batch.json
 
 With --model: one greedy decoding step of the real model with GMoE (graph router, E 8, K 2, r 8,
 as `run.py --ops decode`) and its KV cache, at batch T = 1 … 32 (T tokens per MLP), with each
-path forced in every MLP. This is the measurement the limits come from: in a whole model the
-weights are cold in the cache at every layer, which a layer timed alone in a loop hides (there
-the gathered path's copies come from the cache and looked cheaper than they are).
+path forced in every MLP: in a whole model every layer's weights are cold in the cache, which a
+layer timed alone in a loop hides.
 Without --model: `functional.expert_mix` alone at SmolLM2-135M's MLP sizes (H 576, F 1536, E 8,
 K 2, R 8; `--hidden/--inter/...` to change them) for T = 1 … 256 (the GPU check's measurement).
 Either way every path runs interleaved in one run (benchmarks/measure.py: medians; on a CPU the
@@ -118,7 +117,7 @@ def main(argv=None) -> int:
     for tokens, run in cases(args, device, dtype, gen):
         want = run("plan")
         err = {path: max((a.float() - b.float()).abs().max().item() for a, b in zip(run(path), want))
-               for path in ("gathered", "dense")}
+               for path in small_batch.PATHS if path != "plan"}
         timed = measure.time_group({path: (lambda path=path, run=run: run(path)) for path in small_batch.PATHS},
                                    device, measure.FULL if args.full else measure.QUICK)
         row = {"tokens": tokens, **{f"{path}_max_abs_diff": e for path, e in err.items()},

@@ -4,13 +4,17 @@ or the backend's own (the reference's plan path, the Triton kernels).
 
 MAX_TOKENS[backend]: the gathered path runs for T ≤ this many tokens, where no gradient is
 recorded (decoding, scoring, generation; a training step keeps the plan path, unchanged).
-Measured with `benchmarks/small_batch.py` at SmolLM2-135M's MLP sizes (H 576, F 1536, E 8,
-K 2, R 8, fp32), both paths interleaved in one run, results in
-benchmarks/results/small-batch-cpu-*.json:
-- reference (CPU): 8. On the 2-core AMD EPYC (shared with other jobs, load average ~5) with
-  1 thread the gathered path took 0.48 / 0.34 / 0.63 / 1.26 ms at T = 1 / 2 / 4 / 8 against the
-  plan path's 0.88 / 1.02 / 1.13 / 1.46 ms, and lost from T = 16 (2.8 vs 2.4 ms): its gathered
-  copies of the B factors grow with T·K, while the plan path reads each expert once.
+Measured in the whole model: a greedy decoding step of SmolLM2-135M with GMoE (H 576, F 1536,
+E 8, K 2, R 8, fp32, KV cache) at batch T with each path forced in every MLP, all paths
+interleaved in one run (`benchmarks/small_batch.py --model smollm2-135m --full`,
+benchmarks/results/small-batch-cpu-smollm2-1thread.json):
+- reference (CPU): 8. On the 2-core AMD EPYC with 1 thread the step took 89 / 133 / 145 / 160 ms
+  at T = 1 / 2 / 4 / 8 on the gathered path against the plan path's 102 / 142 / 153 / 171 ms,
+  and lost from T = 16 (201 vs 195 ms; 304 vs 275 at 32): its copies of the chosen experts'
+  factors grow with T·K, while the plan path reads each expert once. A third path that reads
+  every expert's factors in place (no copies, E/K times the LoRA arithmetic) was measured in
+  the same run: it was never faster than the better of these two by more than 0.5 % (at T = 8;
+  3–8 % slower elsewhere), so it was not kept.
 - triton: 0 (never) until measured on a GPU. There the Triton forward already needs no routing
   plan in its gather and dot modes (one token kernel, no host sync), against ~20 PyTorch
   kernels for the gathered path; benchmarks/gpu_check.sh measures both.

@@ -275,10 +275,13 @@ def plot(rows, path, stamp) -> str:
     ax.axhline(0.90, color="red", lw=0.8, ls="--", label="0.90x target (decode)")
     ax.set_xticks(range(len(groups)), [f"{mode}\n{shape.rpartition('@')[2]}" for shape, mode in groups], fontsize=8)
     ax.set_ylabel("tok/s / PEFT LoRA's")
-    ax.legend(fontsize=7, ncol=3)
+    ax.set_ylim(0, 1.45)
+    ax.legend(fontsize=7, ncol=5, loc="upper center")
     ax.set_title(f"inference, {groups[0][0].rpartition('@')[0] if groups else ''}: throughput over PEFT LoRA "
                  f"(one run; higher is faster)", fontsize=9)
-    fig.suptitle(f"{stamp['device_name']} · {stamp['dtype']} · {stamp['date'][:10]} · shared machine", fontsize=8)
+    cores = f"{stamp['cores']} cores · " if stamp.get("cores") else ""
+    fig.suptitle(f"{stamp['device_name'].split(' (')[0]} · {cores}{stamp['dtype']} · {stamp['date'][:10]} · "
+                 f"threads per block (1t, 2t) · shared machine", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
