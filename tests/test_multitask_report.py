@@ -5,7 +5,8 @@ import statistics
 
 import pytest
 
-from benchmarks.multitask.report import difference, macro_correct, task_expert_information
+from benchmarks.multitask.report import (difference, macro_correct, routing_figure, task_expert_information,
+                                         task_expert_information_by_layer)
 
 
 def _record(tokens, layers):
@@ -38,6 +39,16 @@ def test_task_expert_information_is_one_when_the_expert_names_the_task():
     per_task = {"a": _record(5, [[1.0, 0.0]]), "b": _record(5, [[0.0, 1.0]])}
     assert task_expert_information(per_task) == pytest.approx(1.0)
     assert task_expert_information({"a": per_task["a"]}) is None  # one task: nothing to measure
+
+
+def test_routing_figure_draws_the_per_layer_information_of_every_method(tmp_path):
+    named = {"a": _record(5, [[1.0, 0.0], [0.5, 0.5]]), "b": _record(5, [[0.0, 1.0], [0.5, 0.5]])}
+    assert task_expert_information_by_layer(named) == pytest.approx([1.0, 0.0])
+    run = {"routing": {"tasks": {t: {"injection": r, "trained": r} for t, r in named.items()}}}
+    path = routing_figure("a+b", {"gmoe": [run, run], "mixlora": [run]}, str(tmp_path / "figure.png"))
+    assert path and (tmp_path / "figure.png").stat().st_size > 0
+    assert routing_figure("a+b", {"lora": [{"routing": {}}]}, str(tmp_path / "none.png")) is None
+    assert not (tmp_path / "none.png").exists()
 
 
 def test_macro_correct_weighs_each_task_the_same():

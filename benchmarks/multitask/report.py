@@ -15,7 +15,8 @@ benchmarks/collect_runs.sh) and writes <root>/summary.md:
   1/C(E, K)), the effective number of experts per token (K when the top-K weights are equal), and how much
   the expert a token takes tells about its task: the mutual information between task and expert slot per
   layer, normalised by the task entropy, mean over layers (0: every task spreads over the experts alike;
-  1: the expert names the task). Each task's routing is measured on its own held-out examples.
+  1: the expert names the task). Each task's routing is measured on its own held-out examples;
+  <job>/routing-by-task.png draws that information layer by layer.
 """
 from __future__ import annotations
 
@@ -35,6 +36,12 @@ DETECTABLE = 2.8  # z(0.975) + z(0.8): the difference a two-sided 5 % test finds
 def task_expert_information(per_task: dict[str, dict]) -> float | None:
     """Mean over layers of I(task; expert slot) / H(task), from each task's routing record (its layers'
     slot shares and its token count); None without per-task records or with one task."""
+    values = task_expert_information_by_layer(per_task)
+    return None if values is None else statistics.fmean(values)
+
+
+def task_expert_information_by_layer(per_task: dict[str, dict]) -> list[float] | None:
+    """I(task; expert slot) / H(task) of every layer (see `task_expert_information`)."""
     tasks = [t for t, r in per_task.items() if r and r.get("tokens")]
     if len(tasks) < 2:
         return None
@@ -49,7 +56,42 @@ def task_expert_information(per_task: dict[str, dict]) -> float | None:
         info = sum(weight[t] * s * math.log(s / marginal[e])
                    for t in tasks for e, s in enumerate(shares[t]) if s > 0)
         values.append(info / entropy)
-    return statistics.fmean(values)
+    return values
+
+
+def routing_figure(job: str, methods: dict[str, list[dict]], path: str) -> str | None:
+    """`path`: the task–expert information of every layer, per method (mean over seeds), at injection
+    (dashed) and after training (solid): where in the model, if anywhere, tasks take different experts."""
+    curves = {}
+    for method, results in methods.items():
+        for when in ("injection", "trained"):
+            runs = [task_expert_information_by_layer({t: r[when] for t, r in res["routing"].get("tasks", {}).items()})
+                    for res in results]
+            if runs and None not in runs:
+                curves[method, when] = [statistics.fmean(layer) for layer in zip(*runs)]
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    colors = {}
+    for (method, when), values in curves.items():
+        color = colors.setdefault(method, f"C{len(colors)}")
+        seeds = len(methods[method])
+        ax.plot(range(len(values)), values, color=color, ls="-" if when == "trained" else "--",
+                label=f"{method} ({seeds} seed{'s' if seeds > 1 else ''})" if when == "trained" else None)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("I(task; expert) / H(task)")
+    ax.set_title(f"{job}: how much a token's expert tells about its task (dashed: at injection)", fontsize=9)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def macro_correct(results: list[dict], golds: dict[str, list[int]], part: str = "finetuned") -> list[list[float]]:
@@ -176,6 +218,10 @@ def main(argv=None) -> str:
         rows = accuracy(methods, golds, args.reference)
         lines += accuracy_table(job, rows, golds, chance, first["zero_shot"], args.reference)
         lines += routing_table(job, methods)
+        figure = routing_figure(job, {m: rs for m, rs in methods.items() if rs[0]["routing"].get("tasks")},
+                                os.path.join(args.root, job, "routing-by-task.png"))
+        if figure:
+            lines += [f"![task–expert information per layer]({job}/routing-by-task.png)", ""]
     text = "\n".join(lines) + "\n"
     report.write_text(os.path.join(args.root, "summary.md"), text)
     print(text)
