@@ -52,7 +52,7 @@ def summary(res: dict, golds: list[int], chance: float) -> list[str]:
             return sum(r[key] for r in late) / len(late)
 
         lines.append(f"  task loss          {logged[0]['task_loss']:.2f} -> {mean('task_loss'):.2f}   (router loss "
-                     f"{logged[0]['router_loss']:.2f} -> {mean('router_loss'):.2f}, large at injection: README)")
+                     f"{logged[0]['router_loss']:.2f} -> {mean('router_loss'):.2f}, large at injection: docs/finetune.md)")
     lines.append(f"  plots: {', '.join(res['plots'].values())}")
     return lines
 
