@@ -60,6 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--decode-threads", default="1,2", help="CPU thread counts of --ops decode, one block each")
     p.add_argument("--decode-new", type=int, default=None, help="new tokens per decode measurement (default 48)")
     p.add_argument("--decode-rounds", type=int, default=None, help="interleaved decode rounds (default 5; --quick 3)")
+    p.add_argument("--decode-compile", action="store_true",
+                   help="--ops decode also times the compiled static-cache decoding step (inductor; minutes to compile)")
     p.add_argument("--json", help="write rows + machine stamp here")
     p.add_argument("--csv", help="write stamped CSV rows here")
     p.add_argument("--plot", metavar="PREFIX", help="write PNG charts PREFIX-<op>-<shape>.png")
@@ -350,7 +352,7 @@ def run_decode(runner: Runner, args, device, dtype) -> None:
         print(f"decode: cannot load {args.decode_model} ({type(err).__name__}: {err}); skipped", flush=True)
         runner.skipped.append(f"decode {args.decode_model} ({type(err).__name__})")
         return
-    settings = decode.DecodeSettings(rounds=args.decode_rounds or (3 if args.quick else 5))
+    settings = decode.DecodeSettings(rounds=args.decode_rounds or (3 if args.quick else 5), compiled=args.decode_compile)
     if args.decode_new:
         settings.new = args.decode_new
     wanted = [i for i in (*decode.DECODE_IMPLS, *decode.DECODE_EXTRA_IMPLS)

@@ -53,3 +53,13 @@ def test_verdict_and_plot_read_the_rows(tmp_path):
     stamp = {"device_name": "cpu", "dtype": "float32", "date": "2026-12-07T00:00:00"}
     path = decode.plot(rows, tmp_path / "decode.png", stamp)
     assert (tmp_path / "decode.png").stat().st_size > 1000 and path.endswith("decode.png")
+
+
+@pytest.mark.slow
+def test_compiled_decoding_is_timed_for_each_contender(models):
+    """The compiled static-cache step (inductor on the CPU; the slow part is its C++ compile)."""
+    torch._dynamo.reset()
+    chosen = {name: models[name] for name in ("peft-lora", "gmoe-graph")}
+    rates = decode.compiled_rates(chosen, torch.randint(1, 64, (1, 5)), new=3, rounds=1)
+    assert set(rates) == set(chosen)
+    assert all(rate > 0 and 0.0 <= busy <= 1.0 for rate, busy in rates.values())

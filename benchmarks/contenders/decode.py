@@ -8,6 +8,8 @@ the graph router and GMoE with the linear router (E 8, K 2, r 8, attention LoRAs
   a logits processor stamps each step, and decode tok/s = B × (new − 1) / (last − first stamp):
   the steps after the prefill, with generate's own per-step work, as a user sees them. The
   contenders run in rounds, in a rotating order; the median over rounds is reported.
+- compiled (`--decode-compile`): greedy decoding at batch 1 with a static KV cache and the step
+  under torch.compile (`compiled_rates`), the contenders alike.
 - greedy identity: for each GMoE contender, 64 greedy tokens on 8 prompts with its inference
   paths on (router cache, small-batch expert path) and off (no cache, the routing plan).
 Each thread count of `threads` is one block of the same run; ratios are taken within a block.
@@ -52,6 +54,7 @@ class DecodeSettings:
     rank: int = 8
     experts: int = 8
     top_k: int = 2
+    compiled: bool = False        # also decode with the compiled static-cache step (compiled_rates)
 
 
 @dataclass
@@ -173,6 +176,55 @@ def decode_rates(models: dict, ids, mask, new: int, rounds: int) -> dict:
     return {n: (statistics.median(rates[n]), disturbed[n] / rounds) for n in names}
 
 
+def compiled_rates(models: dict, ids, new: int, rounds: int) -> dict:
+    """{impl: (median decode tok/s, share of rounds disturbed)} of greedy decoding at batch 1 with
+    transformers' static KV cache and the decoding step compiled whole (torch.compile fullgraph,
+    inductor): the step of docs/inference.md section 4. Each contender compiles once in a warm-up;
+    in each round the cache is reset, the prompt prefilled eagerly and `new` steps timed after
+    the first. The contenders' compiled steps are timed alike, so their ratios compare; they do
+    not compare with `generate`'s."""
+    import inspect
+
+    import transformers
+
+    steps, caches = {}, {}
+    for name, model in models.items():
+        hf = next(m for m in model.modules() if isinstance(m, transformers.PreTrainedModel))
+        key = "cache" if "cache" in inspect.signature(type(hf).forward).parameters else "past_key_values"
+        caches[name] = (transformers.StaticCache(config=hf.config, max_cache_len=ids.shape[1] + new + 1), key)
+
+        def step(token, position, model=model, name=name):
+            cache, key = caches[name]
+            return model(input_ids=token, **{key: cache}, cache_position=position, use_cache=True).logits
+
+        steps[name] = torch.compile(step, fullgraph=True, backend="inductor")
+
+    def decode(name, count):
+        cache, key = caches[name]
+        cache.reset()
+        with torch.no_grad():
+            logits = models[name](input_ids=ids, **{key: cache}, cache_position=torch.arange(ids.shape[1]),
+                                  use_cache=True).logits
+            token, stamps = logits[:, -1:].argmax(-1), []
+            for i in range(count):
+                token = steps[name](token, torch.tensor([ids.shape[1] + i])).argmax(-1)
+                stamps.append(time.perf_counter())
+        return stamps
+
+    names = list(models)
+    for name in names:  # warm-up: the compilation
+        decode(name, 3)
+    rates = {n: [] for n in names}
+    disturbed = {n: 0 for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            meter = measure.Interference()
+            stamps = decode(name, new)
+            rates[name].append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+            disturbed[name] += meter.share() > measure.CONTENDED
+    return {n: (statistics.median(rates[n]), disturbed[n] / rounds) for n in names}
+
+
 def prefill_times(models: dict, ids, settings: measure.Settings, device) -> dict:
     """{impl: (median ms, repeats, contended)} of one prefill forward of `ids`."""
     def forward(model):
@@ -219,6 +271,13 @@ def run_block(models: dict, tokenizer, settings: DecodeSettings, threads: int, d
         for impl, (rate, contended) in decode_rates(models, ids, mask, settings.new, settings.rounds).items():
             rows.append(_row(shape, impl, f"decode-b{batch}", batch, tokens_per_s=rate, ms=1e3 * batch / rate,
                              reps=settings.rounds, contended=contended))
+    if settings.compiled:
+        ids, _ = prompt_batch(tokenizer, 1, device)
+        compiled = {n: m for n, m in models.items() if n in DECODE_IMPLS}
+        print(f"[decode] {shape}: compiled static-cache decode at batch 1, {settings.new} new tokens", flush=True)
+        for impl, (rate, contended) in compiled_rates(compiled, ids, settings.new, settings.rounds).items():
+            rows.append(_row(shape, impl, "compiled-b1", 1, tokens_per_s=rate, ms=1e3 / rate,
+                             reps=settings.rounds, contended=contended))
     for row in rows:
         busy = f"  ({row['contended']:.0%} disturbed)" if row["contended"] else ""
         print(f"  {row['impl']:<12}{row['mode']:<11}{row['tokens_per_s']:>10.1f} tok/s{busy}", flush=True)
@@ -227,6 +286,7 @@ def run_block(models: dict, tokenizer, settings: DecodeSettings, threads: int, d
 
 def _row(shape, impl, mode, tokens, **values) -> dict:
     note = {"prefill": "tokens/s of one forward (batch 1, KV cache written)",
+            "compiled-b1": "decode tok/s, static KV cache, step under torch.compile (inductor), greedy",
             }.get(mode, "decode tok/s after the prefill, generate with KV cache, greedy")
     return {**{k: None for k in report.FIELDS}, "shape": shape, "op": "decode", "impl": impl, "mode": mode,
             "tokens": tokens, "note": note, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in values.items()}}
