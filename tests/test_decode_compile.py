@@ -56,3 +56,37 @@ def test_static_cache_decode_step_compiles_whole_and_matches_eager(router):
             results[name] = torch.cat(outs, 1)
     assert_close(results["compiled"], results["eager"], name="decode logits")
     assert torch.equal(results["compiled"].argmax(-1), results["eager"].argmax(-1))
+
+
+@pytest.mark.slow
+def test_generate_with_a_static_cache_compiles_the_step_and_gives_the_eager_tokens():
+    """`generate(cache_implementation="static", compile_config=...)`: transformers compiles the
+    model's forward itself (on a CPU only when asked with `_compile_all_devices`); with a
+    left-padded batch the compiled decoding gives the eager tokens, from one graph."""
+    pytest.importorskip("transformers")
+    from transformers.generation.configuration_utils import CompileConfig
+
+    torch.manual_seed(0)
+    model = get_gmoe_model(tiny_model("llama", layers=1), GMoEConfig(**SMALL, backend="reference"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    model.eval()
+    ids = torch.randint(1, 64, (2, 5))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    eager = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                           output_scores=True, return_dict_in_generate=True)
+    config = CompileConfig(fullgraph=True)
+    config._compile_all_devices = True
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                              cache_implementation="static", compile_config=config)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1   # the step was compiled
+    differs = (compiled != eager.sequences)[:, ids.shape[1]:]
+    if differs.any():   # only where eager's best two logits tie to rounding may a step choose otherwise
+        row, step = (int(i) for i in differs.nonzero()[0])
+        top2 = eager.scores[step][row].topk(2).values
+        assert float(top2[0] - top2[1]) < 1e-4, f"compiled decoding chose another token at step {step}"
