@@ -113,3 +113,19 @@ def test_gathered_path_names_an_expert_id_out_of_range():
     inputs[8] = torch.tensor([[0, 4], [1, 2]])   # E = 4
     with torch.no_grad(), pytest.raises(ValueError, match=r"expert ids in \[0, 4\].*E = 4"):
         functional.expert_mix(*inputs, backend="reference")
+
+
+def test_small_batch_benchmark_times_every_path_and_checks_them(tmp_path):
+    """benchmarks/small_batch.py (layer mode, tiny sizes): every path timed, each compared with the plan path."""
+    import json
+
+    from benchmarks import small_batch as bench
+
+    out = tmp_path / "rows.json"
+    assert bench.main(["--hidden", "16", "--inter", "24", "--experts", "4", "--rank", "2", "--tokens", "1,3",
+                       "--threads", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["tokens"] for r in rows] == [1, 3]
+    for row in rows:
+        assert all(row[f"{path}_ms"] > 0 for path in small_batch.PATHS)
+        assert row["gathered_max_abs_diff"] < 1e-4 and row["fastest"] in small_batch.PATHS
