@@ -292,7 +292,7 @@ def _row(shape, impl, mode, tokens, **values) -> dict:
             "tokens": tokens, "note": note, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in values.items()}}
 
 
-# The targets, as tok/s ratios to PEFT LoRA (prefill: time ≤ 1.25× PEFT's).
+# The decoding targets, as tok/s ratios to PEFT LoRA (prefill: time ≤ 1.25× PEFT's).
 TARGETS = {("gmoe-graph", "decode-b1"): 0.90, ("gmoe-linear", "decode-b1"): 0.95,
            ("gmoe-graph", "decode-b8"): 0.90, ("gmoe-graph", "prefill"): 1 / 1.25}
 
