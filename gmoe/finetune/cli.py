@@ -225,12 +225,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         distributed.init(ranks)
         if command == "eval" and cfg.harness:
-            return harness_eval(cfg)
+            code = harness_eval(cfg)
+            distributed.shutdown(ranks)
+            return code
         job = Job(cfg, ranks=ranks)
         if command == "eval":
             res = job.eval_only()
+            distributed.shutdown(ranks)
             return _print_eval(res, cfg) if ranks.is_main else 0
         summary = job.compare()
+        distributed.shutdown(ranks)
     except Preempted as stop:
         print(f"{PROG}: {stop}", file=sys.stderr)
         return PREEMPTED

@@ -103,6 +103,21 @@ def init(ranks: Ranks) -> None:
     _CONTROL = dist.new_group(backend="gloo", timeout=timeout())
 
 
+def shutdown(ranks: Ranks) -> None:
+    """Leave the process groups once every rank has finished its collectives (a job's normal end).
+    Without it, gloo's worker threads outlive the interpreter's teardown and a rank can abort at
+    exit (SIGABRT, "terminate called without an active exception") after all its work is done.
+    Not called on a failure, where a peer may still be inside a collective."""
+    global _CONTROL
+    if not ranks.distributed or _CONTROL is None:
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _CONTROL = None
+
+
 def broadcast(ranks: Ranks, value=None):
     """Rank 0's `value` on every rank (any picklable object)."""
     if not ranks.distributed:
