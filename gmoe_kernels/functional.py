@@ -113,9 +113,6 @@ def graph_router(x, token_weight, expert_weight, expert_features, adjacency, gcn
     if layer1_constant is not None:
         check_layer1_constant(layer1_constant, x, expert_features.shape[0], gcn_weight.shape[1])
     impl = reference if resolve_backend(backend, x.device) == "reference" else _triton()
-    if query_weight is None:
-        return impl.graph_router(x, token_weight, expert_weight, expert_features, adjacency,
-                                 gcn_weight, score_weight, top_k, activation, layer1_constant)
     return impl.graph_router(x, token_weight, expert_weight, expert_features, adjacency,
                              gcn_weight, score_weight, top_k, activation, layer1_constant,
                              query_weight=query_weight)

@@ -225,16 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         distributed.init(ranks)
         if command == "eval" and cfg.harness:
-            code = harness_eval(cfg)
-            distributed.shutdown(ranks)
-            return code
-        job = Job(cfg, ranks=ranks)
-        if command == "eval":
-            res = job.eval_only()
-            distributed.shutdown(ranks)
-            return _print_eval(res, cfg) if ranks.is_main else 0
-        summary = job.compare()
-        distributed.shutdown(ranks)
+            outcome = harness_eval(cfg)
+        else:
+            job = Job(cfg, ranks=ranks)
+            outcome = job.eval_only() if command == "eval" else job.compare()
     except Preempted as stop:
         print(f"{PROG}: {stop}", file=sys.stderr)
         return PREEMPTED
@@ -246,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
         where = f" (rank {ranks.rank})" if ranks.distributed else ""
         print(f"{PROG}: error{where}: {err}", file=sys.stderr)
         return 2
+    distributed.shutdown(ranks)   # a normal end: every rank has finished its collectives
+    if command == "eval":
+        if cfg.harness:
+            return outcome
+        return _print_eval(outcome, cfg) if ranks.is_main else 0
+    summary = outcome
     if not ranks.is_main:
         return BUSY if summary["busy"] else 0
     print()

@@ -223,6 +223,11 @@ def _setup_context(ctx, inputs, output):
     ctx.activation = activation
 
 
+def _output_grads(grad_logits, grad_probs, probs):
+    """(dlogits, dprobs), a zero tensor for an output autograd gave no gradient (None)."""
+    return tuple(torch.zeros_like(probs) if g is None else g for g in (grad_logits, grad_probs))
+
+
 def _autograd_backward(ctx, grad_logits, grad_probs):
     """(C1, u, Â, W, w_p) -> (logits, probs): the kernel part of the graph router.
 
@@ -244,12 +249,8 @@ def _autograd_backward(ctx, grad_logits, grad_probs):
     (bitwise reproducible).
     """
     c1, token_proj, adjacency, gcn_weight, score_weight, probs = ctx.saved_tensors
-    if grad_logits is None:
-        grad_logits = torch.zeros_like(probs)
-    if grad_probs is None:
-        grad_probs = torch.zeros_like(probs)
     d_c1, d_u, d_gcn, d_score = _graph_router_gcn_backward_op(
-        grad_logits, grad_probs, probs, c1, token_proj, adjacency, gcn_weight,
+        *_output_grads(grad_logits, grad_probs, probs), probs, c1, token_proj, adjacency, gcn_weight,
         score_weight, ctx.activation)
     return d_c1, d_u, None, d_gcn, d_score, None
 
@@ -299,12 +300,8 @@ def _readout_autograd_backward(ctx, grad_logits, grad_probs):
     (torch carries it on to W_q and x through q = x W_q^T). Saved: C1, u, Â, W, q and probs.
     """
     c1, token_proj, adjacency, gcn_weight, readout, probs = ctx.saved_tensors
-    if grad_logits is None:
-        grad_logits = torch.zeros_like(probs)
-    if grad_probs is None:
-        grad_probs = torch.zeros_like(probs)
     d_c1, d_u, d_gcn, d_readout = _graph_router_gcn_readout_backward_op(
-        grad_logits, grad_probs, probs, c1, token_proj, adjacency, gcn_weight, readout, ctx.activation)
+        *_output_grads(grad_logits, grad_probs, probs), probs, c1, token_proj, adjacency, gcn_weight, readout, ctx.activation)
     return d_c1, d_u, None, d_gcn, d_readout, None
 
 
