@@ -75,6 +75,17 @@ def expert_graph(E, kind, g):
     return a
 
 
+def gcn_op_inputs(T=5, G=16, E=3, L=2, seed=0):
+    """(generator, c1, token_proj, Â, gcn_weight) of the Triton router's GCN ops at opcheck size,
+    the trainable ones requiring grad; the generator goes on to draw the readout input."""
+    g = torch.Generator().manual_seed(seed)
+    c1 = torch.randn(E + 1, G, generator=g).requires_grad_(True)
+    token_proj = torch.randn(T, G, generator=g).requires_grad_(True)
+    adjacency = normalized_adjacency(expert_graph(E, "complete", g))
+    gcn_weight = (torch.randn(L, G, G, generator=g) / 4).requires_grad_(True)
+    return g, c1, token_proj, adjacency, gcn_weight
+
+
 def graph_router_problem(T=20, H=32, G=24, E=8, L=2, graph="random", dtype=torch.float32, seed=0,
                          zero_score=False, twin_features=False, noncontiguous=False,
                          asymmetric=False):

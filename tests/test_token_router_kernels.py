@@ -12,8 +12,7 @@ import torch
 
 from gmoe_kernels import functional
 from gmoe_kernels.activations import act
-from gmoe_kernels.reference import normalized_adjacency
-from tests.problems import expert_graph, graph_router_problem
+from tests.problems import gcn_op_inputs, graph_router_problem
 from tests.tolerances import assert_close, assert_same_routing
 
 TRAINABLE = ("x", "token_weight", "expert_weight", "gcn_weight", "query_weight")
@@ -185,13 +184,8 @@ def test_readout_op_registration_opcheck():
     """Schema, fake tensor, autograd registration and AOT dispatch of gmoe_kernels::graph_router_gcn_readout."""
     import gmoe_kernels.triton.graph_router  # noqa: F401  (registers the op)
 
-    g = torch.Generator().manual_seed(0)
-    T, G, E, L = 5, 16, 3, 2
-    c1 = torch.randn(E + 1, G, generator=g).requires_grad_(True)
-    token_proj = torch.randn(T, G, generator=g).requires_grad_(True)
-    adjacency = normalized_adjacency(expert_graph(E, "complete", g))
-    gcn_weight = (torch.randn(L, G, G, generator=g) / 4).requires_grad_(True)
-    readout = torch.randn(T, G, generator=g).requires_grad_(True)
+    g, c1, token_proj, adjacency, gcn_weight = gcn_op_inputs()
+    readout = torch.randn(token_proj.shape, generator=g).requires_grad_(True)
     torch.library.opcheck(torch.ops.gmoe_kernels.graph_router_gcn_readout.default,
                           (c1, token_proj, adjacency, gcn_weight, readout, "silu"))
 

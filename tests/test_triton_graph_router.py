@@ -18,7 +18,7 @@ from gmoe_kernels import functional
 from gmoe_kernels.naive import graph_router_loop
 from gmoe_kernels.reference import normalized_adjacency
 from gmoe_kernels.triton._common import new_output
-from tests.problems import expert_graph, graph_router_problem
+from tests.problems import expert_graph, gcn_op_inputs, graph_router_problem
 from tests.tolerances import assert_close, assert_same_routing
 
 triton_router = importlib.import_module("gmoe_kernels.triton.graph_router")
@@ -188,13 +188,8 @@ def test_fp64_outputs_match_reference():
 
 def test_custom_op_registration_opcheck():
     """Schema, fake tensor, autograd registration and AOT dispatch of gmoe_kernels::graph_router_gcn."""
-    g = torch.Generator().manual_seed(0)
-    T, G, E, L = 5, 16, 3, 2
-    c1 = torch.randn(E + 1, G, generator=g).requires_grad_(True)
-    token_proj = torch.randn(T, G, generator=g).requires_grad_(True)
-    adjacency = normalized_adjacency(expert_graph(E, "complete", g))
-    gcn_weight = (torch.randn(L, G, G, generator=g) / 4).requires_grad_(True)
-    score_weight = torch.randn(G, generator=g).requires_grad_(True)
+    g, c1, token_proj, adjacency, gcn_weight = gcn_op_inputs()
+    score_weight = torch.randn(c1.shape[1], generator=g).requires_grad_(True)
     torch.library.opcheck(torch.ops.gmoe_kernels.graph_router_gcn.default,
                           (c1, token_proj, adjacency, gcn_weight, score_weight, "silu"))
 
