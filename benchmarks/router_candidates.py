@@ -28,6 +28,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import os
 import statistics
 import time
 
@@ -181,8 +182,6 @@ def main(argv=None) -> dict:
         with open(args.json + ".tmp", "w") as f:
             json.dump(result, f, indent=1)
             f.write("\n")
-        import os
-
         os.replace(args.json + ".tmp", args.json)
     return result
 

@@ -162,16 +162,26 @@ def _generate(model, ids, mask, new, clock=None):
 
 def decode_rates(models: dict, ids, mask, new: int, rounds: int) -> dict:
     """{impl: (median decode tok/s, share of rounds disturbed by other processes)}."""
-    names = list(models)
-    for name in names:  # warm-up
-        _generate(models[name], ids, mask, 4)
+    for model in models.values():  # warm-up
+        _generate(model, ids, mask, 4)
+
+    def rate(name):
+        clock = _StepClock()
+        _generate(models[name], ids, mask, new, clock)
+        return ids.shape[0] * (len(clock.stamps) - 1) / (clock.stamps[-1] - clock.stamps[0])
+
+    return _interleaved_rates(list(models), rate, rounds)
+
+
+def _interleaved_rates(names, rate, rounds: int) -> dict:
+    """{name: (median of `rate(name)` over `rounds` rounds, share of rounds disturbed by other
+    processes)}, every name once per round, in an order rotating from round to round."""
     rates = {n: [] for n in names}
     disturbed = {n: 0 for n in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            clock, meter = _StepClock(), measure.Interference()
-            _generate(models[name], ids, mask, new, clock)
-            rates[name].append(ids.shape[0] * (len(clock.stamps) - 1) / (clock.stamps[-1] - clock.stamps[0]))
+            meter = measure.Interference()
+            rates[name].append(rate(name))
             disturbed[name] += meter.share() > measure.CONTENDED
     return {n: (statistics.median(rates[n]), disturbed[n] / rounds) for n in names}
 
@@ -211,18 +221,14 @@ def compiled_rates(models: dict, ids, new: int, rounds: int) -> dict:
                 stamps.append(time.perf_counter())
         return stamps
 
-    names = list(models)
-    for name in names:  # warm-up: the compilation
+    for name in models:  # warm-up: the compilation
         decode(name, 3)
-    rates = {n: [] for n in names}
-    disturbed = {n: 0 for n in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            meter = measure.Interference()
-            stamps = decode(name, new)
-            rates[name].append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-            disturbed[name] += meter.share() > measure.CONTENDED
-    return {n: (statistics.median(rates[n]), disturbed[n] / rounds) for n in names}
+
+    def rate(name):
+        stamps = decode(name, new)
+        return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+    return _interleaved_rates(list(models), rate, rounds)
 
 
 def prefill_times(models: dict, ids, settings: measure.Settings, device) -> dict:
