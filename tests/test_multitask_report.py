@@ -5,8 +5,8 @@ import statistics
 
 import pytest
 
-from benchmarks.multitask.report import (difference, macro_correct, routing_figure, task_expert_information,
-                                         task_expert_information_by_layer)
+from benchmarks.multitask.report import (accuracy, accuracy_table, difference, macro_correct, routing_figure,
+                                         task_expert_information, task_expert_information_by_layer)
 
 
 def _record(tokens, layers):
@@ -60,3 +60,27 @@ def test_macro_correct_weighs_each_task_the_same():
     mean, se = difference(macro_correct([run, run], golds), macro_correct([other, other], golds))
     assert mean == pytest.approx((0.5 + 0.75) / 2 - (1.0 + 0.0) / 2)
     assert se > 0
+
+
+def _run(seed, predictions):
+    return {"seed": seed, "finetuned": {"acc": 0.0, "tasks": {"a": {"acc": 0.0, "predictions": predictions}}}}
+
+
+def test_accuracy_compares_each_method_with_the_baselines_before_it():
+    golds = {"a": [0, 1, 1, 0]}
+    methods = {"lora": [_run(0, [0, 1, 0, 0]), _run(1, [0, 0, 0, 0])],
+               "lora-matched": [_run(0, [0, 1, 1, 0])],
+               "gmoe": [_run(0, [1, 1, 1, 0]), _run(1, [0, 1, 1, 0])]}
+    rows = accuracy(methods, golds, ["lora", "lora-matched"])
+    assert rows["lora"]["versus"] == {}
+    assert list(rows["lora-matched"]["versus"]) == ["lora"]  # not with itself, nor lora with the baseline after it
+    vs = rows["gmoe"]["versus"]
+    assert vs["lora"]["seeds"] == 2 and vs["lora-matched"]["seeds"] == 1  # only the seeds both have
+    # correct answers, seed 0: gmoe 3/4, lora 3/4; seed 1: gmoe 4/4, lora 2/4 -> +0.25 over both seeds;
+    # against lora-matched (seed 0 only, 4/4): -0.25
+    assert vs["lora"]["macro"][0] == pytest.approx(0.25)
+    assert vs["lora-matched"]["macro"][0] == pytest.approx(-0.25)
+    lines = accuracy_table("a", rows, golds, {"a": 0.5}, {"acc": 0.5, "tasks": {"a": {"acc": 0.5}}},
+                           ["lora", "lora-matched"])
+    assert sum(line.startswith("| Δ vs `lora-matched`") for line in lines) == 1
+    assert sum("Smallest macro difference" in line for line in lines) == 2

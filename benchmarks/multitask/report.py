@@ -1,12 +1,13 @@
 """The multi-task study's tables, read from the records of its runs.
 
-    python -m benchmarks.multitask.report [--root benchmarks/results/multitask-study] [--reference lora]
+    python -m benchmarks.multitask.report [--root benchmarks/results/multitask-study] [--references lora,lora-matched]
 
 Reads every <job>/<method>/seed<S>/results.json under --root (the job's records, copied there by
 benchmarks/collect_runs.sh) and writes <root>/summary.md:
 - accuracy, per task and the macro mean over tasks: per method the acc (mean ± sample std over seeds) and
-  the paired difference to --reference on the seeds both have, with a standard error that counts the
-  training seeds as well as the held-out examples (benchmarks/routing_study.two_level_se; the macro
+  the paired difference to each baseline of --references listed before it (`lora`; `lora-matched` too for
+  the mixtures), on the seeds both have, with a standard error that counts the training seeds as well as
+  the held-out examples (benchmarks/routing_study.two_level_se; the macro
   difference weighs each task's examples by 1/(tasks × its n), so every task counts the same), beside each
   task's chance level and the zero-shot score; and the smallest difference the study could have detected,
   2.8 SE (a two-sided 5 % test with 80 % power);
@@ -114,21 +115,27 @@ def difference(a: list[list[float]], b: list[list[float]]) -> tuple[float, float
     return statistics.fmean(x for row in d for x in row), two_level_se(d)[0]
 
 
-def accuracy(methods: dict[str, list[dict]], golds: dict[str, list[int]], reference: str) -> dict:
-    """Per method: per task and macro acc (mean, std over seeds) and the paired difference to the reference."""
+def accuracy(methods: dict[str, list[dict]], golds: dict[str, list[int]], references: list[str]) -> dict:
+    """Per method: per task and macro acc (mean, std over seeds) and, under `versus`, the paired
+    difference to every reference listed before the method itself (a baseline is not compared with the
+    baselines after it), on the seeds both have."""
     rows = {}
-    ref = {r["seed"]: r for r in methods.get(reference, [])}
     for method, results in methods.items():
         row = {"seeds": len(results), "macro": report.mean_std([r["finetuned"]["acc"] for r in results]),
-               "tasks": {t: report.mean_std([r["finetuned"]["tasks"][t]["acc"] for r in results]) for t in golds}}
-        shared = [r for r in results if r["seed"] in ref]
-        if method != reference and shared:
+               "tasks": {t: report.mean_std([r["finetuned"]["tasks"][t]["acc"] for r in results]) for t in golds},
+               "versus": {}}
+        for reference in references[:references.index(method)] if method in references else references:
+            ref = {r["seed"]: r for r in methods.get(reference, [])}
+            shared = [r for r in results if r["seed"] in ref]
+            if not shared:
+                continue
             theirs = [ref[r["seed"]] for r in shared]
-            row["versus"] = {"seeds": len(shared),
-                             "macro": difference(macro_correct(shared, golds), macro_correct(theirs, golds)),
-                             "tasks": {t: difference(per_run([r["finetuned"]["tasks"][t]["predictions"] for r in shared], g),
-                                                     per_run([r["finetuned"]["tasks"][t]["predictions"] for r in theirs], g))
-                                       for t, g in golds.items()}}
+            row["versus"][reference] = {
+                "seeds": len(shared),
+                "macro": difference(macro_correct(shared, golds), macro_correct(theirs, golds)),
+                "tasks": {t: difference(per_run([r["finetuned"]["tasks"][t]["predictions"] for r in shared], g),
+                                        per_run([r["finetuned"]["tasks"][t]["predictions"] for r in theirs], g))
+                          for t, g in golds.items()}}
         rows[method] = row
     return rows
 
@@ -143,28 +150,27 @@ def _delta(pair) -> str:
     return f"{100 * mean:+.1f} (SE {100 * se:.1f})"
 
 
-def accuracy_table(job: str, rows: dict, golds: dict, chance: dict, zero: dict, reference: str) -> list[str]:
+def accuracy_table(job: str, rows: dict, golds: dict, chance: dict, zero: dict, references: list[str]) -> list[str]:
     tasks = list(golds)
     head = "| method | seeds | " + " | ".join(f"{t} (n {len(golds[t])}, chance {100 * chance[t]:.0f} %)" for t in tasks)
-    lines = [f"### {job}: accuracy (%), mean ± std over seeds; Δ vs `{reference}` in points (SE over seeds and examples)",
+    lines = [f"### {job}: accuracy (%), mean ± std over seeds; Δ vs a baseline in points (SE over seeds and examples)",
              "", head + " | macro |", "|---|---:|" + "---:|" * (len(tasks) + 1),
              "| zero-shot | – | " + " | ".join(f"{100 * zero['tasks'][t]['acc']:.1f}" for t in tasks)
              + f" | {100 * zero['acc']:.1f} |"]
-    ses = []
+    ses: dict[str, list[float]] = {}
     for method, row in rows.items():
         cells = [_pct(row["tasks"][t]) for t in tasks] + [_pct(row["macro"])]
         lines.append(f"| `{method}` | {row['seeds']} | " + " | ".join(cells) + " |")
-        if "versus" in row:
-            vs = row["versus"]
+        for reference, vs in row["versus"].items():
             lines.append(f"| Δ vs `{reference}` | {vs['seeds']} | "
                          + " | ".join(_delta(vs["tasks"][t]) for t in tasks) + f" | {_delta(vs['macro'])} |")
-            ses.append(vs["macro"][1])
-    macro_chance = statistics.fmean(chance.values())
-    lines += ["", f"Macro chance {100 * macro_chance:.1f} %. "
-              + (f"Smallest macro difference to `{reference}` this study could detect (2.8 SE, 5 % two-sided, "
-                 f"80 % power): {100 * DETECTABLE * max(ses):.1f} points (the largest SE; "
-                 f"{100 * DETECTABLE * min(ses):.1f} at the smallest)." if ses else ""), ""]
-    return lines
+            ses.setdefault(reference, []).append(vs["macro"][1])
+    lines += ["", f"Macro chance {100 * statistics.fmean(chance.values()):.1f} %."]
+    for reference, values in ses.items():
+        lines.append(f"Smallest macro difference to `{reference}` this study could detect (2.8 SE, 5 % two-sided, "
+                     f"80 % power): {100 * DETECTABLE * max(values):.1f} points at the largest SE, "
+                     f"{100 * DETECTABLE * min(values):.1f} at the smallest.")
+    return lines + [""]
 
 
 ROUTING = (("busiest_share", "busiest expert", lambda e, k: 1 / e),
@@ -199,7 +205,8 @@ def routing_table(job: str, methods: dict[str, list[dict]]) -> list[str]:
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", default=ROOT)
-    p.add_argument("--reference", default="lora")
+    p.add_argument("--references", default="lora,lora-matched",
+                   help="the baselines, comma-separated: each method is compared with those listed before it")
     args = p.parse_args(argv)
     lines = ["# The multi-task study", "", "Generated by `python -m benchmarks.multitask.report` from the records "
              "below this folder; do not edit by hand.", ""]
@@ -215,8 +222,9 @@ def main(argv=None) -> str:
         assert len(examples) == len(data.eval)
         golds = {t: [ex.gold for ex in d.eval] for t, d in data.tasks.items()}
         chance = {t: statistics.fmean(1.0 / ex.num_choices for ex in d.eval) for t, d in data.tasks.items()}
-        rows = accuracy(methods, golds, args.reference)
-        lines += accuracy_table(job, rows, golds, chance, first["zero_shot"], args.reference)
+        references = args.references.split(",")
+        rows = accuracy(methods, golds, references)
+        lines += accuracy_table(job, rows, golds, chance, first["zero_shot"], references)
         lines += routing_table(job, methods)
         figure = routing_figure(job, {m: rs for m, rs in methods.items() if rs[0]["routing"].get("tasks")},
                                 os.path.join(args.root, job, "routing-by-task.png"))
