@@ -5,8 +5,9 @@ import statistics
 
 import pytest
 
-from benchmarks.multitask.report import (accuracy, accuracy_table, difference, macro_correct, routing_figure,
-                                         task_expert_information, task_expert_information_by_layer)
+from benchmarks.multitask.report import (DOCS_END, DOCS_START, accuracy, accuracy_table, difference, embed_in_docs,
+                                         macro_correct, routing_figure, task_expert_information,
+                                         task_expert_information_by_layer)
 
 
 def _record(tokens, layers):
@@ -84,3 +85,21 @@ def test_accuracy_compares_each_method_with_the_baselines_before_it():
                            ["lora", "lora-matched"])
     assert sum(line.startswith("| Δ vs `lora-matched`") for line in lines) == 1
     assert sum("Smallest macro difference" in line for line in lines) == 2
+
+
+def test_embed_in_docs_replaces_only_the_part_between_the_markers(tmp_path):
+    page = tmp_path / "docs" / "page.md"
+    page.parent.mkdir()
+    page.write_text(f"# Page\nbefore\n{DOCS_START}\nold tables\n{DOCS_END}\nafter\n", encoding="utf-8")
+    root = tmp_path / "results"
+    lines = ["### a+b: accuracy (%), mean ± std", "", "| x |", "", "![figure](a+b/fig.png)", ""]
+    embed_in_docs(str(page), lines, str(root))
+    text = page.read_text(encoding="utf-8")
+    assert "old tables" not in text and text.startswith("# Page\nbefore\n") and text.endswith(f"{DOCS_END}\nafter\n")
+    assert "**a+b: accuracy** (%), mean ± std" in text
+    assert "![figure](../results/a+b/fig.png)" in text  # the link works from the page's folder
+    embed_in_docs(str(page), lines, str(root))
+    assert page.read_text(encoding="utf-8") == text  # running it again changes nothing
+    page.write_text("no markers\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match="needs the line"):
+        embed_in_docs(str(page), lines, str(root))
