@@ -92,6 +92,12 @@ class GraphRouter(nn.Module):
         self.cache_terms = True
         self.term_cache = TermCache()
 
+    def train(self, mode: bool = True):
+        # Entering or leaving training drops the eval cache as well: this also covers training
+        # steps compiled by torch.compile, whose forwards do not run the clear above.
+        self.term_cache.clear()
+        return super().train(mode)
+
     def normalized_adjacency(self) -> torch.Tensor:
         """Â (E+1, E+1) fp32 of the current `expert_adjacency`, computed once and cached
         (with `uniform_token_coupling` applied when token_coupling is "uniform").
@@ -130,6 +136,11 @@ class GraphRouter(nn.Module):
         """
         sources = (self.expert_features, self.expert_weight, self.gcn_weight, self.expert_adjacency)
         if self.training or (torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
+            # An optimizer step may follow, and fused optimizers (AdamW(fused=True), Trainer's
+            # default adamw_torch_fused) write parameters without bumping their version counters:
+            # the cache's key would not see the step, so a forward that can lead to one drops it.
+            if not torch.compiler.is_compiling():
+                self.term_cache.clear()
             return self.normalized_adjacency(), None
         compute = compute_dtype(x)
 

@@ -9,12 +9,16 @@ An entry is keyed on, for every tensor the terms are computed from: the tensor o
 storage address, its version counter, device, dtype and shape; plus the backend, the compute
 dtype and any plain settings the caller names. So an entry is rebuilt after
 - an in-place write through autograd's view of the tensor, which bumps its version counter:
-  an optimizer step, `load_state_dict` / `load_adapter_state_dict` (`copy_`), or
-  `with torch.no_grad(): p.add_(...)`;
+  `load_state_dict` / `load_adapter_state_dict` (`copy_`), `with torch.no_grad(): p.add_(...)`,
+  or a for-loop or foreach optimizer step;
 - `.to()` / `.double()` / a new Parameter or buffer (a new storage or a new object);
 - a backend or dtype change.
-A write through `.data` (`p.data.copy_(...)`) bypasses the version counter, as it bypasses
-autograd: call `GMoEModel.clear_router_cache()` after one.
+Fused optimizer steps (`torch.optim.AdamW(fused=True)`, the default `adamw_torch_fused` of
+transformers' Trainer) write the parameters without bumping their version counters, so the
+router also drops its entry at every forward that can lead to a step (training mode, or
+autograd recording with a source requiring grad) and whenever it enters or leaves training
+mode. A write through `.data` (`p.data.copy_(...)`) bypasses the version counter, as it
+bypasses autograd: call `GMoEModel.clear_router_cache()` after one.
 
 The cache is never used while autograd needs the terms' gradients (grad mode on and a source
 tensor requiring grad), in training mode (so the training step is unchanged), while

@@ -66,7 +66,9 @@ def test_an_in_place_change_is_seen_at_the_next_forward(change):
     assert router.term_cache.builds == 2
 
 
-def test_an_optimizer_step_and_a_state_dict_load_are_seen():
+# fused: writes the parameters without bumping their version counters (Trainer's default optimizer)
+@pytest.mark.parametrize("optimizer_kind", ["for-loop", "foreach", "fused"])
+def test_an_optimizer_step_and_a_state_dict_load_are_seen(optimizer_kind):
     model = get_gmoe_model(tiny_model(), GMoEConfig(**SMALL))
     ids = torch.randint(0, 64, (2, 6))
     initial = copy.deepcopy(model.adapter_state_dict())
@@ -74,7 +76,9 @@ def test_an_optimizer_step_and_a_state_dict_load_are_seen():
     with torch.no_grad():
         before = model(input_ids=ids).logits
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    kind = {"for-loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05,
+                                  **kind[optimizer_kind])
     model(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
     model.eval()
@@ -92,6 +96,27 @@ def test_an_optimizer_step_and_a_state_dict_load_are_seen():
     model.load_adapter_state_dict(initial)
     cached, uncached = both()
     assert torch.equal(cached, uncached) and torch.equal(cached, before)
+
+
+@pytest.mark.parametrize("where", ["eval mode", "training mode"])
+def test_a_fused_step_after_a_gradient_forward_is_seen_without_a_mode_switch(where):
+    # a fused step leaves the version counters as they were: the forward that recorded the
+    # gradient must have dropped the cache, whether the loop trains in eval or training mode
+    router = _router()   # in eval mode
+    x = torch.randn(4, 32)
+    before = _route(router, x)
+    if where == "training mode":
+        router.train()
+    optimizer = torch.optim.AdamW(router.parameters(), lr=0.5, fused=True)
+    versions = [p._version for p in router.parameters()]
+    router(x, backend="reference")[0].square().sum().backward()
+    optimizer.step()
+    assert [p._version for p in router.parameters()] == versions  # what the cache's key cannot see
+    if where == "training mode":
+        router.eval()
+    after = _route(router, x)
+    _assert_same(after, _route(router, x, cache=False))
+    assert not torch.equal(after[0], before[0])
 
 
 def test_dtype_device_and_backend_changes_rebuild():
