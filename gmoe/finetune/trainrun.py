@@ -30,7 +30,7 @@ def run(job, method: str, seed: int, new: str | None, out: str, zero: dict, resu
     base, tok = job.base()
     transformers.set_seed(seed)
     model = M.apply_method(copy.deepcopy(base), method, cfg.spec())
-    routing_at_injection = _routing(job, model, tok)
+    routing_at_injection = held_out_routing(job, model, tok)
     params = M.trainable_parameters(model)
     job.log(f"{method} seed {seed}: {params['trainable']:,} trainable of {params['total']:,} parameters")
     if torch.cuda.is_available():
@@ -39,7 +39,7 @@ def run(job, method: str, seed: int, new: str | None, out: str, zero: dict, resu
     train, trainer = _train(job, model, tok, method, seed, out, resume)
     selection = train.pop("selection")
     finetuned = job.score(model, tok)
-    routing = _by_stage(routing_at_injection, _routing(job, model, tok))
+    routing = _by_stage(routing_at_injection, held_out_routing(job, model, tok))
     memory = distributed.gather(ranks, report.peak_memory_mib())
     result = None
     with full_parameters(model):  # every rank: under ZeRO-3 / FSDP2 the parameters are gathered for saving
@@ -149,7 +149,7 @@ def full_parameters(model):
             module.reshard()
 
 
-def _routing(job, model, tok) -> dict:
+def held_out_routing(job, model, tok) -> dict:
     """Routing telemetry on the held-out examples (several tasks: interleaved), and for a mixture each task's
     own, on as many of its examples as the interleaved report takes of it: whether tasks use other experts."""
     cfg = job.cfg
