@@ -152,6 +152,10 @@ class GMoEMLP(nn.Module):
         #: Set by GMoEModel: which rows of the current forward are real tokens (`TokenRows`).
         self.token_rows: TokenRows | None = None
 
+    def train(self, mode: bool = True):
+        self.target_cache.clear()  # as GraphRouter.train: also covers compiled training steps
+        return super().train(mode)
+
     def _apply(self, fn, recurse=True):
         # The router (gain-100 token projection, λ, σ) loses top-k decisions in half precision,
         # and a half-precision running count stops growing after a few hundred steps: they stay
@@ -188,6 +192,10 @@ class GMoEMLP(nn.Module):
         if sources and self.target_cache.usable(self, sources):
             targets = self.target_cache.get(sources, (), build)
         else:
+            # a forward that can lead to an optimizer step drops the entry: fused optimizers do not
+            # bump version counters (see GraphRouter.token_independent_terms)
+            if not torch.compiler.is_compiling():
+                self.target_cache.clear()
             targets = build()
         # (Dynamo cannot trace the graph-task query; a compiled forward is never a recompute.)
         if torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1:

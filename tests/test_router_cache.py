@@ -119,6 +119,27 @@ def test_a_fused_step_after_a_gradient_forward_is_seen_without_a_mode_switch(whe
     assert not torch.equal(after[0], before[0])
 
 
+@pytest.mark.parametrize("where", ["eval mode", "training mode"])
+def test_router_loss_targets_follow_a_fused_step(where):
+    model = get_gmoe_model(tiny_model(), GMoEConfig(**SMALL))
+    ids = torch.randint(0, 64, (2, 6))
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids, labels=ids)   # the targets of the initial λ, σ are cached
+    if where == "training mode":
+        model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.5, fused=True)
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        served = model(input_ids=ids, labels=ids).router_loss
+        for layer in model.gmoe_layers():
+            layer.target_cache.clear()
+        fresh = model(input_ids=ids, labels=ids).router_loss   # (eval: the load does not advance)
+    assert torch.equal(served, fresh)
+
+
 def test_dtype_device_and_backend_changes_rebuild():
     router = _router()
     x = torch.randn(3, 32)
