@@ -194,8 +194,7 @@ class GMoEMLP(nn.Module):
         else:
             # a forward that can lead to an optimizer step drops the entry: fused optimizers do not
             # bump version counters (see GraphRouter.token_independent_terms)
-            if not torch.compiler.is_compiling():
-                self.target_cache.clear()
+            self.target_cache.clear()
             targets = build()
         # (Dynamo cannot trace the graph-task query; a compiled forward is never a recompute.)
         if torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1:

@@ -139,8 +139,7 @@ class GraphRouter(nn.Module):
             # An optimizer step may follow, and fused optimizers (AdamW(fused=True), Trainer's
             # default adamw_torch_fused) write parameters without bumping their version counters:
             # the cache's key would not see the step, so a forward that can lead to one drops it.
-            if not torch.compiler.is_compiling():
-                self.term_cache.clear()
+            self.term_cache.clear()
             return self.normalized_adjacency(), None
         compute = compute_dtype(x)
 

@@ -72,4 +72,6 @@ class TermCache:
         return self._value
 
     def clear(self) -> None:
-        self._sources, self._key, self._value = (), None, None
+        # (not while torch.compile traces: the cache is never used there, and the mode switch clears)
+        if not torch.compiler.is_compiling():
+            self._sources, self._key, self._value = (), None, None
