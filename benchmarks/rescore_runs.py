@@ -13,9 +13,9 @@ history, routing history, plots, the adapter) is not touched: this is for an eva
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import os
+import sys
 
 from gmoe.finetune import methods as M
 from gmoe.finetune import report, runfiles
@@ -25,15 +25,18 @@ from gmoe.finetune.trainrun import held_out_routing
 
 def rescore(run: str, reason: str, log=print) -> dict:
     path = os.path.join(run, "results.json")
-    result = report.read_json(path)
     adapter = os.path.join(run, "adapter")
-    if "adapter_sha256" not in result or not os.path.isdir(adapter):
-        raise SystemExit(f"{run}: needs results.json with adapter_sha256 and the adapter/ folder it describes")
+    if not os.path.isfile(path) or not os.path.isdir(adapter):
+        raise ValueError(f"{run}: not a finished run (needs its results.json and adapter/)")
+    result = report.read_json(path)
+    if "adapter_sha256" not in result:
+        raise ValueError(f"{path} records no adapter_sha256, so its adapter cannot be checked")
     runfiles.check_adapter_digest(adapter, result["adapter_sha256"], path)
+    replaced = {"finetuned_acc": result["finetuned"]["acc"],
+                "routing_trained_summary": (result["routing"]["trained"] or {}).get("summary")}
     job = Job(JobConfig.from_fields(result["config"]), log=log)
     base, tok = job.base()
-    model = M.load_adapter(copy.deepcopy(base), adapter)
-    before = {"finetuned_acc": result["finetuned"]["acc"], "routing_trained": result["routing"]["trained"]}
+    model = M.load_adapter(base, adapter)  # (the job, and so its base model, serves this run only)
     result["finetuned"] = job.score(model, tok)
     routing = held_out_routing(job, model, tok)
     if routing["all"] is not None:
@@ -42,21 +45,25 @@ def rescore(run: str, reason: str, log=print) -> dict:
             stages["trained"] = routing["tasks"][task]
     result.setdefault("rescored", []).append({
         "reason": reason, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": report.versions(), "replaced": {"finetuned_acc": before["finetuned_acc"],
-                                                    "routing_trained_summary": (before["routing_trained"] or {}).get("summary")}})
+        "versions": report.versions(), "replaced": replaced})
     report.write_json(path, result)
-    log(f"{run}: acc {before['finetuned_acc']:.4f} -> {result['finetuned']['acc']:.4f}")
+    log(f"{run}: acc {replaced['finetuned_acc']:.4f} -> {result['finetuned']['acc']:.4f}")
     return result
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="<method>/seed<S> folders of finished runs")
     p.add_argument("--reason", required=True, help="what changed in the evaluation, recorded in each results.json")
     args = p.parse_args(argv)
     for run in args.runs:
-        rescore(run, args.reason)
+        try:
+            rescore(run, args.reason)
+        except (ValueError, OSError) as err:
+            print(f"rescore_runs: {err}", file=sys.stderr)
+            return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,9 +5,9 @@ import statistics
 
 import pytest
 
-from benchmarks.multitask.report import (DOCS_END, DOCS_START, accuracy, accuracy_table, difference, embed_in_docs,
-                                         macro_correct, routing_figure, task_expert_information,
-                                         task_expert_information_by_layer)
+from benchmarks.multitask.report import (DOCS_END, DOCS_START, accuracy, accuracy_table, difference, docs_page,
+                                         embed_in_docs, macro_correct, main, routing_figure,
+                                         task_expert_information, task_expert_information_by_layer)
 
 
 def _record(tokens, layers):
@@ -93,13 +93,24 @@ def test_embed_in_docs_replaces_only_the_part_between_the_markers(tmp_path):
     page.write_text(f"# Page\nbefore\n{DOCS_START}\nold tables\n{DOCS_END}\nafter\n", encoding="utf-8")
     root = tmp_path / "results"
     lines = ["### a+b: accuracy (%), mean ± std", "", "| x |", "", "![figure](a+b/fig.png)", ""]
-    embed_in_docs(str(page), lines, str(root))
+    embed_in_docs(str(page), docs_page(str(page)), lines, str(root))
     text = page.read_text(encoding="utf-8")
     assert "old tables" not in text and text.startswith("# Page\nbefore\n") and text.endswith(f"{DOCS_END}\nafter\n")
     assert "**a+b: accuracy** (%), mean ± std" in text
     assert "![figure](../results/a+b/fig.png)" in text  # the link works from the page's folder
-    embed_in_docs(str(page), lines, str(root))
+    embed_in_docs(str(page), docs_page(str(page)), lines, str(root))
     assert page.read_text(encoding="utf-8") == text  # running it again changes nothing
     page.write_text("no markers\n", encoding="utf-8")
     with pytest.raises(SystemExit, match="needs the line"):
-        embed_in_docs(str(page), lines, str(root))
+        docs_page(str(page))
+    with pytest.raises(SystemExit, match="cannot read"):
+        docs_page(str(tmp_path / "missing.md"))
+
+
+def test_report_refuses_a_bad_page_or_reference_before_any_work(tmp_path, capsys):
+    # refused before the records are read: argparse's one line and status 2, or the page's one line
+    with pytest.raises(SystemExit) as stop:
+        main(["--root", str(tmp_path), "--references", "lora,lora-mached"])
+    assert stop.value.code == 2 and "lora-mached is not a method of the study" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="cannot read"):
+        main(["--root", str(tmp_path), "--docs", str(tmp_path / "missing.md")])

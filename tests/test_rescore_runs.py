@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from benchmarks.rescore_runs import main as rescore_main
 from benchmarks.rescore_runs import rescore
 from gmoe.finetune.cli import main
 from tests.finetune_assets import TINY_RUN, tiny_job_files
@@ -48,3 +49,8 @@ def test_rescoring_refuses_an_adapter_that_is_not_the_recorded_one(finished_run,
             rescore(str(finished_run), "a test", log=lambda *a: None)
     finally:
         weights.write_bytes(original)
+
+
+def test_a_folder_that_is_not_a_finished_run_is_one_line_and_status_2(tmp_path, capsys):
+    assert rescore_main([str(tmp_path), "--reason", "a test"]) == 2
+    assert "not a finished run" in capsys.readouterr().err
